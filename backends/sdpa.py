@@ -1,0 +1,44 @@
+"""Dense executor: plans that keep every causal block run through torch SDPA (cuDNN/flash on GPU).
+
+Only serves dense plans (``plan.dense``); ``backend="auto"`` picks it for them so that short inputs
+and dense layers are never slower than dense attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from stem.dispatch import Executor
+
+__all__ = ["DenseSDPAExecutor"]
+
+
+class DenseSDPAExecutor(Executor):
+    name = "sdpa"
+    priority = 100  # above every sparse executor: for a dense plan nothing beats the dense kernel
+    device_types = ("cpu", "cuda")
+    description = "torch SDPA for plans that keep every causal block (dense layers, short inputs)"
+    returns_lse = False
+
+    def unsupported_reason(self, q, k, v, plan):
+        if not plan.dense:
+            return "plan is sparse (sdpa serves dense plans only)"
+        return None
+
+    def forward(self, q, k, v, plan, scale, return_lse):
+        Lq, Lk = q.shape[2], k.shape[2]
+        gqa = q.shape[1] != k.shape[1]
+        if plan.q_offset != Lk - Lq:  # queries in the middle: keys after the last query are never seen
+            end = plan.q_offset + Lq
+            k, v, Lk = k[:, :, :end], v[:, :, :end], end
+        if Lq == Lk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa), None
+        # Chunked prefill: queries are the last Lq positions -> bottom-right aligned causal mask.
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(Lq, Lk)
+        if gqa:  # the lower-right bias object does not take enable_gqa on every torch version
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None

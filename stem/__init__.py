@@ -1,0 +1,34 @@
+"""stem: Stem sparse attention for long-context prefill (ICML 2026).
+
+Public surface::
+
+    stem.StemConfig            # hyper-parameters (paper defaults)
+    stem.plan(q, k, v, config) # -> stem.BlockPlan (selected key blocks per query block)
+    stem.attention(q, k, v, config=..., plan=..., backend="auto")
+    stem.BlockPlan             # padded-CSR plan: kv_counts, kv_indices, to_dense_mask(), save/load
+
+Importing stem never imports triton or kernels.
+"""
+
+from .api import attention, last_dispatch
+from .budget import block_budgets
+from .config import StemConfig
+from .dispatch import Executor, executor_status, executors, register_executor
+from .plan import BlockPlan
+from .planner import plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StemConfig",
+    "BlockPlan",
+    "plan",
+    "attention",
+    "block_budgets",
+    "Executor",
+    "register_executor",
+    "executors",
+    "executor_status",
+    "last_dispatch",
+    "__version__",
+]

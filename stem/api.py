@@ -1,0 +1,88 @@
+"""The public entry point: ``stem.attention``."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from .config import StemConfig
+from .dispatch import choose_executor, get_executor
+from .plan import BlockPlan
+from .planner import plan as make_plan
+from .validation import validate_plan, validate_qkv
+
+__all__ = ["attention"]
+
+log = logging.getLogger("stem")
+_last_choice: dict[str, str] = {}
+
+
+def last_dispatch() -> str | None:
+    """One line saying which executor the last ``backend="auto"`` call used, and why."""
+    return _last_choice.get("auto")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    config: StemConfig | None = None,
+    plan: BlockPlan | None = None,
+    backend: str = "auto",
+    scale: float | None = None,
+    return_plan: bool = False,
+    return_lse: bool = False,
+    q_offset: int | None = None,
+):
+    """Stem sparse causal attention.
+
+    Args:
+        q: (B, Hq, Lq, D) queries; the last Lq of the Lk positions (Lq == Lk: prefill;
+            Lq < Lk: chunked prefill). float16, bfloat16, float32 (float64 on CPU).
+        k, v: (B, Hkv, Lk, D), same dtype and device; Hq % Hkv == 0 (GQA, K/V never repeated).
+        config: StemConfig (default: the paper's). Ignored when ``plan`` is given.
+        plan: a BlockPlan to execute instead of planning (e.g. from :func:`stem.plan`).
+        backend: "auto" (dense plans -> "sdpa"; CPU -> "reference"; CUDA -> the fastest usable
+            executor), or an executor name ("reference", "triton", "hub", ...; see ``stem info``).
+        scale: softmax scale, default 1/sqrt(D).
+        return_plan: also return the BlockPlan.
+        return_lse: also return the float32 log-sum-exp (B, Hq, Lq) of each row (natural log).
+        q_offset: absolute position of query 0 (default Lk - Lq). Context parallelism uses it to
+            run a chunk of queries against the whole (gathered) K/V.
+
+    Returns:
+        out (B, Hq, Lq, D) in q's dtype; ``(out, plan)``, ``(out, lse)`` or ``(out, lse, plan)``
+        as requested.
+    """
+    validate_qkv(q, k, v, config=config, q_offset=q_offset)
+    if plan is None:
+        plan = make_plan(q, k, v, config, q_offset=q_offset)
+    else:
+        if not isinstance(plan, BlockPlan):
+            raise TypeError(f"plan must be a stem.BlockPlan, got {type(plan).__name__}")
+        validate_plan(plan, q, k, q_offset)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "auto":
+        ex, why = choose_executor(q, k, v, plan, need_lse=return_lse)
+        if _last_choice.get("auto") != why:
+            log.info("stem: %s", why)
+        _last_choice["auto"] = why
+    else:
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        ex = get_executor(backend, q.device)
+        why = ex.unsupported_reason(q, k, v, plan)
+        if why is None and return_lse and not ex.returns_lse:
+            why = "it does not return the log-sum-exp (return_lse=True)"
+        if why is not None:
+            raise ValueError(f"stem backend {backend!r} cannot run these inputs: {why}")
+    out, lse = ex.forward(q, k, v, plan, scale, return_lse)
+    result = (out,)
+    if return_lse:
+        result += (lse,)
+    if return_plan:
+        result += (plan,)
+    return result[0] if len(result) == 1 else result

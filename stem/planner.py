@@ -1,0 +1,247 @@
+"""The Stem planner: (q, k, v, config) -> BlockPlan (STEM_SPEC sections 1-3).
+
+Scoring without the (L/S)^2 score matrix
+----------------------------------------
+The spec's block logit is the *mean* over the (bs/S)^2 strided cells of
+
+    score[m, n] = scale * <q~[m], k~[n]> + bonus[n]
+
+where q~[m] is the S query rows of group m, reversed and flattened to S*D, and k~[n] the S key
+rows of group n flattened likewise. The inner product is bilinear, so its block mean factorises:
+
+    logit[i, j] = scale / (bs/S)^2 * <sum_{m in i} q~[m], sum_{n in j} k~[n]> + mean_{n in j} bonus[n]
+
+The planner therefore pools q and k once per block into (nQ, S*D) and (nK, S*D) sums (one
+memory-bound pass over q and k) and multiplies those: nQ*nK*S*D multiply-adds instead of
+(Lq/S)*(Lk/S)*S*D, and no score scratch at all. It is the same function, summed in another order.
+
+Positions past the end act as zero vectors (they add nothing to the sums); the bonus of a key
+group with no valid token is 0. Non-causal blocks get -inf.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .budget import block_budgets, is_dense_budget
+from .config import StemConfig
+from .plan import BlockPlan
+from .validation import validate_qkv
+
+__all__ = ["plan", "block_logits", "select_blocks", "dense_plan", "register_logits_impl", "logits_impls"]
+
+log = logging.getLogger("stem")
+
+LogitsFn = Callable[..., torch.Tensor]  # fn(q, k, v, config, q_offset) -> (B, Hq, nQ, nK) float32
+_LOGITS_IMPLS: dict[str, tuple[LogitsFn, tuple[str, ...]]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_logits_impl(name: str, fn: LogitsFn, device_types: tuple[str, ...] = ("cuda",)) -> None:
+    """Register an accelerated block-logit kernel (the hook the Triton planner plugs into).
+
+    ``fn(q, k, v, config, q_offset)`` must return float32 (B, Hq, nQ, nK) logits equal to
+    :func:`block_logits_torch` (ties aside), -inf on non-causal blocks.
+    """
+    _LOGITS_IMPLS[name] = (fn, tuple(device_types))
+
+
+def logits_impls() -> dict[str, tuple[LogitsFn, tuple[str, ...]]]:
+    """Registered block-logit implementations, loading the ``stem.planners`` entry points once."""
+    global _ENTRY_POINTS_LOADED
+    if not _ENTRY_POINTS_LOADED:
+        _ENTRY_POINTS_LOADED = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="stem.planners"):
+            try:
+                ep.load()()  # the loaded callable registers itself through register_logits_impl
+            except Exception as e:  # a broken plugin must not break planning on other paths
+                log.warning("stem: planner plugin %r failed to load (%s); using the torch planner", ep.name, e)
+    return _LOGITS_IMPLS
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _block_row_sums(x: torch.Tensor, front: int, n_blocks: int, bs: int, stride: int) -> torch.Tensor:
+    """Sum rows of x (B, H, L, D), placed after ``front`` zero rows and zero-padded to
+    ``n_blocks * bs`` rows, over the bs/S stride groups of each block: (B, H, n_blocks, S, D)."""
+    B, H, L, D = x.shape
+    total = n_blocks * bs
+    if front or L != total:  # only misaligned lengths pay for a padded copy
+        x = F.pad(x, (0, 0, front, total - front - L))
+    return x.unflatten(2, (n_blocks, bs // stride, stride)).sum(3, dtype=_acc_dtype(x))
+
+
+def value_bonus(v: torch.Tensor, config: StemConfig, n_kv_blocks: int) -> torch.Tensor:
+    """Per-key-block mean of the value-norm bonus: (B, Hkv, nK) in the accumulation dtype."""
+    B, Hkv, Lk, D = v.shape
+    S, bs = config.stride, config.block_size
+    acc = _acc_dtype(v)
+    norms = torch.linalg.vector_norm(v, dim=-1, dtype=acc)  # (B, Hkv, Lk)
+    norms = F.pad(norms, (0, n_kv_blocks * bs - Lk))
+    u = norms.unflatten(-1, (-1, S)).amax(-1)  # (B, Hkv, nK*bs/S)
+    n_valid = _cdiv(Lk, S)
+    z = torch.log(u + 1e-6)
+    zv = z[..., :n_valid]
+    mean = zv.mean(-1, keepdim=True)
+    std = zv.std(-1, keepdim=True) if n_valid > 1 else torch.zeros_like(mean)
+    bonus = config.value_weight * torch.relu((z - mean) / (std + 1e-6))
+    bonus[..., n_valid:] = 0.0
+    return bonus.unflatten(-1, (n_kv_blocks, bs // S)).mean(-1)
+
+
+def block_logits_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: StemConfig, q_offset: int | None = None
+) -> torch.Tensor:
+    """Block logits (B, Hq, nQ, nK), float32 (float64 for float64 input), -inf where non-causal.
+
+    q: (B, Hq, Lq, D) at absolute positions [q_offset, q_offset + Lq) (default: the last Lq);
+    k, v: (B, Hkv, Lk, D), the whole sequence (the value bonus is standardised over all of it).
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    bs, S = config.block_size, config.stride
+    off = Lk - Lq if q_offset is None else q_offset
+    qbo = off // bs
+    nK = _cdiv(Lk, bs)
+    nQ = (off + Lq - 1) // bs - qbo + 1
+    q_sum = _block_row_sums(q, off - qbo * bs, nQ, bs, S).flip(3)  # reversed within each group
+    k_sum = _block_row_sums(k, 0, nK, bs, S)
+    scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
+    q_sum = q_sum.reshape(B, Hkv, G * nQ, S * D)
+    k_sum = k_sum.reshape(B, Hkv, nK, S * D)
+    logits = torch.matmul(q_sum, k_sum.transpose(-1, -2)).mul_(scale)  # (B, Hkv, G*nQ, nK)
+    logits = logits.view(B, Hkv, G, nQ, nK) + value_bonus(v, config, nK)[:, :, None, None, :]
+    logits = logits.reshape(B, Hq, nQ, nK)
+    rows = torch.arange(nQ, device=q.device) + qbo
+    noncausal = torch.arange(nK, device=q.device)[None, :] > rows[:, None]
+    return logits.masked_fill_(noncausal, float("-inf"))
+
+
+def block_logits(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: StemConfig, q_offset: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Block logits through ``impl`` ("torch", a registered kernel name, or "auto")."""
+    q_offset = k.shape[2] - q.shape[2] if q_offset is None else q_offset
+    if impl == "torch":
+        return block_logits_torch(q, k, v, config, q_offset)
+    impls = logits_impls()
+    if impl == "auto":
+        for _name, (fn, devs) in impls.items():
+            if q.device.type in devs:
+                return fn(q, k, v, config, q_offset)
+        return block_logits_torch(q, k, v, config, q_offset)
+    if impl not in impls:
+        raise ValueError(f"unknown planner implementation {impl!r}; available: {['torch', *impls]}")
+    return impls[impl][0](q, k, v, config, q_offset)
+
+
+def select_blocks(
+    logits: torch.Tensor, config: StemConfig, q_block_offset: int, n_total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position-decayed top-k + sinks + window (STEM_SPEC sections 2-3), on the logits' device.
+
+    logits: (B, Hq, nQ, nK) with -inf on non-causal blocks; query block i is absolute block
+    ``q_block_offset + i`` of a sequence of ``n_total`` blocks. Returns int32 ``kv_counts``
+    (B, Hq, nQ) and ``kv_indices`` (B, Hq, nQ, W). No host-device synchronisation: budgets come
+    from shapes only.
+    """
+    B, H, nQ, nK = logits.shape
+    dev = logits.device
+    budgets_list = block_budgets(n_total, config.alpha, config.k_rate, config.k_bias)[q_block_offset:]
+    kmax = min(max(budgets_list), nK)
+    budgets = torch.tensor(budgets_list, dtype=torch.int64).to(dev, non_blocking=True)
+    top = torch.topk(logits, kmax, dim=-1, sorted=True).indices  # (B, H, nQ, kmax)
+    keep_rank = torch.arange(kmax, device=dev) < budgets[:, None]
+    sel = torch.zeros(B, H, nQ, nK + 1, dtype=torch.bool, device=dev)
+    sel.scatter_(-1, torch.where(keep_rank, top, nK), True)
+    sel = sel[..., :nK]
+    rows = (torch.arange(nQ, device=dev) + q_block_offset)[:, None]
+    cols = torch.arange(nK, device=dev)[None, :]
+    forced = (cols < config.sink_blocks) | ((cols > rows - config.window_blocks) & (cols <= rows))
+    sel = (sel | forced) & (cols <= rows)
+    width = min(nK, kmax + config.sink_blocks + config.window_blocks)
+    return _mask_to_csr(sel, width)
+
+
+def _mask_to_csr(sel: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool (..., nK) -> (counts int32 (...), ascending indices int32 (..., width)), no sync."""
+    nK = sel.shape[-1]
+    counts = sel.sum(-1, dtype=torch.int32)
+    pos = torch.cumsum(sel, -1, dtype=torch.int32) - 1
+    slot = torch.where(sel, pos, width).long()  # unselected go to a discarded slot
+    out = torch.zeros(*sel.shape[:-1], width + 1, dtype=torch.int32, device=sel.device)
+    cols = torch.arange(nK, dtype=torch.int32, device=sel.device).expand_as(sel)
+    out.scatter_(-1, slot, cols)
+    return counts, out[..., :width].contiguous()
+
+
+def dense_plan(
+    batch: int, heads: int, q_len: int, kv_len: int, block_size: int, device, config: StemConfig | None = None,
+    q_offset: int | None = None,
+) -> BlockPlan:
+    """A plan that keeps every causal block (what a dense layer or a short input gets)."""
+    q_offset = kv_len - q_len if q_offset is None else q_offset
+    nK = _cdiv(kv_len, block_size)
+    qbo = q_offset // block_size
+    nQ = (q_offset + q_len - 1) // block_size - qbo + 1
+    rows = torch.arange(nQ, device=device) + qbo
+    cols = torch.arange(nK, device=device)
+    counts = (rows + 1).to(torch.int32).expand(batch, heads, nQ).contiguous()
+    idx = torch.where(cols[None, :] <= rows[:, None], cols[None, :], 0).to(torch.int32)
+    indices = idx.expand(batch, heads, nQ, nK).contiguous()
+    return BlockPlan(counts, indices, block_size, q_len, kv_len, config, dense=True, q_offset=q_offset)
+
+
+def plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: StemConfig | None = None,
+    *,
+    q_offset: int | None = None,
+    logits_impl: str = "auto",
+) -> BlockPlan:
+    """Plan Stem sparse attention.
+
+    Args:
+        q: (B, Hq, Lq, D) queries at absolute positions [q_offset, q_offset + Lq).
+        k, v: (B, Hkv, Lk, D), Hq % Hkv == 0 (GQA: query head h reads kv head h // (Hq // Hkv)).
+        config: StemConfig (default: the paper's).
+        q_offset: absolute position of query 0; default Lk - Lq (the last Lq positions: Lq == Lk
+            is prefill, Lq < Lk chunked prefill). Budgets use n = ceil(Lk / block_size) blocks and
+            the value bonus is standardised over all Lk keys, so a plan for a chunk of queries
+            equals those rows of the plan for the whole sequence.
+        logits_impl: "auto" (an accelerated kernel where one is registered for the device,
+            else torch), "torch", or a registered name.
+
+    Returns:
+        BlockPlan on q's device with int32 kv_counts (B, Hq, nQ), kv_indices (B, Hq, nQ, W).
+    """
+    config = StemConfig() if config is None else config
+    validate_qkv(q, k, v, config=config, q_offset=q_offset)
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    q_offset = Lk - Lq if q_offset is None else q_offset
+    bs = config.block_size
+    n_total = _cdiv(Lk, bs)
+    if config.dense or is_dense_budget(n_total, config.k_rate, config.k_bias):
+        return dense_plan(B, Hq, Lq, Lk, bs, q.device, config, q_offset)
+    with torch.no_grad():
+        logits = block_logits(q, k, v, config, q_offset, impl=logits_impl)
+        counts, indices = select_blocks(logits, config, q_offset // bs, n_total)
+    return BlockPlan(counts, indices, bs, Lq, Lk, config, dense=False, q_offset=q_offset)

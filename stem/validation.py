@@ -1,0 +1,71 @@
+"""Input checks shared by the planner, the executors and the public API."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import StemConfig
+
+__all__ = ["validate_qkv", "validate_plan"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def validate_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: StemConfig | None = None, q_offset: int | None = None
+) -> None:
+    """Raise a ValueError/TypeError naming the problem and the fix for malformed q, k, v."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims in SDPA layout (B, H, L, D), got shape {tuple(t.shape)}; "
+                f"for (B, L, H, D) tensors pass {name}.transpose(1, 2)"
+            )
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; stem supports float16, bfloat16, float32 (float64 on CPU)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them with .to()")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Lq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, Hkv, Lk, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"batch size mismatch: q has B={B}, k/v have B={Bk}")
+    if Dk != D:
+        raise ValueError(f"head dim mismatch: q has D={D}, k/v have D={Dk}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(
+            f"query heads ({Hq}) must be a multiple of kv heads ({Hkv}) for GQA; "
+            f"check num_attention_heads / num_key_value_heads"
+        )
+    if Lq == 0 or D == 0 or B == 0:
+        raise ValueError(f"empty input: q shape {tuple(q.shape)}")
+    if Lq > Lk:
+        raise ValueError(
+            f"q_len ({Lq}) > kv_len ({Lk}): queries must be the last Lq of the Lk key positions "
+            f"(prefill Lq == Lk, chunked prefill Lq < Lk)"
+        )
+    if q_offset is not None and not (0 <= q_offset <= Lk - Lq):
+        raise ValueError(f"q_offset ({q_offset}) must lie in [0, Lk - Lq] = [0, {Lk - Lq}]")
+    if config is not None and not isinstance(config, StemConfig):
+        raise TypeError(f"config must be a stem.StemConfig, got {type(config).__name__}")
+
+
+def validate_plan(plan, q: torch.Tensor, k: torch.Tensor, q_offset: int | None = None) -> None:
+    """Check that a BlockPlan fits these q, k."""
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    if (plan.q_len, plan.kv_len) != (Lq, Lk):
+        raise ValueError(f"plan is for q_len={plan.q_len}, kv_len={plan.kv_len} but q/k have {Lq}, {Lk}; re-plan")
+    if q_offset is not None and q_offset != plan.q_offset:
+        raise ValueError(f"plan is for q_offset={plan.q_offset} but q_offset={q_offset} was given; re-plan")
+    if (plan.batch_size, plan.num_heads) != (B, Hq):
+        raise ValueError(
+            f"plan is for batch={plan.batch_size}, heads={plan.num_heads} but q has B={B}, Hq={Hq}; re-plan"
+        )
+    if plan.device != q.device:
+        raise ValueError(f"plan is on {plan.device} but q is on {q.device}; use plan.to(q.device)")
