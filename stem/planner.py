@@ -162,7 +162,9 @@ def select_blocks(
     """
     B, H, nQ, nK = logits.shape
     dev = logits.device
-    budgets_list = block_budgets(n_total, config.alpha, config.k_rate, config.k_bias)[q_block_offset:]
+    budgets_list = block_budgets(n_total, config.alpha, config.k_rate, config.k_bias)[
+        q_block_offset : q_block_offset + nQ
+    ]
     kmax = min(max(budgets_list), nK)
     budgets = torch.tensor(budgets_list, dtype=torch.int64).to(dev, non_blocking=True)
     top = torch.topk(logits, kmax, dim=-1, sorted=True).indices  # (B, H, nQ, kmax)
