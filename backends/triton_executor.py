@@ -1,0 +1,105 @@
+"""The Triton executor: block-sparse flash attention that runs a BlockPlan on CUDA.
+
+The kernel lives in ``stem_backends.triton_kernels.block_sparse_attn``; this module is the thin
+host side (checks, layout, launch) and imports triton only when a launch happens.
+``run_block_sparse_attention`` also runs on CPU tensors under ``TRITON_INTERPRET=1`` (the CPU tests
+use it); the executor itself serves CUDA only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from stem.dispatch import Executor
+
+__all__ = ["TritonExecutor", "run_block_sparse_attention", "check_inputs", "DEFAULT_SCHEDULE"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEFAULT_SCHEDULE = "sorted"  # heaviest work first; "reversed" measured against it in benchmarks/
+
+
+def _pow2_in(x: int, lo: int, hi: int) -> bool:
+    return lo <= x <= hi and x & (x - 1) == 0
+
+
+def check_inputs(q, k, v, plan) -> str | None:
+    """None when the kernel can run these inputs, else why not (and what to do instead)."""
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} is not supported (float16, bfloat16 or float32; use the reference backend for float64)"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    D = q.shape[-1]
+    if not _pow2_in(D, 16, 256):
+        return f"head dim {D} is not supported (a power of two in [16, 256]; use the reference backend)"
+    if not _pow2_in(plan.block_size, 16, 256):
+        return f"plan block size {plan.block_size} is not supported (a power of two in [16, 256])"
+    if not (q.device == k.device == v.device == plan.device):
+        return f"q, k, v and the plan must be on one device, got {q.device}, {k.device}, {v.device}, {plan.device}"
+    if (plan.q_len, plan.kv_len) != (q.shape[2], k.shape[2]) or tuple(plan.kv_counts.shape[:2]) != tuple(q.shape[:2]):
+        return "the plan does not match q/k shapes; re-plan"
+    return None
+
+
+def _work_order(plan):
+    """Heaviest-first permutation of the plan's work items, cached on the plan (device op, no sync)."""
+    from stem_backends.triton_kernels.block_sparse_attn import work_order
+
+    counts = plan.kv_counts
+    key = (counts.data_ptr(), counts._version)
+    cached = getattr(plan, "_triton_work_order", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    order = work_order(counts)
+    if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
+        plan._triton_work_order = (key, order)  # never cache a tensor owned by a graph being captured
+    return order
+
+
+def run_block_sparse_attention(q, k, v, plan, scale: float, return_lse: bool = False, *,
+                               schedule: str = DEFAULT_SCHEDULE, **tiles):
+    """Run ``plan`` with the Triton kernel: out (B, Hq, Lq, D) in q.dtype, lse float32 (B, Hq, Lq)
+    (natural log) or None. ``tiles`` may override block_m, block_n, num_warps, num_stages.
+    Works on CUDA, and on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported."""
+    why = check_inputs(q, k, v, plan)
+    if why is not None:
+        raise ValueError(f"triton executor cannot run these inputs: {why}")
+    from stem_backends.triton_kernels.block_sparse_attn import block_sparse_attention
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    counts, indices = plan.kv_counts, plan.kv_indices
+    if indices.stride(-1) != 1:
+        indices = indices.contiguous()
+    order = _work_order(plan) if schedule == "sorted" else None
+    return block_sparse_attention(
+        q, k, v, counts, indices, block_size=plan.block_size, q_offset=plan.q_offset, scale=scale,
+        return_lse=return_lse, schedule=schedule, order=order, **tiles,
+    )
+
+
+class TritonExecutor(Executor):
+    name = "triton"
+    priority = 50
+    device_types = ("cuda",)
+    description = "Triton block-sparse flash attention over the plan's selected blocks (CUDA, sm80+)"
+    returns_lse = True
+
+    def unavailable_reason(self, device) -> str | None:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return f"runs on CUDA tensors only, not {device.type} (no CUDA here: use backend='reference')"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible (torch.cuda.is_available() is False)"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"compute capability {major}.{minor} < 8.0 (the kernel needs Ampere or newer)"
+        return None
+
+    def unsupported_reason(self, q, k, v, plan) -> str | None:
+        return check_inputs(q, k, v, plan)
+
+    def forward(self, q, k, v, plan, scale, return_lse):
+        return run_block_sparse_attention(q, k, v, plan, scale, return_lse)

@@ -1,0 +1,141 @@
+"""Pooled block sums for the factorised Stem planner (one Triton kernel + the logits around it).
+
+``stem.planner.block_logits_torch`` needs, per block of ``bs`` tokens, the sum over its ``bs/S``
+stride groups of the group's ``S`` rows, as an (S, D) float32 matrix: for queries reversed
+within the group (flip on the S axis), for keys as is; and, per key group of ``S`` tokens, the
+largest value norm ``max_j ||v_j||_2``. The kernel below reads each row of q, k and v exactly
+once and writes only those sums (``nQ*S*D`` and ``nK*S*D`` floats per head) and the group maxima
+(``Lk/S`` floats per kv head). The block logits are then one small float32 GEMM
+(nQ x S*D x nK per kv head) plus torch ops for the global value-bonus standardisation.
+No (L/S)^2 scratch, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import interpreter_compat
+
+__all__ = ["pooled_block_sums", "block_logits_triton"]
+
+
+@triton.jit
+def _pool_blocks(
+    X, SUM, V, VMAX,
+    stride_xb, stride_xh, stride_xl,
+    stride_vb, stride_vh, stride_vl,
+    H, L, front, n_groups_total,
+    D, BS: tl.constexpr, S: tl.constexpr, CH: tl.constexpr, BLOCK_D: tl.constexpr,
+    FLIP: tl.constexpr, WITH_V: tl.constexpr,
+):
+    """Program (block j, batch*head): SUM[b, h, j] = sum over the block's stride groups of their
+    S rows (S, D) (S axis flipped if FLIP); with WITH_V also VMAX[b, h, group] = max row norm of V.
+    Row r of X sits at padded position front + r; positions outside [front, front + L) are zero."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, CH)
+    offs_s = tl.arange(0, S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    x_base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    acc = tl.zeros([S, BLOCK_D], dtype=tl.float32)
+    GPB: tl.constexpr = BS // S
+    for g0 in tl.static_range(0, GPB, CH):
+        pos = blk * BS + (g0 + offs_c)[:, None] * S + offs_s[None, :]  # (CH, S) padded positions
+        r = pos - front
+        ok = (r >= 0) & (r < L)
+        ptr = x_base + r[:, :, None].to(tl.int64) * stride_xl + offs_d[None, None, :]
+        x = tl.load(ptr, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x, 0)
+        if WITH_V:
+            v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+            vp = v_base + r[:, :, None].to(tl.int64) * stride_vl + offs_d[None, None, :]
+            vv = tl.load(vp, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
+            nrm = tl.sqrt(tl.sum(vv * vv, 2))  # (CH, S)
+            tl.store(VMAX + bh.to(tl.int64) * n_groups_total + blk * GPB + g0 + offs_c, tl.max(nrm, 1))
+    if FLIP:
+        s_out = S - 1 - offs_s
+    else:
+        s_out = offs_s
+    out = SUM + (bh.to(tl.int64) * tl.num_programs(0) + blk) * (S * D)
+    tl.store(out + s_out[:, None] * D + offs_d[None, :], acc, mask=d_ok[None, :])
+
+
+def _launch_pool(x, front, n_blocks, bs, stride, flip, v=None):
+    B, H, L, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if v is not None and v.stride(-1) != 1:
+        v = v.contiguous()
+    block_d = triton.next_power_of_2(D)
+    gpb = bs // stride
+    ch = max(1, min(gpb, 8192 // (stride * block_d)))
+    sums = torch.empty(B, H, n_blocks, stride, D, dtype=torch.float32, device=x.device)
+    n_groups = n_blocks * gpb
+    vmax = torch.empty(B, H, n_groups, dtype=torch.float32, device=x.device) if v is not None else sums
+    vv = v if v is not None else x
+    _pool_blocks[(n_blocks, B * H)](
+        x, sums, vv, vmax,
+        x.stride(0), x.stride(1), x.stride(2),
+        vv.stride(0), vv.stride(1), vv.stride(2),
+        H, L, front, n_groups,
+        D, BS=bs, S=stride, CH=ch, BLOCK_D=block_d, FLIP=flip, WITH_V=v is not None,
+        num_warps=4,
+    )
+    return sums, (vmax if v is not None else None)
+
+
+def pooled_block_sums(q, k, v, block_size: int, stride: int, q_offset: int):
+    """(q_sum (B,Hq,nQ,S,D) flipped on S, k_sum (B,Hkv,nK,S,D), vmax (B,Hkv,nK*bs/S)), float32."""
+    interpreter_compat()
+    Lq, Lk = q.shape[2], k.shape[2]
+    bs = block_size
+    qbo = q_offset // bs
+    nQ = (q_offset + Lq - 1) // bs - qbo + 1
+    nK = -(-Lk // bs)
+    q_sum, _ = _launch_pool(q, q_offset - qbo * bs, nQ, bs, stride, True)
+    k_sum, vmax = _launch_pool(k, 0, nK, bs, stride, False, v=v)
+    return q_sum, k_sum, vmax
+
+
+def _bonus_from_group_max(u: torch.Tensor, config, n_kv_blocks: int, Lk: int) -> torch.Tensor:
+    """Per-key-block mean value bonus (B, Hkv, nK) from the per-group max norms ``u``
+    (STEM_SPEC section 1: log, standardise over the valid groups with Bessel's std, relu, lambda)."""
+    S, bs = config.stride, config.block_size
+    n_valid = -(-Lk // S)
+    z = torch.log(u + 1e-6)
+    zv = z[..., :n_valid]
+    mean = zv.mean(-1, keepdim=True)
+    std = zv.std(-1, keepdim=True) if n_valid > 1 else torch.zeros_like(mean)
+    bonus = config.value_weight * torch.relu((z - mean) / (std + 1e-6))
+    bonus = F.pad(bonus[..., :n_valid], (0, bonus.shape[-1] - n_valid))  # groups past the end: 0
+    return bonus.unflatten(-1, (n_kv_blocks, bs // S)).mean(-1)
+
+
+def block_logits_triton(q, k, v, config, q_offset: int | None = None) -> torch.Tensor:
+    """Block logits (B, Hq, nQ, nK) float32, -inf where non-causal; the same function as
+    ``stem.planner.block_logits_torch`` (summation order aside)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    bs, S = config.block_size, config.stride
+    off = Lk - Lq if q_offset is None else q_offset
+    qbo = off // bs
+    q_sum, k_sum, vmax = pooled_block_sums(q, k, v, bs, S, off)
+    nQ, nK = q_sum.shape[2], k_sum.shape[2]
+    scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
+    qs = q_sum.view(B, Hkv, G * nQ, S * D)
+    ks = k_sum.view(B, Hkv, nK, S * D)
+    logits = torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale)
+    logits = logits.view(B, Hkv, G, nQ, nK) + _bonus_from_group_max(vmax, config, nK, Lk)[:, :, None, None, :]
+    logits = logits.reshape(B, Hq, nQ, nK)
+    rows = torch.arange(nQ, device=q.device) + qbo
+    noncausal = torch.arange(nK, device=q.device)[None, :] > rows[:, None]
+    return logits.masked_fill_(noncausal, float("-inf"))

@@ -1,0 +1,209 @@
+"""Forward block-sparse flash attention over a stem BlockPlan (one Triton kernel + its launcher).
+
+One program computes one query tile of ``BLOCK_M`` rows of one (batch, query head, plan query
+block). It walks only the key blocks the plan selected for that query block
+(``kv_indices[b, h, i, :kv_counts[b, h, i]]``, ascending), in key tiles of ``BLOCK_N`` tokens
+(a plan block of ``bs`` tokens is ``bs // BLOCK_N`` key tiles and ``bs // BLOCK_M`` query tiles),
+with the usual online softmax in float32 (exp2 on log2(e)-prescaled scores).
+
+Two loops: the selected blocks strictly before the query tile's own (absolute) block need no
+mask at all and are read without bounds checks (they are whole blocks inside the sequence); the
+remaining ones (the diagonal block, and anything a hand-made plan put after it) get the token
+causal mask and bounds-checked loads.
+
+Queries: row ``r`` is at absolute position ``q_offset + r``; plan query block ``i`` is absolute
+block ``q_block_offset + i``; rows of a tile outside ``[0, Lq)`` are computed on zeros and never
+stored. GQA: query head ``h`` reads kv head ``h // group``; K/V are never copied.
+
+Scheduling: the work items (query block, batch, head) are either visited in the order of a
+device-computed permutation (``order``; heaviest first: sorted by ``kv_counts`` descending, heads
+of one query block adjacent so that they share K/V in L2), or, without ``order``, in reversed
+query-block order. No host synchronisation anywhere: the launch is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+from . import interpreter_compat
+
+__all__ = ["block_sparse_attention", "pick_tiles", "work_order"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_tile(acc, l_i, m_i, q, k_base, v_base, ks, qpos, Lk, stride_kn, stride_vn, qk_scale,
+               offs_n, offs_d, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile [ks, ks + BLOCK_N) folded into the running (acc, l_i, m_i)."""
+    kpos = ks + offs_n
+    if MASKED:
+        kin = kpos < Lk
+        kT = tl.load(k_base + kpos[None, :] * stride_kn + offs_d[:, None], mask=kin[None, :], other=0.0)
+    else:
+        kT = tl.load(k_base + kpos[None, :] * stride_kn + offs_d[:, None])
+    if UPCAST:  # interpreter only: its bf16 tl.dot is wrong, so multiply bf16 values in fp32
+        kT = kT.to(tl.float32)
+    qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+    if MASKED:
+        qk = tl.where(kpos[None, :] <= qpos[:, None], qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=kin[:, None], other=0.0)
+    else:
+        v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :])
+    acc = acc * alpha[:, None]
+    if UPCAST:
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PREC)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _stem_sparse_attn_fwd(
+    Q, K, V, O, LSE, COUNTS, INDICES, ORDER,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_cb, stride_ch, stride_ci,
+    stride_ib, stride_ih, stride_ii,
+    B, HQ, NQ, Lq, Lk, q_offset, q_block_offset, GROUP,
+    BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SUB_M: tl.constexpr, SUB_N: tl.constexpr, W_P2: tl.constexpr,
+    USE_ORDER: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    item = pid // SUB_M
+    sm = pid % SUB_M
+    if USE_ORDER:
+        f = tl.load(ORDER + item)  # flat (i, b, h) index, heaviest first
+    else:
+        per_block = B * HQ
+        f = (NQ - 1 - item // per_block) * per_block + item % per_block  # late query blocks first
+    h = f % HQ
+    bi = f // HQ
+    b = bi % B
+    i = bi // B
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+
+    ia = q_block_offset + i  # absolute query block
+    qs = ia * BS + sm * BLOCK_M  # absolute position of the tile's first row
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qpos = qs + offs_m
+    rows = qpos - q_offset
+    row_ok = (rows >= 0) & (rows < Lq)
+
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+
+    n = tl.load(COUNTS + b64 * stride_cb + h * stride_ch + i * stride_ci)
+    idx_base = INDICES + b64 * stride_ib + h.to(tl.int64) * stride_ih + i.to(tl.int64) * stride_ii
+    offs_w = tl.arange(0, W_P2)
+    sel = tl.load(idx_base + offs_w, mask=offs_w < n, other=0x7FFFFFFF)
+    n_full = tl.sum((sel < ia).to(tl.int32), 0)  # blocks strictly before the diagonal: no mask
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for t in range(0, n_full * SUB_N):
+        blk = tl.load(idx_base + t // SUB_N)
+        ks = blk * BS + (t % SUB_N) * BLOCK_N
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, ks, qpos, Lk, stride_kn, stride_vn,
+                                   qk_scale, offs_n, offs_d, False, DOT_PREC, UPCAST)
+    for t in range(n_full * SUB_N, n * SUB_N):
+        blk = tl.load(idx_base + t // SUB_N)
+        ks = blk * BS + (t % SUB_N) * BLOCK_N
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, ks, qpos, Lk, stride_kn, stride_vn,
+                                   qk_scale, offs_n, offs_d, True, DOT_PREC, UPCAST)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + rows[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if RETURN_LSE:
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(LSE + (b64 * HQ + h) * Lq + rows, lse, mask=row_ok)
+
+
+def pick_tiles(block_size: int, head_dim: int, dtype: torch.dtype, block_m: int | None = None,
+               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a plan block size and head dim (H100-tuned
+    defaults; explicit arguments override them). Tiles never exceed the plan block."""
+    big = dtype == torch.float32 or head_dim > 128
+    bm = block_m or (64 if head_dim > 128 else 128)
+    bn = block_n or (64 if big or head_dim > 64 else 128)
+    nw = num_warps or (8 if head_dim >= 128 or bm >= 128 else 4)
+    ns = num_stages or (2 if big else 3)
+    bm, bn = min(bm, block_size), min(bn, block_size)
+    if block_size % bm or block_size % bn:
+        raise ValueError(f"tiles ({bm}, {bn}) must divide the plan block size {block_size}")
+    return bm, bn, nw, ns
+
+
+def work_order(kv_counts: torch.Tensor) -> torch.Tensor:
+    """int32 permutation of the flat (query block, batch, head) work items, heaviest first
+    (stable, so heads of one query block stay adjacent). Device op, no host sync."""
+    flat = kv_counts.permute(2, 0, 1).reshape(-1)
+    return torch.argsort(flat, descending=True, stable=True).to(torch.int32)
+
+
+def block_sparse_attention(q, k, v, kv_counts, kv_indices, *, block_size: int, q_offset: int, scale: float,
+                           return_lse: bool = False, schedule: str = "sorted", order: torch.Tensor | None = None,
+                           block_m: int | None = None, block_n: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None):
+    """Launch the kernel. q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) with unit stride on D; kv_counts
+    int32 (B, Hq, nQ), kv_indices int32 (B, Hq, nQ, W). Returns (out like q, lse float32 or None).
+
+    ``schedule``: "sorted" (heaviest work first, from ``work_order``; ``order`` may pass a
+    precomputed one) or "reversed" (late query blocks first, no sort). Inputs are assumed valid
+    (the executor checks them).
+    """
+    interpreter_compat()
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    nQ, W = kv_indices.shape[2], kv_indices.shape[3]
+    bs = block_size
+    bm, bn, nw, ns = pick_tiles(bs, D, q.dtype, block_m, block_n, num_warps, num_stages)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device) if return_lse else out
+    if schedule == "sorted":
+        order = work_order(kv_counts) if order is None else order
+    elif schedule == "reversed":
+        order = kv_counts  # unused placeholder pointer
+    else:
+        raise ValueError(f"schedule must be 'sorted' or 'reversed', got {schedule!r}")
+    grid = (nQ * B * Hq * (bs // bm),)
+    _stem_sparse_attn_fwd[grid](
+        q, k, v, out, lse, kv_counts, kv_indices, order,
+        float(scale) * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        kv_counts.stride(0), kv_counts.stride(1), kv_counts.stride(2),
+        kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2),
+        B, Hq, nQ, Lq, Lk, q_offset, q_offset // bs, Hq // Hkv,
+        BS=bs, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, SUB_M=bs // bm, SUB_N=bs // bn,
+        W_P2=max(16, triton.next_power_of_2(W)), USE_ORDER=schedule == "sorted", RETURN_LSE=return_lse,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=bool(knobs.runtime.interpret) and q.dtype == torch.bfloat16,
+        num_warps=nw, num_stages=ns,
+    )
+    return out, (lse if return_lse else None)

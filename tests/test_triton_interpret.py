@@ -1,0 +1,166 @@
+"""The Triton kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1), at tiny sizes.
+
+The interpreter is chosen when a kernel is *defined*, so it must be on before triton and our kernel
+modules are imported. To keep it from leaking into other test modules (which may compile real
+kernels in the same pytest process), every check runs in ONE child process: this file executed as
+a script with TRITON_INTERPRET=1. The child prints one JSON line {case: error or null}; each
+pytest case below asserts its own entry. Oracles are independent: the reference executor
+(stem_backends.reference) and the torch planner (stem.planner.block_logits_torch).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+# name -> (B, Hq, Hkv, Lq, Lk, D, block_size, dtype, q_offset, extra kwargs)
+ATTN_CASES = {
+    "fp32_prefill": (1, 2, 2, 96, 96, 16, 32, "float32", None, {}),
+    "fp32_gqa_odd_len": (1, 4, 2, 77, 77, 32, 32, "float32", None, {}),
+    "bf16_gqa4_odd": (1, 4, 1, 61, 61, 16, 16, "bfloat16", None, {}),
+    "fp16_chunked": (1, 2, 1, 40, 150, 16, 32, "float16", None, {}),
+    "fp32_q_offset_middle": (2, 2, 1, 50, 170, 16, 32, "float32", 37, {}),
+    "fp32_subtiles": (1, 2, 1, 90, 130, 16, 64, "float32", None, {"block_m": 16, "block_n": 32}),
+    "fp32_reversed_schedule": (1, 2, 2, 70, 100, 16, 16, "float32", 13, {"schedule": "reversed"}),
+    "fp32_dense_plan": (1, 2, 1, 64, 64, 16, 16, "float32", None, {"dense": True}),
+}
+# name -> (B, Hq, Hkv, Lq, Lk, D, block_size, stride, dtype, q_offset)
+POOL_CASES = {
+    "pool_fp32_prefill": (1, 4, 2, 200, 200, 16, 32, 8, "float32", None),
+    "pool_bf16_gqa_odd": (2, 4, 1, 70, 333, 32, 16, 4, "bfloat16", None),
+    "pool_fp32_q_offset": (1, 2, 2, 50, 300, 24, 32, 8, "float32", 100),
+    "pool_fp16_stride16": (1, 2, 1, 64, 100, 16, 64, 16, "float16", 0),
+}
+
+
+def _random_plan(B, Hq, Lq, Lk, bs, off, dense, gen):
+    from stem.plan import BlockPlan
+    from stem.planner import dense_plan
+
+    if dense:
+        return dense_plan(B, Hq, Lq, Lk, bs, "cpu", q_offset=off)
+    qbo = off // bs
+    nQ = (off + Lq - 1) // bs - qbo + 1
+    nK = -(-Lk // bs)
+    mask = torch.rand(B, Hq, nQ, nK, generator=gen) < 0.5
+    mask[..., torch.arange(nQ), torch.arange(nQ) + qbo] = True  # every row sees its diagonal
+    return BlockPlan.from_dense_mask(mask, block_size=bs, q_len=Lq, kv_len=Lk, q_offset=off)
+
+
+def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, extra, seed):
+    from stem_backends.reference import reference_attention
+    from stem_backends.triton_executor import run_block_sparse_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dt)
+    k = torch.randn(B, Hkv, Lk, D, generator=gen).to(dt)
+    v = torch.randn(B, Hkv, Lk, D, generator=gen).to(dt)
+    off = Lk - Lq if q_offset is None else q_offset
+    extra = dict(extra)
+    plan = _random_plan(B, Hq, Lq, Lk, bs, off, extra.pop("dense", False), gen)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = run_block_sparse_attention(q, k, v, plan, scale, True, **extra)
+    ref, ref_lse = reference_attention(q, k, v, plan, scale, True)
+    assert out.dtype == dt and out.shape == q.shape, (out.dtype, out.shape)
+    assert torch.isfinite(out).all(), "non-finite output"
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    tol = 1e-5 if dt == torch.float32 else 2e-2
+    assert err <= tol, f"relative error {err:.3e} > {tol}"
+    lse_err = (lse.double() - ref_lse.double()).abs().max().item()
+    assert lse.dtype == torch.float32 and lse_err <= 1e-4, f"lse max error {lse_err:.3e}"
+    out2, none = run_block_sparse_attention(q, k, v, plan, scale, False, **extra)
+    assert none is None and torch.equal(out2, out), "return_lse=False changed the output"
+
+
+def _check_pool(B, Hq, Hkv, Lq, Lk, D, bs, S, dtype, q_offset, seed):
+    from stem.config import StemConfig
+    from stem.planner import block_logits_torch
+    from stem_backends.triton_kernels.block_pool import block_logits_triton
+
+    gen = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dt)
+    k = torch.randn(B, Hkv, Lk, D, generator=gen).to(dt)
+    v = (torch.randn(B, Hkv, Lk, D, generator=gen) * 3 * torch.rand(B, Hkv, Lk, 1, generator=gen)).to(dt)
+    cfg = StemConfig(block_size=bs, stride=S)
+    off = Lk - Lq if q_offset is None else q_offset
+    got = block_logits_triton(q, k, v, cfg, off)
+    ref = block_logits_torch(q, k, v, cfg, off)
+    assert got.shape == ref.shape and got.dtype == torch.float32, (got.shape, ref.shape, got.dtype)
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), fin), "causal -inf pattern differs"
+    assert torch.allclose(got[fin], ref[fin], rtol=1e-5, atol=1e-5), (got[fin] - ref[fin]).abs().max().item()
+
+
+def _child_main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    torch.set_num_threads(1)
+    results = {}
+    for seed, (name, args) in enumerate(ATTN_CASES.items()):
+        try:
+            _check_attention(*args, seed=seed)
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc(limit=4)
+    for seed, (name, args) in enumerate(POOL_CASES.items()):
+        try:
+            _check_pool(*args, seed=100 + seed)
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc(limit=4)
+    print("STEM_RESULTS " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreted_results():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton)")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STEM_RESULTS ")]
+    assert proc.returncode == 0 and lines, f"interpreter child failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("STEM_RESULTS "):])
+
+
+@pytest.mark.parametrize("case", list(ATTN_CASES) + list(POOL_CASES))
+def test_interpreted_kernel(interpreted_results, case):
+    assert case in interpreted_results, f"case {case} did not run"
+    assert interpreted_results[case] is None, interpreted_results[case]
+
+
+def test_executor_reasons_without_cuda():
+    from stem.plan import BlockPlan
+    from stem_backends.triton_executor import TritonExecutor
+
+    ex = TritonExecutor()
+    assert (ex.name, ex.priority, ex.device_types) == ("triton", 50, ("cuda",))
+    assert "CUDA" in ex.unavailable_reason(torch.device("cpu"))
+    counts = torch.ones(1, 2, 1, dtype=torch.int32)
+    plan = BlockPlan(counts, torch.zeros(1, 2, 1, 1, dtype=torch.int32), 16, 10, 10)
+    q = torch.randn(1, 2, 10, 48)
+    assert "head dim 48" in ex.unsupported_reason(q, q[:, :1], q[:, :1], plan)
+    q64 = torch.randn(1, 2, 10, 16, dtype=torch.float64)
+    assert "float64" in ex.unsupported_reason(q64, q64[:, :1], q64[:, :1], plan)
+    q16 = torch.randn(1, 2, 10, 16)
+    assert ex.unsupported_reason(q16, q16[:, :1], q16[:, :1], plan) is None
+
+
+def test_importing_backends_does_not_import_triton():
+    code = (
+        "import sys, stem, stem_backends.triton_executor, stem_backends.triton_planner; "
+        "assert 'triton' not in sys.modules, 'triton imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+if __name__ == "__main__":
+    _child_main()
