@@ -58,9 +58,10 @@ def _work_order(plan):
 
 
 def run_block_sparse_attention(q, k, v, plan, scale: float, return_lse: bool = False, *,
-                               schedule: str = DEFAULT_SCHEDULE, **tiles):
+                               schedule: str = DEFAULT_SCHEDULE, out=None, lse_out=None, **tiles):
     """Run ``plan`` with the Triton kernel: out (B, Hq, Lq, D) in q.dtype, lse float32 (B, Hq, Lq)
-    (natural log) or None. ``tiles`` may override block_m, block_n, num_warps, num_stages.
+    (natural log) or None. ``tiles`` may override block_m, block_n, num_warps, num_stages;
+    ``out``/``lse_out`` are optional preallocated contiguous outputs (the tests poison them).
     Works on CUDA, and on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported."""
     why = check_inputs(q, k, v, plan)
     if why is not None:
@@ -71,10 +72,14 @@ def run_block_sparse_attention(q, k, v, plan, scale: float, return_lse: bool = F
     counts, indices = plan.kv_counts, plan.kv_indices
     if indices.stride(-1) != 1:
         indices = indices.contiguous()
+    for name, buf, shape, dtype in (("out", out, q.shape, q.dtype), ("lse_out", lse_out, q.shape[:3], torch.float32)):
+        if buf is not None and (buf.shape != shape or buf.dtype != dtype or not buf.is_contiguous()
+                                or buf.device != q.device):
+            raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {q.device}")
     order = _work_order(plan) if schedule == "sorted" else None
     return block_sparse_attention(
         q, k, v, counts, indices, block_size=plan.block_size, q_offset=plan.q_offset, scale=scale,
-        return_lse=return_lse, schedule=schedule, order=order, **tiles,
+        return_lse=return_lse, schedule=schedule, order=order, out=out, lse_out=lse_out, **tiles,
     )
 
 

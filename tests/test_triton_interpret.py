@@ -68,7 +68,9 @@ def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, extra, seed):
     extra = dict(extra)
     plan = _random_plan(B, Hq, Lq, Lk, bs, off, extra.pop("dense", False), gen)
     scale = 1.0 / math.sqrt(D)
-    out, lse = run_block_sparse_attention(q, k, v, plan, scale, True, **extra)
+    out = torch.full_like(q, float("nan"))  # poisoned: unwritten rows stay NaN
+    lse = torch.full(q.shape[:3], float("nan"))
+    out, lse = run_block_sparse_attention(q, k, v, plan, scale, True, out=out, lse_out=lse, **extra)
     ref, ref_lse = reference_attention(q, k, v, plan, scale, True)
     assert out.dtype == dt and out.shape == q.shape, (out.dtype, out.shape)
     assert torch.isfinite(out).all(), "non-finite output"
@@ -82,9 +84,10 @@ def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, extra, seed):
 
 
 def _check_pool(B, Hq, Hkv, Lq, Lk, D, bs, S, dtype, q_offset, seed):
+    from stem_backends.triton_kernels.block_pool import block_logits_triton
+
     from stem.config import StemConfig
     from stem.planner import block_logits_torch
-    from stem_backends.triton_kernels.block_pool import block_logits_triton
 
     gen = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
@@ -138,8 +141,9 @@ def test_interpreted_kernel(interpreted_results, case):
 
 
 def test_executor_reasons_without_cuda():
-    from stem.plan import BlockPlan
     from stem_backends.triton_executor import TritonExecutor
+
+    from stem.plan import BlockPlan
 
     ex = TritonExecutor()
     assert (ex.name, ex.priority, ex.device_types) == ("triton", 50, ("cuda",))

@@ -167,13 +167,14 @@ def work_order(kv_counts: torch.Tensor) -> torch.Tensor:
 def block_sparse_attention(q, k, v, kv_counts, kv_indices, *, block_size: int, q_offset: int, scale: float,
                            return_lse: bool = False, schedule: str = "sorted", order: torch.Tensor | None = None,
                            block_m: int | None = None, block_n: int | None = None,
-                           num_warps: int | None = None, num_stages: int | None = None):
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           out: torch.Tensor | None = None, lse_out: torch.Tensor | None = None):
     """Launch the kernel. q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) with unit stride on D; kv_counts
     int32 (B, Hq, nQ), kv_indices int32 (B, Hq, nQ, W). Returns (out like q, lse float32 or None).
 
     ``schedule``: "sorted" (heaviest work first, from ``work_order``; ``order`` may pass a
     precomputed one) or "reversed" (late query blocks first, no sort). Inputs are assumed valid
-    (the executor checks them).
+    (the executor checks them). ``out``/``lse_out``: optional preallocated outputs (contiguous).
     """
     interpreter_compat()
     B, Hq, Lq, D = q.shape
@@ -181,8 +182,11 @@ def block_sparse_attention(q, k, v, kv_counts, kv_indices, *, block_size: int, q
     nQ, W = kv_indices.shape[2], kv_indices.shape[3]
     bs = block_size
     bm, bn, nw, ns = pick_tiles(bs, D, q.dtype, block_m, block_n, num_warps, num_stages)
-    out = torch.empty_like(q)
-    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device) if return_lse else out
+    out = torch.empty_like(q) if out is None else out
+    if return_lse:
+        lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device) if lse_out is None else lse_out
+    else:
+        lse = out  # unused pointer
     if schedule == "sorted":
         order = work_order(kv_counts) if order is None else order
     elif schedule == "reversed":
