@@ -1,0 +1,36 @@
+// Block-sparse flash attention forward over a stem BlockPlan: parameters and launcher.
+// Torch-free on purpose: the CUDA sources compile with plain nvcc (see hub_kernels/README.md).
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace stem_attn {
+
+struct Params {
+  // Tensors. q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); o like q. Unit stride on D, other strides in
+  // elements (multiples of 8, base pointers 16-byte aligned: checked by the binding).
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse;              // (B, Hq, Lq) contiguous float32, or nullptr
+  const int* kv_counts;    // (B, Hq, nQ) contiguous int32
+  const int* kv_indices;   // (B, Hq, nQ, W) contiguous int32, ascending in the first count entries
+  int64_t q_stride_b, q_stride_h, q_stride_l;
+  int64_t k_stride_b, k_stride_h, k_stride_l;
+  int64_t v_stride_b, v_stride_h, v_stride_l;
+  int64_t o_stride_b, o_stride_h, o_stride_l;
+  int B, Hq, Hkv, Lq, Lk, D;
+  int nQ, W;
+  int block_size;   // plan block size: 64, 128 or 256
+  int q_offset;     // absolute position of query row 0
+  float scale_log2; // softmax scale * log2(e)
+  bool is_bf16;     // else float16
+};
+
+// Launches the kernel on `stream`. Returns cudaErrorInvalidValue for unsupported shapes
+// (head dim not 64/128/256, block size not 64/128/256), else the launch status.
+cudaError_t block_sparse_attn_fwd_launch(const Params& p, cudaStream_t stream);
+
+}  // namespace stem_attn

@@ -1,0 +1,67 @@
+"""stem-attention: block-sparse flash attention over a stem BlockPlan (prebuilt CUDA kernel).
+
+Loaded through the Hugging Face ``kernels`` package::
+
+    from kernels import get_kernel
+    stem_attention = get_kernel("stem-attention/stem-attention", version=1)
+    out, lse = stem_attention.block_sparse_attn_fwd(q, k, v, plan.kv_counts, plan.kv_indices,
+                                                    plan.block_size, plan.q_offset, scale, True)
+
+The op itself is ``ops.block_sparse_attn_fwd`` (registered in this build's own namespace).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._ops import add_op_namespace_prefix, ops
+
+__all__ = ["block_sparse_attn_fwd", "supports", "ops", "add_op_namespace_prefix", "VARIANT"]
+
+VARIANT = "cuda"  # the compiled sm80/sm90 kernel (the torch-universal build says "universal")
+
+_DTYPES = (torch.float16, torch.bfloat16)
+_HEAD_DIMS = (64, 128, 256)
+_BLOCK_SIZES = (64, 128, 256)
+
+
+def supports(dtype: torch.dtype, head_dim: int, block_size: int) -> str | None:
+    """None when the kernel runs this (dtype, head dim, plan block size); else why not."""
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} is not supported (float16, bfloat16)"
+    if head_dim not in _HEAD_DIMS:
+        return f"head dim {head_dim} is not supported ({', '.join(map(str, _HEAD_DIMS))})"
+    if block_size not in _BLOCK_SIZES:
+        return f"plan block size {block_size} is not supported ({', '.join(map(str, _BLOCK_SIZES))})"
+    return None
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return (
+        t.stride(-1) == 1
+        and all(s % 8 == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1]))
+        and t.data_ptr() % 16 == 0
+    )
+
+
+def block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_offset, scale, return_lse=False):
+    """Forward block-sparse causal attention over a stem plan.
+
+    Args:
+        q: (B, Hq, Lq, D) float16/bfloat16 CUDA tensor; row r is at absolute position q_offset + r.
+        k, v: (B, Hkv, Lk, D), same dtype; query head h reads kv head h // (Hq // Hkv).
+        kv_counts: int32 (B, Hq, nQ); kv_indices: int32 (B, Hq, nQ, W), ascending in the first
+            kv_counts entries (the rest is padding).
+        block_size: plan block size (64, 128 or 256); q_offset: absolute position of query row 0.
+        scale: softmax scale; return_lse: also return the float32 (B, Hq, Lq) log-sum-exp.
+
+    Returns:
+        (out like q, lse or None). Tensors with a head-dim stride other than 1 or rows that are
+        not 16-byte aligned are copied to contiguous memory first.
+    """
+    q, k, v = (t if _aligned(t) else t.contiguous() for t in (q, k, v))
+    out, lse = ops.block_sparse_attn_fwd(
+        q, k, v, kv_counts.contiguous(), kv_indices.contiguous(), int(block_size), int(q_offset), float(scale),
+        bool(return_lse),
+    )
+    return out, (lse if return_lse else None)

@@ -1,0 +1,118 @@
+// Torch op registration and input checks for the stem block-sparse attention kernel.
+#include "torch_binding.h"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "block_sparse_attn.h"
+
+namespace {
+
+constexpr const char* kPrefix = "stem_attention.block_sparse_attn_fwd: ";
+
+void check_layout(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, kPrefix, name, " must be 4-d (B, H, L, D), got ", t.sizes());
+  TORCH_CHECK(t.stride(3) == 1, kPrefix, name, " needs unit stride on the head dim; pass ", name,
+              ".contiguous()");
+  for (int d = 0; d < 3; ++d) {
+    TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) == 1, kPrefix, name,
+                " strides must be multiples of 8 elements (16-byte rows); got ", t.strides(), "; pass ", name,
+                ".contiguous()");
+  }
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, kPrefix, name,
+              " must be 16-byte aligned; pass ", name, ".contiguous()");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& kv_counts,
+                                                         const at::Tensor& kv_indices, int64_t block_size,
+                                                         int64_t q_offset, double scale, bool return_lse) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && kv_counts.is_cuda() && kv_indices.is_cuda(), kPrefix,
+              "q, k, v, kv_counts and kv_indices must be CUDA tensors");
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device() && q.device() == kv_counts.device() &&
+                  q.device() == kv_indices.device(),
+              kPrefix, "all tensors must be on one device");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, kPrefix,
+              "q, k, v must be float16 or bfloat16, got ", dtype, "; use the triton or reference executor for float32");
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, kPrefix, "q, k, v must share one dtype");
+  check_layout(q, "q");
+  check_layout(k, "k");
+  check_layout(v, "v");
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes(), kPrefix,
+              "k and v must be (B, Hkv, Lk, D) matching q; got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, kPrefix, "query heads (", Hq, ") must be a multiple of kv heads (", Hkv, ")");
+  TORCH_CHECK(D == 64 || D == 128 || D == 256, kPrefix, "head dim must be 64, 128 or 256, got ", D);
+  TORCH_CHECK(block_size == 64 || block_size == 128 || block_size == 256, kPrefix,
+              "plan block size must be 64, 128 or 256, got ", block_size);
+  TORCH_CHECK(Lq > 0 && Lq <= Lk && Lk < std::numeric_limits<int32_t>::max() / 2, kPrefix,
+              "need 0 < Lq <= Lk < 2^30, got Lq=", Lq, ", Lk=", Lk);
+  TORCH_CHECK(q_offset >= 0 && q_offset + Lq <= Lk, kPrefix, "q_offset (", q_offset, ") must lie in [0, Lk - Lq] = [0, ",
+              Lk - Lq, "]");
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, kPrefix, "scale must be finite and > 0, got ", scale);
+  const int64_t nQ = (q_offset + Lq - 1) / block_size - q_offset / block_size + 1;
+  TORCH_CHECK(kv_counts.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt, kPrefix,
+              "kv_counts and kv_indices must be int32");
+  TORCH_CHECK(kv_counts.is_contiguous() && kv_indices.is_contiguous(), kPrefix,
+              "kv_counts and kv_indices must be contiguous");
+  TORCH_CHECK(kv_counts.dim() == 3 && kv_counts.size(0) == B && kv_counts.size(1) == Hq && kv_counts.size(2) == nQ,
+              kPrefix, "kv_counts must be (B, Hq, nQ) = (", B, ", ", Hq, ", ", nQ, "), got ", kv_counts.sizes());
+  TORCH_CHECK(kv_indices.dim() == 4 && kv_indices.size(0) == B && kv_indices.size(1) == Hq &&
+                  kv_indices.size(2) == nQ && kv_indices.size(3) >= 1,
+              kPrefix, "kv_indices must be (B, Hq, nQ, W>=1), got ", kv_indices.sizes());
+  TORCH_CHECK(B < 65536 && Hq < 65536, kPrefix, "batch and heads must be < 65536");
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  int major = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess,
+              kPrefix, "cannot read the device's compute capability");
+  TORCH_CHECK(major >= 8, kPrefix, "needs compute capability 8.0 or newer (bf16 mma.sync), device has major ", major);
+
+  at::Tensor out = at::empty({B, Hq, Lq, D}, q.options());
+  at::Tensor lse = return_lse ? at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat))
+                              : at::empty({0}, q.options().dtype(at::kFloat));
+
+  stem_attn::Params p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = out.data_ptr();
+  p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
+  p.kv_counts = kv_counts.data_ptr<int32_t>();
+  p.kv_indices = kv_indices.data_ptr<int32_t>();
+  p.q_stride_b = q.stride(0), p.q_stride_h = q.stride(1), p.q_stride_l = q.stride(2);
+  p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_l = k.stride(2);
+  p.v_stride_b = v.stride(0), p.v_stride_h = v.stride(1), p.v_stride_l = v.stride(2);
+  p.o_stride_b = out.stride(0), p.o_stride_h = out.stride(1), p.o_stride_l = out.stride(2);
+  p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
+  p.Lq = static_cast<int>(Lq), p.Lk = static_cast<int>(Lk), p.D = static_cast<int>(D);
+  p.nQ = static_cast<int>(nQ), p.W = static_cast<int>(kv_indices.size(3));
+  p.block_size = static_cast<int>(block_size);
+  p.q_offset = static_cast<int>(q_offset);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.is_bf16 = dtype == at::kBFloat16;
+
+  const cudaError_t err = stem_attn::block_sparse_attn_fwd_launch(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
+  TORCH_CHECK(err == cudaSuccess, kPrefix, "kernel launch failed: ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
+TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
+  ops.def(
+      "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_counts, Tensor kv_indices, int block_size, "
+      "int q_offset, float scale, bool return_lse) -> (Tensor, Tensor)");
+  ops.impl("block_sparse_attn_fwd", torch::kCUDA, &block_sparse_attn_fwd);
+}
+
+#ifdef REGISTER_EXTENSION
+REGISTER_EXTENSION(TORCH_EXTENSION_NAME)
+#endif
