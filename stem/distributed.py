@@ -39,6 +39,7 @@ without blocking the CPU (NCCL).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -146,7 +147,6 @@ def _all_gather_pieces(tensors, n_pieces: int, group, async_op: bool):
 
     Returns, per tensor, ``[(buffer (W, *piece_shape), work)]`` with ``buffer[w]`` rank ``w``'s piece.
     """
-    world_size = dist.get_world_size(group)
     out = [[None] * n_pieces for _ in tensors]
     for p in range(n_pieces):
         for t, x in enumerate(tensors):
@@ -258,6 +258,7 @@ def attention(
     backend: str = "auto",
     scale: float | None = None,
     return_lse: bool = False,
+    return_plan: bool = False,
     planner: str = "stats",
 ):
     """Context-parallel Stem attention: this rank's rows of ``stem.attention`` on the full sequence.
@@ -271,13 +272,28 @@ def attention(
         backend: executor for every chunk ("auto", "triton", "reference", ...), as in stem.attention.
         scale: softmax scale (default 1/sqrt(D)).
         return_lse: also return the float32 log-sum-exp (B, Hq, L_local) of each local row.
+        return_plan: also return this rank's BlockPlans, one per local chunk (absolute
+            ``q_offset``; ``kv_len`` is the chunk's end).
         planner: "stats" (default: plan from all-gathered per-block statistics, overlapping the
             K/V gather) or "full" (``stem.plan`` on the gathered K/V, using a registered planner
             kernel where there is one). Lengths off the block grid always use "full".
 
     Returns:
-        out (B, Hq, L_local, D) in q's dtype, in the same shard layout as q_local (and the lse).
+        out (B, Hq, L_local, D) in q's dtype, in the same shard layout as q_local; with
+        ``return_lse`` / ``return_plan`` a tuple ``(out, [lse], [plans])``.
     """
+    device = q_local.device if isinstance(q_local, torch.Tensor) else None
+    # Launch on the tensors' device even where the caller's current CUDA device differs (kernels
+    # that launch on the current device, such as Triton's, would otherwise run on the wrong GPU).
+    guard = torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        out, lse, plans = _attention(q_local, k_local, v_local, group, layout, config, backend, scale, return_lse,
+                                     planner)
+    result = (out,) + ((lse,) if return_lse else ()) + ((plans,) if return_plan else ())
+    return result[0] if len(result) == 1 else result
+
+
+def _attention(q_local, k_local, v_local, group, layout, config, backend, scale, return_lse, planner):
     _check_layout(layout)
     if planner not in ("stats", "full"):
         raise ValueError(f"planner must be 'stats' or 'full', got {planner!r}")
@@ -321,7 +337,7 @@ def attention(
     # 2. plan (from statistics: overlaps the K/V all-gather)
     plans: list[BlockPlan | None] = [None] * n_pieces
     if dense:
-        for p, (ls, a) in enumerate(chunks):
+        for p, (_ls, a) in enumerate(chunks):
             plans[p] = dense_plan(B, Hq, c, a + c, bs, q_local.device, config, q_offset=a)
     elif use_stats:
         stats_work.wait()
@@ -366,7 +382,7 @@ def attention(
         for p, (ls, a) in enumerate(chunks):
             plans[p] = _plan_full(q_local[:, :, ls:ls + c], q_full, k_full, v_full, a, config)
             _run_chunk(chunks[p], c, plans[p], q_local, k_full, v_full, out, lse, backend, scale)
-    return (out, lse) if return_lse else out
+    return out, lse, plans
 
 
 def _gather_into(k_parts, v_parts, k_full, v_full, p: int, layout: str) -> None:

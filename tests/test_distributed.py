@@ -54,9 +54,18 @@ def _check_case(rank, group, L, layout, B=1, planner="stats", backend="reference
         assert not plan.dense and plan.density < 0.9, "test inputs must give a sparse plan"
     ql, kl, vl = (sd.shard(x, group, layout) for x in (q, k, v))
     res = sd.attention(ql, kl, vl, group=group, layout=layout, config=cfg, backend=backend, planner=planner,
-                       return_lse=lse)
-    out = res[0] if lse else res
+                       return_lse=lse, return_plan=True)
+    out, chunk_plans = res[0], res[-1]
     tag = f"rank {rank}/{world} L={L} layout={layout} planner={planner} backend={backend}"
+    # each chunk's plan is its rows of the single-process plan (absolute positions, full budgets)
+    full_mask = plan.to_dense_mask()
+    ranges = sd.shard_ranges(L, world, rank, layout)
+    assert len(chunk_plans) == len(ranges), tag
+    for p, (a, b) in zip(chunk_plans, ranges):
+        assert (p.q_offset, p.q_len, p.kv_len, p.dense) == (a, b - a, b, plan.dense), f"{tag}: {p}"
+        m = p.to_dense_mask()
+        want = full_mask[:, :, p.q_block_offset:p.q_block_offset + p.num_q_blocks]
+        assert torch.equal(m, want[..., :m.shape[-1]]) and not want[..., m.shape[-1]:].any(), f"{tag}: plan rows"
     _close(out, sd.shard(ref, group, layout), 1e-9, tag)
     if lse:
         _close(res[1], sd.shard(ref_lse[..., None], group, layout)[..., 0], 1e-5, tag + " lse")
