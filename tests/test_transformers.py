@@ -180,6 +180,18 @@ def test_padded_batch_falls_back_to_sdpa(arch):
     assert sh.dispatch_counts() == {"stem": 2}
 
 
+def test_packed_sequences_fall_back():
+    """position_ids that restart mark packed sequences: transformers builds a block mask -> SDPA."""
+    model = tiny_llama()
+    x = ids(64, seed=13)
+    pos = torch.cat([torch.arange(40), torch.arange(24)])[None]
+    ref = logits(model, x, "sdpa", position_ids=pos, use_cache=False)  # transformers packs only without cache
+    sh.enable(model, all_dense())
+    out = logits(model, x, "stem", position_ids=pos, use_cache=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert sh.dispatch_counts() == {"sdpa:padding or custom attention mask": 2}
+
+
 def test_sliding_window_layer_falls_back():
     torch.manual_seed(2)
     model = MistralForCausalLM(MistralConfig(**_common(sliding_window=32))).eval()
@@ -357,3 +369,15 @@ def test_bench_prefill_tiny(tmp_path):
         assert m["ttft_ms"] > 0 and 0 < m["attn_ms"] < m["ttft_ms"] and 0 < m["attn_share"] < 1
     assert long["stem"]["sparse_layer_density"] and max(long["stem"]["sparse_layer_density"]) < 1.0
     assert long["stem"]["routes"].get("stem", 0) > 0
+
+
+def test_fallback_reason_logged_once_at_debug(caplog):
+    model = tiny_llama()
+    sh.enable(model, all_dense())
+    sh._LOGGED.discard("sdpa:decode (q_len == 1)")
+    with caplog.at_level("DEBUG", logger="stem.integrations.transformers"):
+        with torch.no_grad():
+            model.generate(ids(20), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "stem.integrations.transformers"]
+    assert msgs.count("stem: attention routed to sdpa:decode (q_len == 1)") == 1, msgs
+    assert all(r.levelname == "DEBUG" for r in caplog.records if r.name == "stem.integrations.transformers")
