@@ -1,0 +1,19 @@
+"""Offline quality benchmark for Stem: a small retrieval model trained here, and ``stem eval``.
+
+    from stem.eval import load_model, run_eval
+    model = load_model("benchmarks/models/retrieval")
+    result = run_eval(model, lengths=(4096, 8192, 16384), methods=("dense", "stem", "uniform_topk"))
+
+Importing this package imports torch and stem only (matplotlib / tqdm when plotting / showing
+progress).
+"""
+
+from .data import DataConfig, eval_examples, markov_text, train_batch
+from .harness import DEFAULT_METHODS, auto_block_size, format_table, plot_heatmaps, run_eval, uniform_topk_mask
+from .model import ModelConfig, RetrievalLM, dense_attention, load_model, save_model
+
+__all__ = [
+    "DataConfig", "eval_examples", "markov_text", "train_batch",
+    "DEFAULT_METHODS", "auto_block_size", "format_table", "plot_heatmaps", "run_eval", "uniform_topk_mask",
+    "ModelConfig", "RetrievalLM", "dense_attention", "load_model", "save_model",
+]

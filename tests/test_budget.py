@@ -1,0 +1,38 @@
+import pytest
+
+from stem.budget import base_budget, block_budgets, is_dense_budget
+
+
+@pytest.mark.parametrize("n,k0", [(1, 1), (40, 40), (55, 55), (56, 41), (100, 50), (159, 61), (160, 46), (200, 50), (1024, 132)])
+def test_base_budget(n, k0):
+    assert base_budget(n) == k0
+
+
+def test_short_sequence_is_dense():
+    assert block_budgets(40, 0.7) == [40] * 40
+    assert is_dense_budget(55) and not is_dense_budget(56)
+
+
+# hand-computed: r = linspace(k0, alpha*k0, n-k0); k_i = clamp(floor(r[i-k0]), 1, k0)
+@pytest.mark.parametrize(
+    "n,alpha,expect",
+    [
+        (100, 0.7, {0: 50, 49: 50, 50: 50, 51: 49, 75: 42, 99: 35}),   # 50 - 15*25/49 = 42.35
+        (100, 1.0, {0: 50, 50: 50, 75: 50, 99: 50}),
+        (200, 0.7, {49: 50, 50: 50, 125: 42, 199: 35}),               # 50 - 15*75/149 = 42.45
+        (200, 1.0, {199: 50}),
+        (1024, 0.7, {131: 132, 132: 132, 577: 112, 1023: 92}),         # 132 - 39.6*445/891 = 112.22
+        (1024, 1.0, {1023: 132, 600: 132}),
+    ],
+)
+def test_decayed_budget_values(n, alpha, expect):
+    b = block_budgets(n, alpha)
+    assert len(b) == n
+    for i, k in expect.items():
+        assert b[i] == k, (i, b[i], k)
+
+
+def test_budget_monotone_and_clamped():
+    b = block_budgets(500, 0.01)
+    assert min(b) >= 1 and max(b) == base_budget(500)
+    assert all(x >= y for x, y in zip(b, b[1:]))
