@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -29,7 +28,8 @@ def _info(args) -> int:
         print(f"\nexecutors on {dev} (auto prefers higher priority; dense plans go to sdpa):")
         for row in executor_status(dev):
             mark = "yes" if row.usable else "no "
-            print(f"  [{mark}] {row.name:<10} prio {row.priority:>4}  {row.reason if not row.usable else row.description}")
+            text = row.description if row.usable else row.reason
+            print(f"  [{mark}] {row.name:<10} prio {row.priority:>4}  {text}")
     from stem.planner import logits_impls
 
     impls = logits_impls()

@@ -1,0 +1,265 @@
+"""``stem bench``: planner, executors and end-to-end Stem against dense SDPA and FlexAttention.
+
+Everything for one length runs in one process on one card: dense SDPA (cuDNN and flash backends,
+causal), FlexAttention executing the *identical* plan (``BlockMask.from_kv_blocks``, compiled,
+diagonal blocks partial and the rest full), the stem planner alone, each usable stem executor
+alone, and stem end-to-end (``backend="auto"``). Times are medians of CUDA-event timings after
+warm-up. Writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+__all__ = ["add_arguments", "main", "run_bench"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--alpha", type=float, default=0.7)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (median)")
+    p.add_argument("--skip", nargs="*", default=[], help="methods to skip: flash cudnn flex torch_planner ...")
+    p.add_argument("--out", default="benchmarks/results", help="folder for bench_attention.json/.png")
+    p.add_argument("--tag", default=None, help="file name tag (default: the card's name)")
+
+
+def _time_ms(fn, reps: int, warmup: int = 2) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _pair_count(plan) -> float:
+    """(query, key) pairs the plan computes (diagonal blocks counted causally), summed over b, h."""
+    bs = plan.block_size
+    diag = plan.batch_size * plan.num_heads * plan.num_q_blocks
+    full = float(plan.kv_counts.sum()) - diag
+    return full * bs * bs + diag * bs * (bs + 1) / 2
+
+
+def _flex_block_mask(plan, L: int):
+    """FlexAttention BlockMask of the same plan: diagonal blocks partial (causal), the rest full."""
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H, nQ, W = plan.kv_indices.shape
+    nK = plan.num_kv_blocks
+    dev = plan.kv_indices.device
+    counts = plan.kv_counts
+    # plan rows are ascending and end at the diagonal block
+    slots = torch.arange(nK, device=dev)
+    idx = torch.zeros(B, H, nQ, nK, dtype=torch.int32, device=dev)
+    idx[..., :W] = plan.kv_indices
+    full_counts = (counts - 1).to(torch.int32)
+    full_idx = torch.where(slots < full_counts[..., None], idx, 0).to(torch.int32)
+    diag = torch.arange(nQ, device=dev, dtype=torch.int32) + plan.q_block_offset
+    part_idx = torch.zeros(B, H, nQ, nK, dtype=torch.int32, device=dev)
+    part_idx[..., 0] = diag
+    part_counts = torch.ones(B, H, nQ, dtype=torch.int32, device=dev)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    return BlockMask.from_kv_blocks(
+        part_counts, part_idx, full_counts, full_idx, BLOCK_SIZE=plan.block_size, mask_mod=causal, seq_lengths=(L, L)
+    )
+
+
+def _bench_one(L, args, cfg, flex, sparse_execs) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import stem
+
+    dev = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    B, Hq, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
+    g = torch.Generator(device=dev).manual_seed(L)
+    q = torch.randn(B, Hq, L, D, device=dev, dtype=dtype, generator=g)
+    k = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype, generator=g)
+    row = {"L": L}
+    dense_pairs = B * Hq * L * (L + 1) / 2
+    reps = max(3, args.reps if L <= 65536 else args.reps // 2)
+
+    def dense(backend):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    ref_dense = None
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        if name in args.skip:
+            continue
+        try:
+            row[f"dense_{name}_ms"] = _time_ms(lambda b=backend: dense(b), reps)
+            row[f"dense_{name}_tflops"] = 4 * D * dense_pairs / row[f"dense_{name}_ms"] / 1e9
+            if ref_dense is None:
+                ref_dense = dense(backend)
+        except RuntimeError as e:
+            row[f"dense_{name}_error"] = str(e).splitlines()[0]
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    plan = stem.plan(q, k, v, cfg)
+    torch.cuda.synchronize()
+    row["planner_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    row["planner_ms"] = _time_ms(lambda: stem.plan(q, k, v, cfg), reps)
+    if "torch_planner" not in args.skip:
+        row["planner_torch_ms"] = _time_ms(lambda: stem.plan(q, k, v, cfg, logits_impl="torch"), reps)
+    row["density"] = plan.density
+    row["plan_dense"] = plan.dense
+    pairs = _pair_count(plan)
+    row["sparse_pairs_fraction"] = pairs / dense_pairs
+    for name in sparse_execs:
+        try:
+            out = stem.attention(q, k, v, plan=plan, backend=name)
+            row[f"exec_{name}_ms"] = _time_ms(lambda n=name: stem.attention(q, k, v, plan=plan, backend=n), reps)
+            row[f"exec_{name}_tflops"] = 4 * D * pairs / row[f"exec_{name}_ms"] / 1e9
+            if ref_dense is not None:  # how far the sparse result is from dense attention (information)
+                row[f"exec_{name}_rel_err_vs_dense"] = float(
+                    (out.float() - ref_dense.float()).norm() / ref_dense.float().norm())
+        except Exception as e:  # report, keep benchmarking the rest
+            row[f"exec_{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    if flex is not None and not plan.dense:
+        try:
+            bm = _flex_block_mask(plan, L)
+            row["flex_ms"] = _time_ms(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), reps)
+            row["flex_tflops"] = 4 * D * pairs / row["flex_ms"] / 1e9
+            # the flex mask must be the same plan: compare with the reference executor's output
+            ref = stem.attention(q, k, v, plan=plan, backend="reference")
+            fo = flex(q, k, v, block_mask=bm, enable_gqa=True)
+            row["flex_rel_diff_vs_reference"] = float((fo.float() - ref.float()).norm() / ref.float().norm())
+            del ref, fo
+        except Exception as e:
+            row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    row["e2e_ms"] = _time_ms(lambda: stem.attention(q, k, v, config=cfg), reps)
+    row["e2e_executor"] = stem.last_dispatch()
+    if "dense_cudnn_ms" in row:
+        row["e2e_speedup_vs_cudnn"] = row["dense_cudnn_ms"] / row["e2e_ms"]
+    return row
+
+
+def run_bench(args, progress=True) -> dict:
+    import torch
+
+    import stem
+    from stem.dispatch import executor_status
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("stem bench needs a CUDA GPU (torch.cuda.is_available() is False)")
+    dev = torch.device("cuda")
+    card = torch.cuda.get_device_name(0)
+    cfg = stem.StemConfig(block_size=args.block_size, alpha=args.alpha)
+    B, Hq, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
+    sparse_execs = [
+        r.name for r in executor_status(dev) if r.usable and r.name not in ("sdpa", "reference")
+    ]
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        def tqdm(x, **kw):
+            return x
+
+    flex = None
+    if "flex" not in args.skip:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+
+    rows = []
+    for L in tqdm(args.lengths, desc="stem bench", disable=not progress):
+        rows.append(_bench_one(L, args, cfg, flex, sparse_execs))
+        torch.cuda.empty_cache()
+    return {
+        "card": card,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "shape": {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": args.dtype},
+        "config": cfg.to_dict(),
+        "command": " ".join(["stem", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
+        "rows": rows,
+    }
+
+
+def _plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    keys = [k for k in rows[0] if k.endswith("_ms") and k != "planner_torch_ms"]
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key in keys:
+        xs = [r["L"] for r in rows if key in r]
+        ax[0].plot(xs, [r[key] for r in rows if key in r], marker="o", label=key[:-3])
+    ax[0].set_xscale("log", base=2)
+    ax[0].set_yscale("log")
+    ax[0].set_xlabel("sequence length")
+    ax[0].set_ylabel("ms (median)")
+    ax[0].legend(fontsize=8)
+    ax[0].set_title(f"{res['card']}: B=1 Hq=32 Hkv=8 D=128 bf16")
+    for key in [k for k in keys if k.startswith(("exec_", "flex", "e2e"))]:
+        xs = [r["L"] for r in rows if key in r and "dense_cudnn_ms" in r]
+        ax[1].plot(xs, [r["dense_cudnn_ms"] / r[key] for r in rows if key in r and "dense_cudnn_ms" in r],
+                   marker="o", label=key[:-3])
+    ax[1].axhline(1.0, color="grey", lw=0.8)
+    ax[1].set_xscale("log", base=2)
+    ax[1].set_xlabel("sequence length")
+    ax[1].set_ylabel("speedup vs cuDNN dense causal")
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(res: dict) -> str:
+    cols = ["L", "density", "dense_cudnn_ms", "dense_flash_ms", "flex_ms", "planner_ms", "planner_torch_ms",
+            "exec_triton_ms", "exec_hub_ms", "e2e_ms", "e2e_speedup_vs_cudnn", "planner_peak_extra_mb"]
+    cols = [c for c in cols if any(c in r for r in res["rows"])]
+    lines = [" | ".join(f"{c.replace('_ms', ''):>12}" for c in cols)]
+    for r in res["rows"]:
+        cells = []
+        for c in cols:
+            x = r.get(c, float("nan"))
+            cells.append(f"{x:>12.3f}" if isinstance(x, float) else f"{x!s:>12}")
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    res = run_bench(args)
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or res["card"].replace(" ", "_").replace("/", "_")
+    jpath = os.path.join(args.out, f"bench_attention_{tag}.json")
+    with open(jpath, "w") as f:
+        json.dump(res, f, indent=1)
+    try:
+        _plot(res, os.path.join(args.out, f"bench_attention_{tag}.png"))
+    except ImportError:
+        print("(matplotlib missing: no plot)")
+    print(f"card: {res['card']}  torch {res['torch']}  -> {jpath}")
+    print(_table(res))
+    return 0
