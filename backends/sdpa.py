@@ -6,7 +6,6 @@ and dense layers are never slower than dense attention.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from stem.dispatch import Executor
