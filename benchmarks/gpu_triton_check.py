@@ -114,21 +114,21 @@ def sweep(L, configs, results):
     scale = 1 / math.sqrt(128)
     rows = []
     for cfg in configs:
-        bm, bn, nw, ns = cfg
+        bm, bn, nw, ns, tma = cfg
         try:
             fn = functools.partial(run_block_sparse_attention, q, k, v, plan, scale, False, block_m=bm,
-                                   block_n=bn, num_warps=nw, num_stages=ns)
+                                   block_n=bn, num_warps=nw, num_stages=ns, use_tma=tma)
             fn()
             ms = bench(fn, L)
         except Exception as e:  # e.g. out of shared memory
             ms = None
             print(f"[sweep] {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        rows.append({"block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": ns, "ms": ms})
+        rows.append({"block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": ns, "use_tma": tma, "ms": ms})
         print(f"[sweep L={L}] {cfg}: {ms}", flush=True)
     results["sweep"] = {"L": L, "rows": rows}
     ok = [r for r in rows if r["ms"] is not None]
     best = min(ok, key=lambda r: r["ms"])
-    return {key: best[key] for key in ("block_m", "block_n", "num_warps", "num_stages")}
+    return {key: best[key] for key in ("block_m", "block_n", "num_warps", "num_stages", "use_tma")}
 
 
 def measure_length(L, tiles, with_flex):
@@ -183,11 +183,11 @@ def measure_length(L, tiles, with_flex):
     return row
 
 
-def table(lengths, tiles, with_flex, results):
+def table(lengths, tiles, with_flex, results, t0, flex_deadline):
     rows = []
     for L in lengths:
         torch.cuda.empty_cache()
-        row = measure_length(L, tiles, with_flex)
+        row = measure_length(L, tiles, with_flex and time.time() - t0 < flex_deadline)
         rows.append(row)
         print("[table] " + json.dumps(row), flush=True)
     results["table"] = rows
@@ -200,7 +200,8 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--lengths", default="16384,32768,65536,131072")
-    ap.add_argument("--sweep-L", type=int, default=65536)
+    ap.add_argument("--sweep-L", type=int, default=131072)
+    ap.add_argument("--flex-deadline", type=float, default=420.0, help="skip FlexAttention after this many seconds")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -214,13 +215,13 @@ def main():
         results["tests"] = run_tests(out_dir)
     tiles = {}
     if not args.no_sweep:
-        configs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                   (128, 64, 8, 4)]
+        configs = [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 128, 8, 4, True), (128, 64, 8, 3, True),
+                   (128, 128, 8, 2, True), (128, 64, 8, 4, True)]
         tiles = sweep(args.sweep_L, configs, results)
         print(f"[sweep] best tiles {tiles}", flush=True)
     results["tiles"] = tiles
     lengths = [int(x) for x in args.lengths.split(",") if x]
-    rows = table(lengths, tiles, not args.no_flex, results)
+    rows = table(lengths, tiles, not args.no_flex, results, t0, args.flex_deadline)
     results["seconds"] = time.time() - t0
     with open(os.path.join(out_dir, "gpu_triton_check.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -86,9 +86,35 @@ def test_executor_matches_float64_and_reference(D, dtype, group, Lq, Lk):
 
 
 @needs_cuda
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_executor_tma_path(D):
+    """The TMA tensor-descriptor path for unmasked tiles, against float64 (bf16, GQA 4, Lq < Lk)."""
+    from stem_backends.reference import reference_attention
+
+    _exec_or_skip()
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm90+")
+    gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    B, Hq, Hkv, Lq, Lk = 2, 8, 2, 1111, 4099
+    q = torch.randn(B, Hq, Lq, D, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(B, Hkv, Lk, D, device="cuda", generator=gen).bfloat16()
+    v = torch.randn(B, Hkv, Lk, D, device="cuda", generator=gen).bfloat16()
+    plan = _random_plan(B, Hq, Lq, Lk, 128, Lk - Lq, 0.4, gen)
+    out, lse = _poisoned_launch(q, k, v, plan, 0.08, True, use_tma=True)
+    ref64, lse64 = reference_attention(q.double(), k.double(), v.double(), plan, 0.08, True)
+    assert not out.isnan().any()
+    rel = ((out.double() - ref64).norm() / ref64.norm()).item()
+    assert rel <= 1e-2, rel
+    assert (lse.double() - lse64).abs().max().item() <= 1e-3
+    plain, _ = _poisoned_launch(q, k, v, plan, 0.08, False, use_tma=False)
+    rel_plain = ((out.float() - plain.float()).norm() / plain.float().norm()).item()
+    assert rel_plain <= 1e-5, rel_plain  # same arithmetic, only the loads differ
+
+
+@needs_cuda
 @pytest.mark.parametrize("bs,tiles,schedule", [
     (128, {}, "sorted"), (128, {}, "reversed"), (64, {}, "sorted"), (256, {}, "sorted"),
-    (32, {}, "sorted"), (128, {"block_m": 64, "block_n": 32}, "sorted"),
+    (32, {}, "sorted"), (128, {"block_m": 64, "block_n": 32}, "sorted"), (128, {"use_tma": True}, "sorted"),
 ])
 def test_executor_float32_equals_reference(bs, tiles, schedule):
     """float32 inputs (ieee dots): equal to the reference executor within float32 rounding."""
@@ -161,26 +187,35 @@ def test_planner_kernel_matches_torch(Lq, Lk, q_offset, G):
 
 
 @needs_cuda
-def test_executor_cuda_graph_capture():
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_executor_cuda_graph_capture(use_tma):
+    import functools
+
+    from stem_backends.triton_executor import run_block_sparse_attention
+
     import stem
 
     _exec_or_skip()
+    if use_tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm90+")
     B, Hq, Hkv, L, D = 1, 4, 1, 9000, 128
     q, k, v = (torch.randn(B, h, L, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
     plan = stem.plan(q, k, v, stem.StemConfig(block_size=64))
     ex = stem.executors()["triton"]
+    ex.forward(q, k, v, plan, 0.1, True)  # the executor entry point itself
+    fwd = functools.partial(run_block_sparse_attention, use_tma=use_tma)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(2):
-            ex.forward(q, k, v, plan, 0.1, True)
+            fwd(q, k, v, plan, 0.1, True)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, lse = ex.forward(q, k, v, plan, 0.1, True)
+        out, lse = fwd(q, k, v, plan, 0.1, True)
     q.copy_(torch.randn_like(q))  # new inputs, same buffers
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    want, want_lse = ex.forward(q, k, v, plan, 0.1, True)
+    want, want_lse = fwd(q, k, v, plan, 0.1, True)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)

@@ -31,11 +31,13 @@ ATTN_CASES = {
     "fp32_subtiles": (1, 2, 1, 90, 130, 16, 64, "float32", None, {"block_m": 16, "block_n": 32}),
     "fp32_reversed_schedule": (1, 2, 2, 70, 100, 16, 16, "float32", 13, {"schedule": "reversed"}),
     "fp32_dense_plan": (1, 2, 1, 64, 64, 16, 16, "float32", None, {"dense": True}),
+    "fp32_tma_descriptors": (2, 4, 2, 50, 120, 16, 32, "float32", None, {"use_tma": True, "block_n": 16}),
+    "bf16_tma_descriptors": (1, 2, 1, 33, 99, 16, 16, "bfloat16", 40, {"use_tma": True}),
 }
 # name -> (B, Hq, Hkv, Lq, Lk, D, block_size, stride, dtype, q_offset)
 POOL_CASES = {
     "pool_fp32_prefill": (1, 4, 2, 200, 200, 16, 32, 8, "float32", None),
-    "pool_bf16_gqa_odd": (2, 4, 1, 70, 333, 32, 16, 4, "bfloat16", None),
+    "pool_bf16_gqa_odd": (1, 4, 1, 70, 233, 32, 16, 4, "bfloat16", None),
     "pool_fp32_q_offset": (1, 2, 2, 50, 300, 24, 32, 8, "float32", 100),
     "pool_fp16_stride16": (1, 2, 1, 64, 100, 16, 64, 16, "float16", 0),
 }

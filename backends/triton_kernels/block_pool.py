@@ -30,36 +30,33 @@ def _pool_blocks(
     stride_xb, stride_xh, stride_xl,
     stride_vb, stride_vh, stride_vl,
     H, L, front, n_groups_total,
-    D, BS: tl.constexpr, S: tl.constexpr, CH: tl.constexpr, BLOCK_D: tl.constexpr,
+    D, BS: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr,
     FLIP: tl.constexpr, WITH_V: tl.constexpr,
 ):
     """Program (block j, batch*head): SUM[b, h, j] = sum over the block's stride groups of their
     S rows (S, D) (S axis flipped if FLIP); with WITH_V also VMAX[b, h, group] = max row norm of V.
-    Row r of X sits at padded position front + r; positions outside [front, front + L) are zero."""
+    Row r of X sits at padded position front + r; positions outside [front, front + L) are zero.
+    The bs/S group loads are unrolled (independent 2-D (S, D) tiles in flight)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_c = tl.arange(0, CH)
     offs_s = tl.arange(0, S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     x_base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     acc = tl.zeros([S, BLOCK_D], dtype=tl.float32)
     GPB: tl.constexpr = BS // S
-    for g0 in tl.static_range(0, GPB, CH):
-        pos = blk * BS + (g0 + offs_c)[:, None] * S + offs_s[None, :]  # (CH, S) padded positions
-        r = pos - front
-        ok = (r >= 0) & (r < L)
-        ptr = x_base + r[:, :, None].to(tl.int64) * stride_xl + offs_d[None, None, :]
-        x = tl.load(ptr, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(x, 0)
+    for g in tl.static_range(GPB):
+        r = blk * BS + g * S + offs_s - front  # (S,) rows of X
+        ok = ((r >= 0) & (r < L))[:, None] & d_ok[None, :]
+        x = tl.load(x_base + r[:, None] * stride_xl + offs_d[None, :], mask=ok, other=0.0)
+        acc += x.to(tl.float32)
         if WITH_V:
-            v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-            vp = v_base + r[:, :, None].to(tl.int64) * stride_vl + offs_d[None, None, :]
-            vv = tl.load(vp, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
-            nrm = tl.sqrt(tl.sum(vv * vv, 2))  # (CH, S)
-            tl.store(VMAX + bh.to(tl.int64) * n_groups_total + blk * GPB + g0 + offs_c, tl.max(nrm, 1))
+            vv = tl.load(v_base + r[:, None] * stride_vl + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+            u = tl.max(tl.sqrt(tl.sum(vv * vv, 1)), 0)
+            tl.store(VMAX + bh.to(tl.int64) * n_groups_total + blk * GPB + g, u)
     if FLIP:
         s_out = S - 1 - offs_s
     else:
@@ -76,7 +73,6 @@ def _launch_pool(x, front, n_blocks, bs, stride, flip, v=None):
         v = v.contiguous()
     block_d = triton.next_power_of_2(D)
     gpb = bs // stride
-    ch = max(1, min(gpb, 8192 // (stride * block_d)))
     sums = torch.empty(B, H, n_blocks, stride, D, dtype=torch.float32, device=x.device)
     n_groups = n_blocks * gpb
     vmax = torch.empty(B, H, n_groups, dtype=torch.float32, device=x.device) if v is not None else sums
@@ -86,7 +82,7 @@ def _launch_pool(x, front, n_blocks, bs, stride, flip, v=None):
         x.stride(0), x.stride(1), x.stride(2),
         vv.stride(0), vv.stride(1), vv.stride(2),
         H, L, front, n_groups,
-        D, BS=bs, S=stride, CH=ch, BLOCK_D=block_d, FLIP=flip, WITH_V=v is not None,
+        D, BS=bs, S=stride, BLOCK_D=block_d, FLIP=flip, WITH_V=v is not None,
         num_warps=4,
     )
     return sums, (vmax if v is not None else None)
@@ -134,8 +130,8 @@ def block_logits_triton(q, k, v, config, q_offset: int | None = None) -> torch.T
     qs = q_sum.view(B, Hkv, G * nQ, S * D)
     ks = k_sum.view(B, Hkv, nK, S * D)
     logits = torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale)
-    logits = logits.view(B, Hkv, G, nQ, nK) + _bonus_from_group_max(vmax, config, nK, Lk)[:, :, None, None, :]
-    logits = logits.reshape(B, Hq, nQ, nK)
+    logits.view(B, Hkv, G, nQ, nK).add_(_bonus_from_group_max(vmax, config, nK, Lk)[:, :, None, None, :])
+    logits = logits.view(B, Hq, nQ, nK)
     rows = torch.arange(nQ, device=q.device) + qbo
     noncausal = torch.arange(nK, device=q.device)[None, :] > rows[:, None]
     return logits.masked_fill_(noncausal, float("-inf"))
