@@ -1,0 +1,197 @@
+"""Context-parallel Stem prefill (stem.distributed) on several GPUs: per-rank time vs one GPU.
+
+    torchrun --nproc-per-node=2 benchmarks/bench_distributed.py --seqs 131072,262144,524288
+
+Shapes: B=1, Hq=32, Hkv=8, D=128, bf16, default StemConfig, random data. For each length L:
+
+* one GPU: ``stem.attention`` on the whole sequence, timed on rank 0 (the other ranks wait);
+* W GPUs: ``stem.distributed.attention`` on zigzag shards (and contiguous with --contiguous),
+  every rank timed with CUDA events between barriers; the step time is the slowest rank's.
+* the K/V all-gather alone (communication floor), and the scaling efficiency T1 / (W * T_W).
+
+Medians over --iters runs after one warm-up. Writes $OUT/bench_distributed.json (or
+benchmarks/results/) from rank 0 and prints a table last. NVLink multicast stays off.
+"""
+
+from __future__ import annotations
+
+import os
+
+# NVLink multicast can take shared GPUs out of service: keep it off whatever the caller's env says.
+os.environ["NCCL_NVLS_ENABLE"] = "0"
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+B, HQ, HKV, D = 1, 32, 8, 128
+DTYPE = torch.bfloat16
+
+
+def setup_stem():
+    """Import stem with its first-party executors and planner kernel, installed or not."""
+    try:
+        import stem_backends  # noqa: F401
+    except ImportError:  # not installed: alias the folder
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "stem_backends", os.path.join(ROOT, "backends", "__init__.py"),
+            submodule_search_locations=[os.path.join(ROOT, "backends")],
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["stem_backends"] = mod
+        spec.loader.exec_module(mod)
+    import stem
+    from stem.planner import logits_impls
+
+    have = stem.executors()
+    if "triton" not in have:  # entry points absent (package not installed)
+        from stem_backends.reference import ReferenceExecutor
+        from stem_backends.sdpa import DenseSDPAExecutor
+        from stem_backends.triton_executor import TritonExecutor
+
+        for ex in (ReferenceExecutor(), DenseSDPAExecutor(), TritonExecutor()):
+            stem.register_executor(ex, replace=True)
+    if "triton" not in logits_impls():
+        from stem_backends.triton_planner import register
+
+        register()
+    return stem
+
+
+def init_dist():
+    """NCCL, one GPU per process (gloo on CPU: only for a smoke run of dist_check.py)."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.cuda.is_available():
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
+
+
+def device_name(dev) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def cuda_time(fn, iters: int, warmup: int = 1, group=None) -> list[float]:
+    """Milliseconds per call on this rank (CUDA events), each run started after a barrier."""
+    times = []
+    for i in range(warmup + iters):
+        if group is not False:
+            dist.barrier(group=group)
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(s.elapsed_time(e))
+    return times
+
+
+def slowest(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def local_inputs(L: int, rank: int, world: int, device, seed: int):
+    g = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
+    Ll = L // world
+    q = torch.randn(B, HQ, Ll, D, generator=g, device=device, dtype=DTYPE)
+    k = torch.randn(B, HKV, Ll, D, generator=g, device=device, dtype=DTYPE)
+    v = torch.randn(B, HKV, Ll, D, generator=g, device=device, dtype=DTYPE)
+    v.mul_(0.2 + 3 * torch.rand(B, HKV, Ll, 1, generator=g, device=device, dtype=DTYPE))
+    return q, k, v
+
+
+def bench_length(stem, sd, L, rank, world, dev, layouts, args) -> dict:
+    row = {"L": L, "world": world, "device": device_name(dev)}
+    if L <= args.single_max:  # one GPU: the whole sequence on rank 0 while the others wait
+        if rank == 0:
+            q, k, v = local_inputs(L, 0, 1, dev, seed=L)
+            t1 = cuda_time(functools.partial(stem.attention, q, k, v), args.iters, group=False)
+            row.update(one_gpu_ms=statistics.median(t1), one_gpu_dispatch=stem.last_dispatch(),
+                       density=stem.plan(q, k, v).density)
+            del q, k, v
+            torch.cuda.empty_cache()
+        dist.barrier()
+    q, k, v = local_inputs(L, rank, world, dev, seed=L + 1)
+    for layout in layouts:
+        for planner in ("stats", "full"):
+            fn = functools.partial(sd.attention, q, k, v, layout=layout, planner=planner)
+            ts = cuda_time(fn, args.iters)
+            all_ranks = [None] * world
+            dist.all_gather_object(all_ranks, statistics.median(ts))
+            row[f"{layout}_{planner}_per_rank_ms"] = all_ranks
+            row[f"{layout}_{planner}_step_ms"] = max(all_ranks)
+    # communication floor: the K/V all-gather alone (zigzag reorder included)
+    tc = cuda_time(functools.partial(gather_kv, sd, k, v), args.iters)
+    row["kv_allgather_ms"] = slowest(statistics.median(tc))
+    if "one_gpu_ms" in row:
+        for key in [key for key in row if key.endswith("_step_ms")]:
+            row[key.replace("_step_ms", "_efficiency")] = row["one_gpu_ms"] / (world * row[key])
+    return row
+
+
+def gather_kv(sd, k, v):
+    sd.unshard(k, layout="zigzag")
+    sd.unshard(v, layout="zigzag")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", default="131072,262144,524288")
+    ap.add_argument("--single-max", type=int, default=524288, help="largest L timed on one GPU")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--contiguous", action="store_true", help="also time the contiguous layout")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="skip remaining sizes past this wall time")
+    args = ap.parse_args()
+    stem = setup_stem()
+    import stem.distributed as sd
+
+    rank, world, dev = init_dist()
+    out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    t_start = time.time()
+    rows = []
+    layouts = ["zigzag"] + (["contiguous"] if args.contiguous else [])
+    for L in [int(s) for s in args.seqs.split(",")]:
+        stop = torch.tensor([time.time() - t_start > args.budget_s], device=dev)
+        dist.broadcast(stop, 0)  # rank 0 decides, so that every rank leaves the loop together
+        if bool(stop):
+            if rank == 0:
+                print(f"[bench] skipping L={L}: past the --budget-s wall budget", flush=True)
+            break
+        rows.append(bench_length(stem, sd, L, rank, world, dev, layouts, args))
+        torch.cuda.empty_cache()
+        if rank == 0:
+            print(json.dumps(rows[-1]), flush=True)
+            with open(os.path.join(out_dir, "bench_distributed.json"), "w") as f:
+                json.dump({"shape": dict(B=B, Hq=HQ, Hkv=HKV, D=D, dtype=str(DTYPE)), "rows": rows}, f, indent=1)
+    if rank == 0:
+        print(f"\ncontext-parallel Stem, {world} x {rows[0]['device'] if rows else '?'}, B=1 Hq=32 Hkv=8 D=128 bf16")
+        print(f"{'L':>8} {'density':>7} {'1 GPU ms':>9} {'zz stats':>9} {'zz full':>9} {'allgather':>9} {'eff.':>5}")
+        for r in rows:
+            print(f"{r['L']:>8} {r.get('density', float('nan')):7.3f} {r.get('one_gpu_ms', float('nan')):9.1f} "
+                  f"{r['zigzag_stats_step_ms']:9.1f} {r['zigzag_full_step_ms']:9.1f} {r['kv_allgather_ms']:9.1f} "
+                  f"{r.get('zigzag_stats_efficiency', float('nan')):5.2f}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
