@@ -16,6 +16,8 @@ Needs >= 2 CUDA devices (skipped otherwise).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -50,14 +52,20 @@ def _on_wrong_current_device(fn):
         torch.cuda.synchronize(d)
     torch.cuda.reset_peak_memory_stats(0)
     base = torch.cuda.memory_allocated(0)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with contextlib.ExitStack() as stack:
+        try:  # kernel-level check where the CUDA profiler (CUPTI) works on this machine
+            prof = stack.enter_context(profile(activities=[ProfilerActivity.CUDA]))
+        except Exception:
+            prof = None
         res = fn()
         for d in (0, 1):
             torch.cuda.synchronize(d)
     extra = torch.cuda.max_memory_allocated(0) - base
     assert torch.cuda.current_device() == 0, "the call changed the current device"
-    devs = {e.device_index for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
-    return res, (devs or None), extra
+    devs = None
+    if prof is not None:
+        devs = {e.device_index for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA} or None
+    return res, devs, extra
 
 
 def _check_placement(devs, extra, what):
@@ -82,8 +90,7 @@ def test_planner_launches_on_tensor_device(impl):
 def test_executor_launches_on_tensor_device(backend):
     from stem.dispatch import get_executor
 
-    qc, kc, vc = _inputs()
-    q, k, v = (t.to("cuda:1") for t in (qc, kc, vc))
+    q, k, v = (t.to("cuda:1") for t in _inputs())
     with torch.cuda.device(1):
         if backend == "sdpa":
             plan = stem.plan(q, k, v, CFG.replace(dense=True))
@@ -93,11 +100,12 @@ def test_executor_launches_on_tensor_device(backend):
         get_executor("triton" if backend == "auto" else backend, q.device)
     except (RuntimeError, ValueError) as e:
         pytest.skip(f"{backend}: {e}")
-    # independent oracle: the reference executor on CPU, float32, same plan
-    ref = stem.attention(qc.float(), kc.float(), vc.float(), plan=plan.to("cpu"), backend="reference")
+    # independent oracle: the reference executor in float32 (torch ops), cuda:1 current, same plan
+    with torch.cuda.device(1):
+        ref = stem.attention(q.float(), k.float(), v.float(), plan=plan, backend="reference")
     out, devs, extra = _on_wrong_current_device(lambda: stem.attention(q, k, v, plan=plan, backend=backend))
     assert out.device == torch.device("cuda:1")
-    torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     _check_placement(devs, extra, f"stem.attention(backend={backend!r})")
 
 
