@@ -161,7 +161,7 @@ def build_cuda(out_root: Path, *, archs: list[str] | None = None, jobs: int | No
         sources=sources,
         extra_include_paths=includes,
         extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-warn-spills"],
+        extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo", "--ptxas-options=-warn-spills"],
         build_directory=str(obj_dir),
         is_python_module=False,
         verbose=verbose,

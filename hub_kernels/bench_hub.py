@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Time the compiled stem-attention Hub kernel beside the Triton executor and dense cuDNN SDPA.
+
+    python hub_kernels/bench_hub.py --lengths 32768 131072 --json out.json
+
+Shapes: B=1, Hq=32, Hkv=8, D=128, bf16, random data, the default StemConfig plan. Timings are
+medians over CUDA-event-timed repeats after warm-up. Reports TFLOP/s of the sparse kernels on the
+selected blocks (causal pairs only) and of dense cuDNN on the causal triangle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_DIR = ROOT / "hub_kernels" / "stem-attention"
+
+
+def time_ms(fn, *, warmup: int = 2, reps: int = 7) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def selected_pairs(plan) -> int:
+    """Causal (query, key) pairs inside the selected blocks (diagonal blocks count their triangle)."""
+    bs, B, H = plan.block_size, plan.batch_size, plan.num_heads
+    total = int(plan.kv_counts.sum()) * bs * bs
+    # every plan row keeps its diagonal block in a Stem plan: subtract the masked upper triangle
+    return total - plan.num_q_blocks * B * H * (bs * (bs - 1) // 2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args(argv)
+
+    import kernels
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import stem
+    from stem.config import StemConfig
+
+    hub = kernels.get_local_kernel(KERNEL_DIR)
+    assert hub.VARIANT == "cuda", hub.VARIANT
+    try:
+        from stem_backends.triton_executor import run_block_sparse_attention as triton_run
+    except Exception as e:  # noqa: BLE001 - report, keep timing the rest
+        print(f"triton executor unavailable: {e}")
+        triton_run = None
+
+    dev = torch.cuda.get_device_name()
+    B, Hq, Hkv, D = 1, 32, 8, 128
+    scale = 1 / math.sqrt(D)
+    rows = []
+    for L in args.lengths:
+        g = torch.Generator(device="cuda").manual_seed(L)
+        q = torch.randn(B, Hq, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        plan = stem.plan(q, k, v, StemConfig())
+        pairs = selected_pairs(plan)
+        sparse_flop = 4.0 * D * pairs
+        dense_flop = 4.0 * D * B * Hq * L * (L + 1) / 2
+        row = {"L": L, "device": dev, "density": plan.density, "selected_pairs": pairs}
+
+        def run_hub():
+            return hub.block_sparse_attn_fwd(q, k, v, plan.kv_counts, plan.kv_indices, plan.block_size,
+                                             plan.q_offset, scale, False)
+
+        out_hub = run_hub()[0]
+        row["hub_ms"] = time_ms(run_hub, reps=args.reps)
+        row["hub_tflops_selected"] = sparse_flop / row["hub_ms"] / 1e9
+        if triton_run is not None:
+            def run_triton():
+                return triton_run(q, k, v, plan, scale, False)
+
+            out_tr = run_triton()[0]
+            row["triton_ms"] = time_ms(run_triton, reps=args.reps)
+            row["triton_tflops_selected"] = sparse_flop / row["triton_ms"] / 1e9
+            row["hub_vs_triton_rel_err"] = float((out_hub.float() - out_tr.float()).norm() / out_tr.float().norm())
+            row["speedup_vs_triton"] = row["triton_ms"] / row["hub_ms"]
+            del out_tr
+        kr = k.repeat_interleave(Hq // Hkv, dim=1)
+        vr = v.repeat_interleave(Hq // Hkv, dim=1)
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    def run_dense():
+                        return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+                    run_dense()
+                    row[f"{name}_dense_ms"] = time_ms(run_dense, reps=max(3, args.reps // 2))
+                row[f"{name}_dense_tflops"] = dense_flop / row[f"{name}_dense_ms"] / 1e9
+            except Exception as e:  # noqa: BLE001
+                row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:200]
+        if "cudnn_dense_tflops" in row:
+            row["hub_frac_of_cudnn_tflops"] = row["hub_tflops_selected"] / row["cudnn_dense_tflops"]
+            row["speedup_vs_cudnn_dense"] = row["cudnn_dense_ms"] / row["hub_ms"]
+        rows.append(row)
+        del q, k, v, kr, vr, plan, out_hub
+        torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    print(f"\n{dev}: B=1 Hq=32 Hkv=8 D=128 bf16, default StemConfig plan")
+    hdr = f"{'L':>7} {'dens':>5} {'hub ms':>8} {'triton ms':>9} {'x trit':>6} {'cudnn ms':>9} {'hub TF/s':>8} " \
+          f"{'cudnn TF/s':>10} {'hub/cudnn':>9}"
+    print(hdr)
+    for r in rows:
+        print(f"{r['L']:>7} {r['density']:>5.2f} {r['hub_ms']:>8.2f} {r.get('triton_ms', float('nan')):>9.2f} "
+              f"{r.get('speedup_vs_triton', float('nan')):>6.2f} {r.get('cudnn_dense_ms', float('nan')):>9.2f} "
+              f"{r['hub_tflops_selected']:>8.1f} {r.get('cudnn_dense_tflops', float('nan')):>10.1f} "
+              f"{r.get('hub_frac_of_cudnn_tflops', float('nan')):>9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
