@@ -391,6 +391,7 @@ def _gather_into(k_parts, v_parts, k_full, v_full, p: int, layout: str) -> None:
         buf, work = parts[p]
         work.wait()
         _place(full, buf, p, layout)
+        parts[p] = None  # free the staging buffer (its copy is queued on this stream)
 
 
 def _plan_full(q_chunk, q_full, k_full, v_full, start: int, config: StemConfig) -> BlockPlan:
