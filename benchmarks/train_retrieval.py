@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without pip install too
 from stem.eval.data import DataConfig, eval_examples, train_batch
 from stem.eval.model import ModelConfig, RetrievalLM, save_model
 
@@ -144,7 +145,8 @@ def main(argv=None) -> int:
 
         sdpa_ctx = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,  # noqa: E731
                                         SDPBackend.EFFICIENT_ATTENTION])
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # batches, drawn on the device
+    host_gen = torch.Generator().manual_seed(args.seed + 2)  # needle counts: no device sync per step
     total_steps = sum(s.steps for s in stages)
     planned_tokens = [s.length * s.batch * s.steps for s in stages]
     print(f"model: {model.num_parameters() / 1e6:.2f}M params, {mcfg}", flush=True)
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
         em_acc = torch.zeros((), device=device)
         n_acc, done, cut = 0, 0, False
         for i in range(st.steps):
-            n_needles = int(torch.randint(st.needles[0], st.needles[1] + 1, (1,), generator=gen, device=device))
+            n_needles = int(torch.randint(st.needles[0], st.needles[1] + 1, (1,), generator=host_gen))
             ids, tgt = train_batch(dcfg, st.batch, st.length, n_needles, st.queries, gen)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total_steps, args.lr, args.warmup)

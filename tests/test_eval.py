@@ -153,6 +153,7 @@ def test_harness_end_to_end_tiny(tmp_path, one_thread):
     assert os.path.getsize(tmp_path / "eval_t.png") > 1000
     with open(tmp_path / "eval_t.json") as f:
         saved = json.load(f)
+    assert saved["summary"] == res["summary"]
     cells = {c["method"]: c for c in saved["cells"]}
     assert set(cells) == set(methods)
     assert cells["dense"]["density"] == 1.0 and cells["dense"]["density_per_layer"] == {}

@@ -242,7 +242,9 @@ def load_model(path: str, device: str | torch.device = "cpu") -> RetrievalLM:
     own = model.state_dict()
     missing, unexpected = set(own) - set(state), set(state) - set(own)
     if missing or unexpected:
-        raise ValueError(f"{w_path} does not match the config: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        raise ValueError(
+            f"{w_path} does not match the config: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     model.data_config = meta.get("data")  # the generator settings the model was trained with (or None)
     return model.to(device).eval()
