@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without pip install too
-from stem.eval.data import DataConfig, eval_examples, train_batch
+from stem.eval.data import DataConfig, answer_positions, eval_examples, train_batch
 from stem.eval.model import ModelConfig, RetrievalLM, save_model
 
 
@@ -178,8 +178,8 @@ def main(argv=None) -> int:
                         logits = model(ids)
                 else:
                     logits = model(ids)
-            mask = tgt[0] != -100  # the answer positions are the same in every row
-            lg, tg = logits[:, mask], tgt[:, mask]
+            pos = answer_positions(dcfg, st.length, st.queries, device)  # same in every row; no sync
+            lg, tg = logits[:, pos], tgt[:, pos]
             loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()

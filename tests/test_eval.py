@@ -11,6 +11,7 @@ from stem.eval import (
     DataConfig,
     ModelConfig,
     RetrievalLM,
+    answer_positions,
     eval_examples,
     load_model,
     run_eval,
@@ -80,6 +81,7 @@ def test_train_batch_deterministic_and_targets_only_on_answers():
     assert int(mask[0].sum()) == 2 * DCFG.value_len
     # every target is a value token, is the next token, and answers the query before it
     pos = mask[0].nonzero().flatten()
+    assert torch.equal(pos, answer_positions(DCFG, 300, 2))
     assert torch.equal(t1[:, pos], ids1[:, pos + 1])
     assert bool(((t1[:, pos] >= DCFG.val_lo) & (t1[:, pos] < DCFG.val_lo + DCFG.n_val)).all())
     for b in range(4):

@@ -8,12 +8,12 @@ Importing this package imports torch and stem only (matplotlib / tqdm when plott
 progress).
 """
 
-from .data import DataConfig, eval_examples, markov_text, train_batch
+from .data import DataConfig, answer_positions, eval_examples, markov_text, train_batch
 from .harness import DEFAULT_METHODS, auto_block_size, format_table, plot_heatmaps, run_eval, uniform_topk_mask
 from .model import ModelConfig, RetrievalLM, dense_attention, load_model, save_model
 
 __all__ = [
-    "DataConfig", "eval_examples", "markov_text", "train_batch",
+    "DataConfig", "answer_positions", "eval_examples", "markov_text", "train_batch",
     "DEFAULT_METHODS", "auto_block_size", "format_table", "plot_heatmaps", "run_eval", "uniform_topk_mask",
     "ModelConfig", "RetrievalLM", "dense_attention", "load_model", "save_model",
 ]

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["DataConfig", "markov_text", "train_batch", "eval_examples", "PAD", "BOS", "NEEDLE", "ARROW", "END",
-           "QUERY"]
+__all__ = ["DataConfig", "markov_text", "train_batch", "answer_positions", "eval_examples",
+           "PAD", "BOS", "NEEDLE", "ARROW", "END", "QUERY"]
 
 PAD, BOS, NEEDLE, ARROW, END, QUERY = 0, 1, 2, 3, 4, 5
 _CHAIN_SEED = 20260101  # fixes the distractor chain (its permutation), not the samples
@@ -141,11 +141,17 @@ def train_batch(
     q_end = qk.new_full((B, n_queries, 1), END)
     ids[:, ctx:] = torch.cat((q_lead, qk, q_arrow, qv, q_end), -1).flatten(1)
     targets = torch.full_like(ids, -100)
-    per = ql + V + 1
-    val_pos = ctx + torch.arange(n_queries, device=dev)[:, None] * per + ql + torch.arange(V, device=dev)
-    val_pos = val_pos.flatten()
-    targets[:, val_pos - 1] = ids[:, val_pos]
+    pos = answer_positions(cfg, L, n_queries, dev)
+    targets[:, pos] = ids[:, pos + 1]
     return ids, targets
+
+
+def answer_positions(cfg: DataConfig, L: int, n_queries: int, device=None) -> torch.Tensor:
+    """int64 positions of a :func:`train_batch` row whose next token is an answer (value) token."""
+    per = cfg.query_len + cfg.value_len + 1
+    ctx = L - n_queries * per
+    pos = ctx + torch.arange(n_queries, device=device)[:, None] * per + cfg.query_len - 1
+    return (pos + torch.arange(cfg.value_len, device=device)).flatten()
 
 
 def eval_examples(
