@@ -150,12 +150,15 @@ def _stem_sparse_attn_fwd(
         tl.store(LSE + (b64 * HQ + h) * Lq + rows, lse, mask=row_ok)
 
 
-DEFAULT_TMA = False
+# Measured on one NVIDIA H200, B=1 Hq=32 Hkv=8 D=128 bf16, Stem plan at 128K (benchmarks/gpu_triton_check.py):
+# (BLOCK_M, BLOCK_N, warps, stages, TMA) = (128,128,8,2,on) 68.3 ms; (128,128,8,3,off) 71.0; (128,128,8,3,on) 71.1;
+# (128,64,8,3,on) 80.4; (128,64,8,4,on) 80.0; (128,128,8,4,on) exceeds shared memory.
+DEFAULT_TMA = True
 
 
 def _tma_capable(device: torch.device) -> bool:
     if device.type != "cuda":
-        return bool(knobs.runtime.interpret)
+        return False  # CPU (interpreter): the TMA path only when asked for explicitly
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
@@ -167,7 +170,7 @@ def pick_tiles(block_size: int, head_dim: int, dtype: torch.dtype, block_m: int 
     bm = block_m or (64 if head_dim > 128 else 128)
     bn = block_n or (64 if big else 128)  # H200, D=128 bf16, 64K: BN=128 21.3 ms vs BN=64 23.2 ms
     nw = num_warps or 8
-    ns = num_stages or (2 if big else 3)
+    ns = num_stages or 2  # see DEFAULT_TMA's note
     bm, bn = min(bm, block_size), min(bn, block_size)
     if block_size % bm or block_size % bn:
         raise ValueError(f"tiles ({bm}, {bn}) must divide the plan block size {block_size}")
@@ -183,7 +186,7 @@ def work_order(kv_counts: torch.Tensor) -> torch.Tensor:
 
 
 def block_sparse_attention(q, k, v, kv_counts, kv_indices, *, block_size: int, q_offset: int, scale: float,
-                           return_lse: bool = False, schedule: str = "sorted", order: torch.Tensor | None = None,
+                           return_lse: bool = False, schedule: str = "reversed", order: torch.Tensor | None = None,
                            block_m: int | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
                            out: torch.Tensor | None = None, lse_out: torch.Tensor | None = None,
