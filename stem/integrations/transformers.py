@@ -42,7 +42,9 @@ transformers can also load an attention function from a Hub kernel repo through 
 package: when the loaded module exposes ``flash_attn_forward`` and ``supports_flash_attn``, it
 registers ``module.flash_attn_forward`` as the attention function under the repo string and the
 SDPA mask function beside it -- the same contract as :func:`stem_attention_forward` here, so a hub
-build can expose ``flash_attn_forward = stem_attention_forward``. The repo is fetched with
+build can expose ``flash_attn_forward = stem_attention_forward``. On that path transformers pairs
+it with the plain SDPA mask function, so chunked-prefill masks are not marked and chunked prefill
+goes to SDPA (prefill, decode and padding behave as on the local path). The repo is fetched with
 ``get_kernel(repo, version=1)`` (a ``v1`` branch, unless ``repo@rev`` is given) and, outside the
 ``kernels-community`` org, only with ``from_pretrained(..., allow_all_kernels=True)``.
 Whether transformers accepts the installed ``kernels`` at all is gated by its
