@@ -351,11 +351,8 @@ def test_hub_string_path_routes_to_stem(monkeypatch):
 
 # ---- the end-to-end benchmark's code path, at a tiny size on CPU ----------------------------------
 def test_bench_prefill_tiny(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench_prefill
-    finally:
-        sys.path.pop(0)
+    from stem import bench_prefill
+
     res = bench_prefill.main(["--tiny", "--out", str(tmp_path), "--no-progress"])
     data = json.loads((tmp_path / "bench_prefill.json").read_text())
     assert (tmp_path / "bench_prefill.png").stat().st_size > 0
