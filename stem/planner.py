@@ -162,11 +162,8 @@ def select_blocks(
     """
     B, H, nQ, nK = logits.shape
     dev = logits.device
-    budgets_list = block_budgets(n_total, config.alpha, config.k_rate, config.k_bias)[
-        q_block_offset : q_block_offset + nQ
-    ]
-    kmax = min(max(budgets_list), nK)
-    budgets = torch.tensor(budgets_list, dtype=torch.int64).to(dev, non_blocking=True)
+    budgets, kmax = _budget_tensor(n_total, config.alpha, config.k_rate, config.k_bias, q_block_offset, nQ, dev)
+    kmax = min(kmax, nK)
     top = torch.topk(logits, kmax, dim=-1, sorted=True).indices  # (B, H, nQ, kmax)
     keep_rank = torch.arange(kmax, device=dev) < budgets[:, None]
     sel = torch.zeros(B, H, nQ, nK + 1, dtype=torch.bool, device=dev)
@@ -178,6 +175,22 @@ def select_blocks(
     sel = (sel | forced) & (cols <= rows)
     width = min(nK, kmax + config.sink_blocks + config.window_blocks)
     return _mask_to_csr(sel, width)
+
+
+_BUDGET_CACHE: dict = {}
+
+
+def _budget_tensor(n_total, alpha, k_rate, k_bias, q_block_offset, nQ, dev) -> tuple[torch.Tensor, int]:
+    """Budgets of query blocks [q_block_offset, q_block_offset + nQ) as a device tensor, cached so
+    that repeated calls (and CUDA-graph capture after a warm-up call) do no host-to-device copy."""
+    key = (n_total, float(alpha), float(k_rate), int(k_bias), q_block_offset, nQ, str(dev))
+    hit = _BUDGET_CACHE.get(key)
+    if hit is None:
+        lst = block_budgets(n_total, alpha, k_rate, k_bias)[q_block_offset : q_block_offset + nQ]
+        if len(_BUDGET_CACHE) > 512:
+            _BUDGET_CACHE.clear()
+        hit = _BUDGET_CACHE[key] = (torch.tensor(lst, dtype=torch.int64, device=dev), max(lst))
+    return hit
 
 
 def _mask_to_csr(sel: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
