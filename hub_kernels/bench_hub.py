@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--hub-only", action="store_true", help="time only the hub kernel (e.g. under STEM_ATTN_TUNING)")
     args = ap.parse_args(argv)
 
     import kernels
@@ -61,11 +63,12 @@ def main(argv=None) -> int:
 
     hub = kernels.get_local_kernel(KERNEL_DIR)
     assert hub.VARIANT == "cuda", hub.VARIANT
-    try:
-        from stem_backends.triton_executor import run_block_sparse_attention as triton_run
-    except Exception as e:  # noqa: BLE001 - report, keep timing the rest
-        print(f"triton executor unavailable: {e}")
-        triton_run = None
+    triton_run = None
+    if not args.hub_only:
+        try:
+            from stem_backends.triton_executor import run_block_sparse_attention as triton_run
+        except Exception as e:  # noqa: BLE001 - report, keep timing the rest
+            print(f"triton executor unavailable: {e}")
 
     dev = torch.cuda.get_device_name()
     B, Hq, Hkv, D = 1, 32, 8, 128
@@ -80,9 +83,10 @@ def main(argv=None) -> int:
         pairs = selected_pairs(plan)
         sparse_flop = 4.0 * D * pairs
         dense_flop = 4.0 * D * B * Hq * L * (L + 1) / 2
-        row = {"L": L, "device": dev, "density": plan.density, "selected_pairs": pairs}
+        row = {"L": L, "device": dev, "density": plan.density, "selected_pairs": pairs,
+               "tuning": os.environ.get("STEM_ATTN_TUNING", "0")}
 
-        def run_hub():
+        def run_hub(q=q, k=k, v=v, plan=plan):
             return hub.block_sparse_attn_fwd(q, k, v, plan.kv_counts, plan.kv_indices, plan.block_size,
                                              plan.q_offset, scale, False)
 
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
         row["hub_ms"] = time_ms(run_hub, reps=args.reps)
         row["hub_tflops_selected"] = sparse_flop / row["hub_ms"] / 1e9
         if triton_run is not None:
-            def run_triton():
+            def run_triton(q=q, k=k, v=v, plan=plan):
                 return triton_run(q, k, v, plan, scale, False)
 
             out_tr = run_triton()[0]
@@ -101,10 +105,10 @@ def main(argv=None) -> int:
             del out_tr
         kr = k.repeat_interleave(Hq // Hkv, dim=1)
         vr = v.repeat_interleave(Hq // Hkv, dim=1)
-        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        for name, backend in () if args.hub_only else (("cudnn", SDPBackend.CUDNN_ATTENTION),):
             try:
                 with sdpa_kernel(backend):
-                    def run_dense():
+                    def run_dense(q=q, kr=kr, vr=vr):
                         return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
 
                     run_dense()

@@ -160,8 +160,10 @@ def build_cuda(out_root: Path, *, archs: list[str] | None = None, jobs: int | No
         name=ns,
         sources=sources,
         extra_include_paths=includes,
-        extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo", "--ptxas-options=-warn-spills"],
+        # No -std flag: torch picks the C++ standard its headers were built with (C++20 for torch
+        # 2.11); forcing C++17 changed the layout of torch types and crashed on a TORCH_CHECK throw.
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo", "--ptxas-options=-warn-spills"],
         build_directory=str(obj_dir),
         is_python_module=False,
         verbose=verbose,

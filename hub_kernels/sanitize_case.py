@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     import kernels
+    from stem_backends.reference import reference_attention
 
     from stem.plan import BlockPlan
-    from stem_backends.reference import reference_attention
 
     mod = kernels.get_local_kernel(ROOT / "hub_kernels" / "stem-attention")
     assert mod.VARIANT == "cuda", mod.VARIANT

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from stem_backends.reference import reference_attention
 
 from stem.config import StemConfig
 from stem.plan import BlockPlan
-from stem_backends.reference import reference_attention
 
 pytestmark = pytest.mark.gpu
 

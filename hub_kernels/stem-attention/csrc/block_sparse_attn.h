@@ -27,6 +27,7 @@ struct Params {
   int q_offset;     // absolute position of query row 0
   float scale_log2; // softmax scale * log2(e)
   bool is_bf16;     // else float16
+  int tuning;       // 0: default tiles; 1: experimental register budget (see run_block_sparse_attn)
 };
 
 // Launches the kernel on `stream`. Returns cudaErrorInvalidValue for unsupported shapes

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 
 #include "block_sparse_attn.h"
@@ -100,6 +101,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
   p.q_offset = static_cast<int>(q_offset);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.is_bf16 = dtype == at::kBFloat16;
+  // Experimental tile tuning for benchmarks (STEM_ATTN_TUNING=1); read once per process.
+  static const int tuning = [] {
+    const char* env = std::getenv("STEM_ATTN_TUNING");
+    return env != nullptr ? std::atoi(env) : 0;
+  }();
+  p.tuning = tuning;
 
   const cudaError_t err = stem_attn::block_sparse_attn_fwd_launch(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
   TORCH_CHECK(err == cudaSuccess, kPrefix, "kernel launch failed: ", cudaGetErrorString(err));
