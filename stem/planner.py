@@ -164,17 +164,30 @@ def select_blocks(
     dev = logits.device
     budgets, kmax = _budget_tensor(n_total, config.alpha, config.k_rate, config.k_bias, q_block_offset, nQ, dev)
     kmax = min(kmax, nK)
-    top = torch.topk(logits, kmax, dim=-1, sorted=True).indices  # (B, H, nQ, kmax)
-    keep_rank = torch.arange(kmax, device=dev) < budgets[:, None]
-    sel = torch.zeros(B, H, nQ, nK + 1, dtype=torch.bool, device=dev)
-    sel.scatter_(-1, torch.where(keep_rank, top, nK), True)
-    sel = sel[..., :nK]
-    rows = (torch.arange(nQ, device=dev) + q_block_offset)[:, None]
-    cols = torch.arange(nK, device=dev)[None, :]
-    forced = (cols < config.sink_blocks) | ((cols > rows - config.window_blocks) & (cols <= rows))
-    sel = (sel | forced) & (cols <= rows)
+    # Candidates per row: the top-kmax blocks (kept where rank < budget), the sinks and the window.
+    # Everything stays (B, H, nQ, kmax + sinks + window): no dense (nQ, nK) intermediate besides
+    # the logits themselves.
+    top = torch.topk(logits, kmax, dim=-1, sorted=True).indices  # (B, H, nQ, kmax) int64
+    rows = (torch.arange(nQ, device=dev) + q_block_offset)[:, None]  # absolute query block
+    top = torch.where(torch.arange(kmax, device=dev) < budgets[:, None], top, nK)
+    forced = torch.cat(
+        [
+            torch.arange(config.sink_blocks, device=dev).expand(nQ, -1),
+            rows - torch.arange(config.window_blocks - 1, -1, -1, device=dev),
+        ],
+        dim=-1,
+    )  # (nQ, sinks + window), ascending in the window part
+    cand = torch.cat([top, forced.expand(B, H, nQ, -1)], dim=-1)
+    cand = torch.where((cand >= 0) & (cand <= rows), cand, nK)  # causal (non-causal top-k picks of -inf too)
+    cand = torch.sort(cand, dim=-1).values
+    dup = torch.zeros_like(cand, dtype=torch.bool)
+    dup[..., 1:] = cand[..., 1:] == cand[..., :-1]
+    cand = torch.sort(cand.masked_fill_(dup, nK), dim=-1).values
     width = min(nK, kmax + config.sink_blocks + config.window_blocks)
-    return _mask_to_csr(sel, width)
+    cand = cand[..., :width]
+    valid = cand < nK
+    counts = valid.sum(-1, dtype=torch.int32)
+    return counts, torch.where(valid, cand, 0).to(torch.int32)
 
 
 _BUDGET_CACHE: dict = {}
@@ -191,18 +204,6 @@ def _budget_tensor(n_total, alpha, k_rate, k_bias, q_block_offset, nQ, dev) -> t
             _BUDGET_CACHE.clear()
         hit = _BUDGET_CACHE[key] = (torch.tensor(lst, dtype=torch.int64, device=dev), max(lst))
     return hit
-
-
-def _mask_to_csr(sel: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool (..., nK) -> (counts int32 (...), ascending indices int32 (..., width)), no sync."""
-    nK = sel.shape[-1]
-    counts = sel.sum(-1, dtype=torch.int32)
-    pos = torch.cumsum(sel, -1, dtype=torch.int32) - 1
-    slot = torch.where(sel, pos, width).long()  # unselected go to a discarded slot
-    out = torch.zeros(*sel.shape[:-1], width + 1, dtype=torch.int32, device=sel.device)
-    cols = torch.arange(nK, dtype=torch.int32, device=sel.device).expand_as(sel)
-    out.scatter_(-1, slot, cols)
-    return counts, out[..., :width].contiguous()
 
 
 def dense_plan(
