@@ -44,6 +44,27 @@ def _aligned(t: torch.Tensor) -> bool:
     )
 
 
+def _check(q, k, v, kv_counts, kv_indices, block_size) -> None:
+    """Clear Python errors for the common mistakes, before the op's own TORCH_CHECKs.
+
+    (Known issue, seen on torch 2.11 + this build: a failing TORCH_CHECK inside the op crashed the
+    process instead of raising; until that is understood, reject bad input here.)"""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d (B, H, L, D) tensor")
+        if not t.is_cuda:
+            raise ValueError(f"{name} must be a CUDA tensor, got {t.device}")
+    why = supports(q.dtype, q.shape[-1], int(block_size))
+    if why is not None:
+        raise ValueError(f"stem_attention.block_sparse_attn_fwd: {why}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError("q, k, v must share one dtype")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"k, v must be (B, Hkv, Lk, D) with Hq % Hkv == 0; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
+        raise TypeError("kv_counts and kv_indices must be int32")
+
+
 def block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_offset, scale, return_lse=False):
     """Forward block-sparse causal attention over a stem plan.
 
@@ -59,6 +80,7 @@ def block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_offset, 
         (out like q, lse or None). Tensors with a head-dim stride other than 1 or rows that are
         not 16-byte aligned are copied to contiguous memory first.
     """
+    _check(q, k, v, kv_counts, kv_indices, block_size)
     q, k, v = (t if _aligned(t) else t.contiguous() for t in (q, k, v))
     out, lse = ops.block_sparse_attn_fwd(
         q, k, v, kv_counts.contiguous(), kv_indices.contiguous(), int(block_size), int(q_offset), float(scale),
