@@ -188,8 +188,11 @@ def test_universal_kernel_matches_reference_under_triton_interpreter(universal_t
 def test_hub_executor_registered_attributes():
     from stem_backends.hub import DEFAULT_REPO, HubExecutor
 
+    import stem
+
     ex = HubExecutor()
-    assert (ex.name, ex.priority, ex.device_types) == ("hub", 60, ("cuda",))
+    assert (ex.name, ex.device_types) == ("hub", ("cuda",))
+    assert ex.priority < stem.executors()["triton"].priority  # measured slower than Triton on Hopper
     assert ex.repo == DEFAULT_REPO
 
 
