@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["base_budget", "block_budgets", "is_dense_budget"]
+__all__ = ["base_budget", "block_budgets", "is_dense_budget", "min_density"]
 
 # Fixed by the method (the authors' release), not user-tunable.
 _DENSE_BELOW = 56
@@ -49,3 +49,16 @@ def block_budgets(n: int, alpha: float = 0.7, k_rate: float = 0.1, k_bias: int =
 def is_dense_budget(n: int, k_rate: float = 0.1, k_bias: int = 30) -> bool:
     """True when the budget keeps every causal block of every query block."""
     return base_budget(n, k_rate, k_bias) >= n
+
+
+@lru_cache(maxsize=256)
+def min_density(
+    n: int, alpha: float, k_rate: float, k_bias: int, row_start: int = 0, row_end: int | None = None
+) -> float:
+    """Lower bound of a plan's density from the budgets alone (before sinks and window), over
+    query blocks [row_start, row_end) of an n-block sequence: sum min(k_i, i+1) / sum (i+1)."""
+    row_end = n if row_end is None else row_end
+    b = block_budgets(n, alpha, k_rate, k_bias)
+    kept = sum(min(b[i], i + 1) for i in range(row_start, row_end))
+    causal = sum(i + 1 for i in range(row_start, row_end))
+    return kept / causal if causal else 1.0

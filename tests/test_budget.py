@@ -3,7 +3,9 @@ import pytest
 from stem.budget import base_budget, block_budgets, is_dense_budget
 
 
-@pytest.mark.parametrize("n,k0", [(1, 1), (40, 40), (55, 55), (56, 41), (100, 50), (159, 61), (160, 46), (200, 50), (1024, 132)])
+@pytest.mark.parametrize(
+    "n,k0", [(1, 1), (40, 40), (55, 55), (56, 41), (100, 50), (159, 61), (160, 46), (200, 50), (1024, 132)]
+)
 def test_base_budget(n, k0):
     assert base_budget(n) == k0
 
@@ -36,3 +38,22 @@ def test_budget_monotone_and_clamped():
     b = block_budgets(500, 0.01)
     assert min(b) >= 1 and max(b) == base_budget(500)
     assert all(x >= y for x, y in zip(b, b[1:]))
+
+
+def test_min_density_and_auto_dense_rule(monkeypatch):
+    from stem import StemConfig
+    from stem.api import auto_dense_reason
+    from stem.budget import min_density
+
+    # n = 128: budgets 55 .. 38 -> hand sum: rows < 55 keep all; later rows keep min(k_i, i+1) = k_i
+    b = block_budgets(128, 0.7)
+    expect = (sum(range(1, 56)) + sum(b[55:])) / sum(range(1, 129))
+    assert abs(min_density(128, 0.7, 0.1, 30) - expect) < 1e-12
+    cfg = StemConfig()
+    assert auto_dense_reason("cpu", 16384, 16384, cfg) is None            # CPU: never
+    assert "dense attention is faster" in auto_dense_reason("cuda", 16384, 16384, cfg)   # 0.60 >= 0.55
+    assert auto_dense_reason("cuda", 32768, 32768, cfg) is None           # 0.43 < 0.55
+    assert auto_dense_reason("cuda", 4096, 4096, cfg) is None             # planner is dense by itself
+    assert auto_dense_reason("cuda", 16384, 16384, cfg.replace(dense=True)) is None
+    monkeypatch.setenv("STEM_AUTO_DENSE_DENSITY", "1.01")
+    assert auto_dense_reason("cuda", 16384, 16384, cfg) is None
