@@ -34,8 +34,17 @@ def _info(args) -> int:
 
     impls = logits_impls()
     print("\nplanner block-logit kernels:", ", ".join(["torch", *impls]) or "torch")
+    from stem.api import AUTO_DENSE_DENSITY, auto_dense_reason
+
+    cfg = stem.StemConfig()
     n_dense = stem.budget._DENSE_BELOW
-    print(f"\nplans are dense (-> sdpa) below {n_dense} blocks ({n_dense * 128} tokens at block_size=128)")
+    print(f"\nauto decisions (default config, block_size={cfg.block_size}):")
+    print(f"  plans are dense (-> sdpa) below {n_dense} blocks ({n_dense * cfg.block_size} tokens)")
+    n = n_dense
+    while auto_dense_reason("cuda", n * cfg.block_size, n * cfg.block_size, cfg) is not None:
+        n += 1
+    print(f"  on CUDA, prefill shorter than {n * cfg.block_size} tokens runs dense SDPA without planning: the budgets "
+          f"keep >= {AUTO_DENSE_DENSITY} of the causal blocks there (STEM_AUTO_DENSE_DENSITY overrides)")
     return 0
 
 
