@@ -219,3 +219,20 @@ def test_executor_cuda_graph_capture(use_tma):
     torch.cuda.synchronize()
     want, want_lse = fwd(q, k, v, plan, 0.1, True)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@needs_cuda
+def test_auto_dispatch_dense_below_threshold_sparse_above(monkeypatch):
+    import stem
+
+    _exec_or_skip()
+    monkeypatch.delenv("STEM_AUTO_DENSE_DENSITY", raising=False)
+    D = 128
+    for L, expect in ((16384, "sdpa"), (24576, "triton")):
+        q, k, v = (torch.randn(1, h, L, D, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
+        out = stem.attention(q, k, v)
+        why = stem.last_dispatch()
+        assert why.startswith(f"auto -> {expect}"), why
+        dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        rel = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
+        assert rel < (1e-2 if expect == "sdpa" else 0.5), rel
