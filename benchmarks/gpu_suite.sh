@@ -9,9 +9,9 @@ python3 -m pip install -q -e . --no-deps --no-build-isolation >/dev/null 2>&1 ||
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 stem info 2>&1 | tee "$OUT/info.txt"
 t0=$(date +%s)
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_triton.py -k "128 or graph or dispatch or planner" 2>&1 | tail -4 | tee "$OUT/tests_triton.txt"
-timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_transformers.py 2>&1 | tail -4 | tee "$OUT/tests_transformers.txt"
+timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_triton.py -k "(128 and bfloat16) or graph or dispatch or planner" 2>&1 | tail -4 | tee "$OUT/tests_triton.txt"
+timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_transformers.py 2>&1 | tail -4 | tee "$OUT/tests_transformers.txt"
 echo "tests took $(( $(date +%s) - t0 )) s"
-timeout 200 stem bench --out "$OUT" --reps 7 2>&1 | grep -v "it/s\]" | tail -12
-timeout 150 python3 benchmarks/bench_prefill.py --out "$OUT" --lengths 32768 65536 131072 --layers 4 --no-progress 2>&1 | tail -8
+timeout 170 stem bench --out "$OUT" --reps 7 2>&1 | grep -v "it/s\]" | tail -12
+timeout 110 python3 benchmarks/bench_prefill.py --out "$OUT" --lengths 32768 65536 131072 --layers 4 --no-progress 2>&1 | tail -8
 echo "total $(( $(date +%s) - t0 )) s"
