@@ -11,10 +11,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/stem_gpu_eval}
-TRAIN_BUDGET=${TRAIN_BUDGET:-200}
-EVAL_BUDGET=${EVAL_BUDGET:-110}
-EVAL32_BUDGET=${EVAL32_BUDGET:-45}
-SAMPLES=${SAMPLES:-8}
+TRAIN_BUDGET=${TRAIN_BUDGET:-175}
+EVAL_BUDGET=${EVAL_BUDGET:-60}
+EVAL32_BUDGET=${EVAL32_BUDGET:-25}
+SAMPLES=${SAMPLES:-16}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
@@ -28,7 +28,7 @@ CARD=$(python3 -c "import torch; n=torch.cuda.get_device_name(); print('h200' if
 stamp "card tag: $CARD"
 
 stamp "training"
-python3 benchmarks/train_retrieval.py --out "$OUT/model" --long32 --time-budget "$TRAIN_BUDGET" 2>&1 \
+python3 benchmarks/train_retrieval.py --out "$OUT/model" --long32 --save-dtype bfloat16 --time-budget "$TRAIN_BUDGET" 2>&1 \
   | tee -a "$LOG" | grep -v "^  stage"
 [ -f "$OUT/model/model.safetensors" ] || { stamp "training failed"; exit 1; }
 
@@ -68,7 +68,7 @@ if ! run_eval "${COMMON[@]}" --lengths 4K,8K,16K --depths 0.1,0.3,0.5,0.7,0.9 --
     --backend reference --time-budget "$EVAL_BUDGET" --tag "_${CARD}_reference" >>"$LOG" 2>&1
 fi
 stamp "eval 32K"
-run_eval "${COMMON[@]}" --lengths 32K --depths 0.1,0.5,0.9 --needles 1,4 --samples 4 \
+run_eval "${COMMON[@]}" --lengths 32K --depths 0.1,0.5,0.9 --needles 1,4 --samples 8 \
   --time-budget "$EVAL32_BUDGET" --tag "_${CARD}_32k" >>"$LOG" 2>&1 || { stamp "32K eval failed"; tail -15 "$LOG"; }
 stamp "done"
 python3 - "$OUT" <<'EOF'

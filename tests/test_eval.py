@@ -19,7 +19,7 @@ from stem.eval import (
     train_batch,
     uniform_topk_mask,
 )
-from stem.eval.data import ARROW, BOS, NEEDLE, QUERY
+from stem.eval.data import BOS, END, NEEDLE, QUERY
 
 TINY = ModelConfig(d_model=64, n_layers=3, mlp_hidden=96, head_dim=16)
 
@@ -41,13 +41,13 @@ def _tiny_model(seed=0):
 
 
 def _find_needle_value(prompt, key):
-    """Independent reading of the answer: scan the haystack for NEEDLE key ARROW and read on."""
+    """Independent reading of the answer: scan the haystack for NEEDLE key and read on."""
     p = prompt.tolist()
     kl, vl = DCFG.key_len, DCFG.value_len
-    hits = [i for i in range(len(p) - kl - 2) if p[i] == NEEDLE and p[i + 1 : i + 1 + kl] == key
-            and p[i + 1 + kl] == ARROW]
+    hits = [i for i in range(len(p) - kl - 1) if p[i] == NEEDLE and p[i + 1 : i + 1 + kl] == key]
     assert len(hits) == 1, hits
-    i = hits[0] + 2 + kl
+    i = hits[0] + 1 + kl
+    assert p[i + vl] == END
     return p[i : i + vl], hits[0]
 
 
@@ -60,13 +60,16 @@ def test_eval_examples_deterministic_and_well_formed():
     assert a_ids.shape == (3, 600) and a_ans.shape == (3, DCFG.value_len)
     for s in range(3):
         prompt = a_ids[s]
-        assert prompt[0] == BOS and prompt[-DCFG.query_len] == QUERY and prompt[-1] == ARROW
-        key = prompt[-DCFG.query_len + 1 : -1].tolist()
+        assert prompt[0] == BOS and prompt[-DCFG.query_len] == QUERY
+        key = prompt[-DCFG.query_len + 1 :].tolist()
         value, pos = _find_needle_value(prompt[: -DCFG.query_len], key)
         assert value == a_ans[s].tolist()
         span = 600 - DCFG.query_len - 1 - DCFG.needle_len
         assert pos == 1 + round(0.3 * span)
         assert int((prompt == NEEDLE).sum()) == 4
+        # the last key token differs between the needles (the question has one answer)
+        starts = (prompt == NEEDLE).nonzero().flatten()
+        assert len(set(prompt[starts + DCFG.key_len].tolist())) == 4
         # distractor text: consecutive distractor tokens follow the fixed chain (local structure)
         d = prompt[(prompt >= DCFG.dist_lo) & (prompt < DCFG.dist_lo + DCFG.n_dist)]
         assert len(set(d.tolist())) > 20
@@ -85,8 +88,9 @@ def test_train_batch_deterministic_and_targets_only_on_answers():
     assert torch.equal(t1[:, pos], ids1[:, pos + 1])
     assert bool(((t1[:, pos] >= DCFG.val_lo) & (t1[:, pos] < DCFG.val_lo + DCFG.n_val)).all())
     for b in range(4):
-        q0 = pos[0] - DCFG.key_len  # first answer's predicting position is the ARROW after the key
+        q0 = pos[0] - DCFG.key_len + 1  # the first answer is predicted at the last key token
         key = ids1[b, q0 : q0 + DCFG.key_len].tolist()
+        assert ids1[b, q0 - 1] == QUERY
         value, _ = _find_needle_value(ids1[b, : 300 - 2 * (DCFG.query_len + DCFG.value_len + 1)], key)
         assert value == t1[b, pos[: DCFG.value_len]].tolist()
 

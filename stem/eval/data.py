@@ -2,16 +2,18 @@
 
 Token layout (``DataConfig``, vocabulary of 256 by default)::
 
-    specials      PAD=0 BOS=1 NEEDLE=2 ARROW=3 END=4 QUERY=5
+    specials      PAD=0 BOS=1 NEEDLE=2 ARROW=3 (reserved, unused) END=4 QUERY=5
     distractor    [dist_lo, dist_lo + n_dist)    "text": a fixed Markov chain (a random walk on a
                                                   ring of n_dist states, read through a fixed
                                                   permutation), so it has local structure
     key tokens    [key_lo, key_lo + n_key)        keys are key_len of them
     value tokens  [val_lo, val_lo + n_val)        values are value_len of them
 
-A needle is ``NEEDLE k1..kK ARROW v1..vV END`` written over the haystack at some depth. A prompt
-ends with ``QUERY k1..kK ARROW`` and the answer is ``v1..vV`` of the needle with that key (the
-other needles are distractors with other keys). Everything is a pure function of a seed.
+A needle is ``NEEDLE k1..kK v1..vV END`` written over the haystack at some depth. A prompt ends
+with ``QUERY k1..kK`` and the answer is ``v1..vV`` of the needle with that key (the other needles
+are distractors with other keys; the last key token differs between the needles of a haystack, so
+the question is answered by finding the earlier occurrence of the key and copying what follows).
+Everything is a pure function of a seed.
 """
 
 from __future__ import annotations
@@ -50,17 +52,17 @@ class DataConfig:
                 raise ValueError(f"DataConfig token ranges overlap: {ranges}")
         if ranges[-1][0] + ranges[-1][1] > self.vocab_size:
             raise ValueError(f"DataConfig token ranges exceed vocab_size={self.vocab_size}: {ranges}")
-        if self.n_key ** self.key_len < 64:
-            raise ValueError("too few distinct keys; raise n_key or key_len")
+        if self.key_len < 1 or self.value_len < 1:
+            raise ValueError("key_len and value_len must be >= 1")
 
     @property
     def needle_len(self) -> int:
-        return 3 + self.key_len + self.value_len
+        return 2 + self.key_len + self.value_len
 
     @property
     def query_len(self) -> int:
-        """Tokens of the question at the end of a prompt (QUERY key ARROW)."""
-        return 2 + self.key_len
+        """Tokens of the question at the end of a prompt (QUERY key)."""
+        return 1 + self.key_len
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,21 +89,18 @@ def markov_text(cfg: DataConfig, B: int, L: int, generator: torch.Generator, dev
 
 
 def _random_keys(cfg: DataConfig, B: int, n: int, generator: torch.Generator, device) -> torch.Tensor:
-    """(B, n, key_len) keys, distinct within each row."""
-    n_combo = min(cfg.n_key ** cfg.key_len, 1 << 16)
-    ids = torch.rand(B, n_combo, generator=generator, device=device).argsort(-1)[:, :n]
-    digits = []
-    for _ in range(cfg.key_len):
-        digits.append(ids % cfg.n_key)
-        ids = ids // cfg.n_key
-    return torch.stack(digits[::-1], -1) + cfg.key_lo
+    """(B, n, key_len) keys whose last tokens are distinct within each row."""
+    if n > cfg.n_key:
+        raise ValueError(f"at most n_key={cfg.n_key} needles per haystack, got {n}")
+    last = torch.rand(B, cfg.n_key, generator=generator, device=device).argsort(-1)[:, :n]
+    lead = torch.randint(0, cfg.n_key, (B, n, cfg.key_len - 1), generator=generator, device=device)
+    return torch.cat((lead, last[..., None]), -1) + cfg.key_lo
 
 
 def _needle_tokens(cfg: DataConfig, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
     lead = keys.new_full(keys.shape[:-1] + (1,), NEEDLE)
-    arrow = keys.new_full(keys.shape[:-1] + (1,), ARROW)
     end = keys.new_full(keys.shape[:-1] + (1,), END)
-    return torch.cat((lead, keys, arrow, vals, end), -1)
+    return torch.cat((lead, keys, vals, end), -1)
 
 
 def train_batch(
@@ -115,8 +114,8 @@ def train_batch(
     """A training batch on ``generator``'s device: ids (B, L) and targets (B, L) (-100 = no loss).
 
     Layout: BOS, haystack with ``n_needles`` needles (one per equal segment, at a random offset),
-    then ``n_queries`` questions ``QUERY key ARROW value END`` about random needles; the loss is
-    on the value tokens only.
+    then ``n_queries`` questions ``QUERY key value END`` about random needles; the loss is on the
+    value tokens only.
     """
     dev = generator.device
     nl, ql, V = cfg.needle_len, cfg.query_len, cfg.value_len
@@ -137,9 +136,8 @@ def train_batch(
     qk = torch.gather(keys, 1, pick[..., None].expand(-1, -1, cfg.key_len))
     qv = torch.gather(vals, 1, pick[..., None].expand(-1, -1, V))
     q_lead = qk.new_full((B, n_queries, 1), QUERY)
-    q_arrow = qk.new_full((B, n_queries, 1), ARROW)
     q_end = qk.new_full((B, n_queries, 1), END)
-    ids[:, ctx:] = torch.cat((q_lead, qk, q_arrow, qv, q_end), -1).flatten(1)
+    ids[:, ctx:] = torch.cat((q_lead, qk, qv, q_end), -1).flatten(1)
     targets = torch.full_like(ids, -100)
     pos = answer_positions(cfg, L, n_queries, dev)
     targets[:, pos] = ids[:, pos + 1]
@@ -187,7 +185,6 @@ def eval_examples(
             ids[s, p : p + nl] = needles[s, j]
     ids[:, ctx] = QUERY
     ids[:, ctx + 1 : ctx + 1 + cfg.key_len] = keys[:, 0]
-    ids[:, ctx + 1 + cfg.key_len] = ARROW
     return ids, vals[:, 0].clone()
 
 
