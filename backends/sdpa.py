@@ -7,10 +7,15 @@ and dense layers are never slower than dense attention.
 from __future__ import annotations
 
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stem.dispatch import Executor
 
 __all__ = ["DenseSDPAExecutor"]
+
+
+# cuDNN first; SDPA falls through the list where a backend cannot serve the inputs.
+_CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class DenseSDPAExecutor(Executor):
@@ -26,6 +31,14 @@ class DenseSDPAExecutor(Executor):
         return None
 
     def forward(self, q, k, v, plan, scale, return_lse):
+        if q.is_cuda:
+            # cuDNN first: on H200 (torch 2.11) the default order ran an 8K causal prefill in 1.40 ms
+            # against cuDNN's 1.04 ms.
+            with sdpa_kernel(_CUDA_ORDER, set_priority=True):
+                return self._forward(q, k, v, plan, scale)
+        return self._forward(q, k, v, plan, scale)
+
+    def _forward(self, q, k, v, plan, scale):
         Lq, Lk = q.shape[2], k.shape[2]
         gqa = q.shape[1] != k.shape[1]
         if plan.q_offset != Lk - Lq:  # queries in the middle: keys after the last query are never seen
