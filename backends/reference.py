@@ -1,7 +1,8 @@
 """The exact reference executor: softmax attention over the selected blocks, tiled per query block.
 
 Memory stays O(B * Hq * block * W * block) <= O(B * Hq * block * Lk) per step, never O(Lq * Lk).
-float32 accumulation (float64 for float64 inputs). Runs on any device; it is the CPU default and the oracle for the fast executors.
+float32 accumulation (float64 for float64 inputs). Runs on any device; it is the CPU default and
+the oracle for the fast executors.
 """
 
 from __future__ import annotations

@@ -40,7 +40,6 @@ without blocking the CPU (NCCL).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.distributed as dist
@@ -49,7 +48,7 @@ from .api import attention as _stem_attention
 from .budget import is_dense_budget
 from .config import StemConfig
 from .plan import BlockPlan
-from .planner import _block_row_sums, dense_plan, select_blocks
+from .planner import block_row_sums, bonus_from_group_max, dense_plan, logits_from_sums, select_blocks
 from .planner import plan as _stem_plan
 from .validation import validate_qkv
 
@@ -195,7 +194,7 @@ def _local_stats(k: torch.Tensor, v: torch.Tensor, config: StemConfig) -> torch.
     """
     B, H, Ll, D = k.shape
     bs, S = config.block_size, config.stride
-    k_sum = _block_row_sums(k, 0, Ll // bs, bs, S)  # (B, H, nb, S, D), as the planner computes it
+    k_sum = block_row_sums(k, 0, Ll // bs, bs, S)  # (B, H, nb, S, D), as the planner computes it
     norms = torch.linalg.vector_norm(v, dim=-1, dtype=_acc_dtype(v))  # (B, H, Ll)
     u = norms.unflatten(-1, (-1, S)).amax(-1)  # (B, H, Ll/S)
     return torch.cat([k_sum.reshape(B, H, -1), u], dim=-1)
@@ -203,13 +202,9 @@ def _local_stats(k: torch.Tensor, v: torch.Tensor, config: StemConfig) -> torch.
 
 def _bonus_from_group_max(u: torch.Tensor, config: StemConfig) -> torch.Tensor:
     """Block-mean value bonus (B, Hkv, nK) from the per-group max norms ``u`` (B, Hkv, L/S) of the
-    full sequence (L a multiple of the block size: every group valid). Same operations as
-    ``stem.planner.value_bonus`` (tests/test_distributed.py checks they agree)."""
-    z = torch.log(u + 1e-6)
-    mean = z.mean(-1, keepdim=True)
-    std = z.std(-1, keepdim=True) if z.shape[-1] > 1 else torch.zeros_like(mean)
-    bonus = config.value_weight * torch.relu((z - mean) / (std + 1e-6))
-    return bonus.unflatten(-1, (-1, config.block_size // config.stride)).mean(-1)
+    full sequence (L a multiple of the block size: every group valid)."""
+    n_kv_blocks = u.shape[-1] * config.stride // config.block_size
+    return bonus_from_group_max(u, config, n_kv_blocks, u.shape[-1] * config.stride)
 
 
 def _plan_chunk_from_stats(q_chunk: torch.Tensor, k_sum: torch.Tensor, bonus: torch.Tensor, start: int,
@@ -219,20 +214,12 @@ def _plan_chunk_from_stats(q_chunk: torch.Tensor, k_sum: torch.Tensor, bonus: to
     ``k_sum`` (B, Hkv, nK, S*D) and ``bonus`` (B, Hkv, nK) cover the whole sequence; the plan's
     kv_len is the chunk's end (the executor gets K/V truncated there).
     """
-    B, Hq, Lq, D = q_chunk.shape
-    Hkv = k_sum.shape[1]
-    G = Hq // Hkv
+    Lq, D = q_chunk.shape[2], q_chunk.shape[3]
     bs, S = config.block_size, config.stride
     nb, qbo = Lq // bs, start // bs
     end_blk = qbo + nb  # key blocks [0, end_blk) can be causal for this chunk
-    q_sum = _block_row_sums(q_chunk, 0, nb, bs, S).flip(3).reshape(B, Hkv, G * nb, S * D)
-    scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
-    logits = torch.matmul(q_sum, k_sum[:, :, :end_blk].transpose(-1, -2)).mul_(scale)
-    logits = logits.view(B, Hkv, G, nb, end_blk) + bonus[:, :, None, None, :end_blk]
-    logits = logits.reshape(B, Hq, nb, end_blk)
-    rows = torch.arange(nb, device=q_chunk.device) + qbo
-    noncausal = torch.arange(end_blk, device=q_chunk.device)[None, :] > rows[:, None]
-    logits.masked_fill_(noncausal, float("-inf"))
+    q_sum = block_row_sums(q_chunk, 0, nb, bs, S).flip(3)
+    logits = logits_from_sums(q_sum, k_sum[:, :, :end_blk].unflatten(-1, (S, D)), bonus[:, :, :end_blk], config, qbo)
     counts, indices = select_blocks(logits, config, qbo, n_total)
     return BlockPlan(counts, indices, bs, Lq, start + Lq, config, dense=False, q_offset=start)
 

@@ -33,7 +33,11 @@ from .config import StemConfig
 from .plan import BlockPlan
 from .validation import validate_qkv
 
-__all__ = ["plan", "block_logits", "select_blocks", "dense_plan", "register_logits_impl", "logits_impls"]
+__all__ = [
+    "plan", "block_logits", "block_logits_torch", "select_blocks", "dense_plan", "register_logits_impl",
+    "logits_impls", "block_row_sums", "group_max_value_norms", "bonus_from_group_max", "value_bonus",
+    "logits_from_sums",
+]
 
 log = logging.getLogger("stem")
 
@@ -74,9 +78,10 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _block_row_sums(x: torch.Tensor, front: int, n_blocks: int, bs: int, stride: int) -> torch.Tensor:
+def block_row_sums(x: torch.Tensor, front: int, n_blocks: int, bs: int, stride: int) -> torch.Tensor:
     """Sum rows of x (B, H, L, D), placed after ``front`` zero rows and zero-padded to
-    ``n_blocks * bs`` rows, over the bs/S stride groups of each block: (B, H, n_blocks, S, D)."""
+    ``n_blocks * bs`` rows, over the bs/S stride groups of each block: (B, H, n_blocks, S, D)
+    in the accumulation dtype (float32; float64 for float64 input)."""
     B, H, L, D = x.shape
     total = n_blocks * bs
     if front or L != total:  # only misaligned lengths pay for a padded copy
@@ -84,22 +89,52 @@ def _block_row_sums(x: torch.Tensor, front: int, n_blocks: int, bs: int, stride:
     return x.unflatten(2, (n_blocks, bs // stride, stride)).sum(3, dtype=_acc_dtype(x))
 
 
-def value_bonus(v: torch.Tensor, config: StemConfig, n_kv_blocks: int) -> torch.Tensor:
-    """Per-key-block mean of the value-norm bonus: (B, Hkv, nK) in the accumulation dtype."""
-    B, Hkv, Lk, D = v.shape
-    S, bs = config.stride, config.block_size
-    acc = _acc_dtype(v)
-    norms = torch.linalg.vector_norm(v, dim=-1, dtype=acc)  # (B, Hkv, Lk)
-    norms = F.pad(norms, (0, n_kv_blocks * bs - Lk))
-    u = norms.unflatten(-1, (-1, S)).amax(-1)  # (B, Hkv, nK*bs/S)
-    n_valid = _cdiv(Lk, S)
+def group_max_value_norms(v: torch.Tensor, stride: int, n_groups: int) -> torch.Tensor:
+    """max ||v_j||_2 over each stride group: (B, Hkv, n_groups), groups past the end are 0."""
+    norms = torch.linalg.vector_norm(v, dim=-1, dtype=_acc_dtype(v))  # (B, Hkv, Lk)
+    norms = F.pad(norms, (0, n_groups * stride - v.shape[2]))
+    return norms.unflatten(-1, (-1, stride)).amax(-1)
+
+
+def bonus_from_group_max(u: torch.Tensor, config: StemConfig, n_kv_blocks: int, kv_len: int) -> torch.Tensor:
+    """Per-key-block mean of the value-norm bonus (B, Hkv, nK) from group max norms ``u``
+    (B, Hkv, nK*bs/S): ``lambda * relu((log(u + 1e-6) - mean) / (std + 1e-6))`` standardised over
+    the groups holding a valid token (Bessel's std, as torch.std); groups past the end get 0."""
+    S = config.stride
+    n_valid = _cdiv(kv_len, S)
     z = torch.log(u + 1e-6)
     zv = z[..., :n_valid]
     mean = zv.mean(-1, keepdim=True)
     std = zv.std(-1, keepdim=True) if n_valid > 1 else torch.zeros_like(mean)
     bonus = config.value_weight * torch.relu((z - mean) / (std + 1e-6))
-    bonus[..., n_valid:] = 0.0
-    return bonus.unflatten(-1, (n_kv_blocks, bs // S)).mean(-1)
+    bonus = F.pad(bonus[..., :n_valid], (0, bonus.shape[-1] - n_valid))
+    return bonus.unflatten(-1, (n_kv_blocks, config.block_size // S)).mean(-1)
+
+
+def value_bonus(v: torch.Tensor, config: StemConfig, n_kv_blocks: int) -> torch.Tensor:
+    """Per-key-block mean of the value-norm bonus: (B, Hkv, nK) in the accumulation dtype."""
+    u = group_max_value_norms(v, config.stride, n_kv_blocks * config.block_size // config.stride)
+    return bonus_from_group_max(u, config, n_kv_blocks, v.shape[2])
+
+
+def logits_from_sums(
+    q_sum: torch.Tensor, k_sum: torch.Tensor, bonus: torch.Tensor, config: StemConfig, q_block_offset: int
+) -> torch.Tensor:
+    """Block logits from pooled sums: q_sum (B, Hq, nQ, S, D) reversed within groups, k_sum
+    (B, Hkv, nK, S, D), bonus (B, Hkv, nK) -> (B, Hq, nQ, nK), -inf on non-causal blocks."""
+    B, Hq, nQ, S, D = q_sum.shape
+    Hkv, nK = k_sum.shape[1], k_sum.shape[2]
+    G = Hq // Hkv
+    bs = config.block_size
+    scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
+    qs = q_sum.reshape(B, Hkv, G * nQ, S * D)
+    ks = k_sum.reshape(B, Hkv, nK, S * D)
+    logits = torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale)  # (B, Hkv, G*nQ, nK)
+    logits.view(B, Hkv, G, nQ, nK).add_(bonus[:, :, None, None, :].to(logits.dtype))
+    logits = logits.view(B, Hq, nQ, nK)
+    rows = torch.arange(nQ, device=q_sum.device) + q_block_offset
+    noncausal = torch.arange(nK, device=q_sum.device)[None, :] > rows[:, None]
+    return logits.masked_fill_(noncausal, float("-inf"))
 
 
 def block_logits_torch(
@@ -110,25 +145,15 @@ def block_logits_torch(
     q: (B, Hq, Lq, D) at absolute positions [q_offset, q_offset + Lq) (default: the last Lq);
     k, v: (B, Hkv, Lk, D), the whole sequence (the value bonus is standardised over all of it).
     """
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
+    Lq, Lk = q.shape[2], k.shape[2]
     bs, S = config.block_size, config.stride
     off = Lk - Lq if q_offset is None else q_offset
     qbo = off // bs
     nK = _cdiv(Lk, bs)
     nQ = (off + Lq - 1) // bs - qbo + 1
-    q_sum = _block_row_sums(q, off - qbo * bs, nQ, bs, S).flip(3)  # reversed within each group
-    k_sum = _block_row_sums(k, 0, nK, bs, S)
-    scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
-    q_sum = q_sum.reshape(B, Hkv, G * nQ, S * D)
-    k_sum = k_sum.reshape(B, Hkv, nK, S * D)
-    logits = torch.matmul(q_sum, k_sum.transpose(-1, -2)).mul_(scale)  # (B, Hkv, G*nQ, nK)
-    logits = logits.view(B, Hkv, G, nQ, nK) + value_bonus(v, config, nK)[:, :, None, None, :]
-    logits = logits.reshape(B, Hq, nQ, nK)
-    rows = torch.arange(nQ, device=q.device) + qbo
-    noncausal = torch.arange(nK, device=q.device)[None, :] > rows[:, None]
-    return logits.masked_fill_(noncausal, float("-inf"))
+    q_sum = block_row_sums(q, off - qbo * bs, nQ, bs, S).flip(3)  # reversed within each group
+    k_sum = block_row_sums(k, 0, nK, bs, S)
+    return logits_from_sums(q_sum, k_sum, value_bonus(v, config, nK), config, qbo)
 
 
 def block_logits(

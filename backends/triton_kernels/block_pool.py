@@ -12,10 +12,7 @@ No (L/S)^2 scratch, no host synchronisation.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -101,37 +98,14 @@ def pooled_block_sums(q, k, v, block_size: int, stride: int, q_offset: int):
     return q_sum, k_sum, vmax
 
 
-def _bonus_from_group_max(u: torch.Tensor, config, n_kv_blocks: int, Lk: int) -> torch.Tensor:
-    """Per-key-block mean value bonus (B, Hkv, nK) from the per-group max norms ``u``
-    (STEM_SPEC section 1: log, standardise over the valid groups with Bessel's std, relu, lambda)."""
-    S, bs = config.stride, config.block_size
-    n_valid = -(-Lk // S)
-    z = torch.log(u + 1e-6)
-    zv = z[..., :n_valid]
-    mean = zv.mean(-1, keepdim=True)
-    std = zv.std(-1, keepdim=True) if n_valid > 1 else torch.zeros_like(mean)
-    bonus = config.value_weight * torch.relu((z - mean) / (std + 1e-6))
-    bonus = F.pad(bonus[..., :n_valid], (0, bonus.shape[-1] - n_valid))  # groups past the end: 0
-    return bonus.unflatten(-1, (n_kv_blocks, bs // S)).mean(-1)
-
-
 def block_logits_triton(q, k, v, config, q_offset: int | None = None) -> torch.Tensor:
     """Block logits (B, Hq, nQ, nK) float32, -inf where non-causal; the same function as
     ``stem.planner.block_logits_torch`` (summation order aside)."""
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
+    from stem.planner import bonus_from_group_max, logits_from_sums
+
+    Lq, Lk = q.shape[2], k.shape[2]
     bs, S = config.block_size, config.stride
     off = Lk - Lq if q_offset is None else q_offset
-    qbo = off // bs
     q_sum, k_sum, vmax = pooled_block_sums(q, k, v, bs, S, off)
-    nQ, nK = q_sum.shape[2], k_sum.shape[2]
-    scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
-    qs = q_sum.view(B, Hkv, G * nQ, S * D)
-    ks = k_sum.view(B, Hkv, nK, S * D)
-    logits = torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale)
-    logits.view(B, Hkv, G, nQ, nK).add_(_bonus_from_group_max(vmax, config, nK, Lk)[:, :, None, None, :])
-    logits = logits.view(B, Hq, nQ, nK)
-    rows = torch.arange(nQ, device=q.device) + qbo
-    noncausal = torch.arange(nK, device=q.device)[None, :] > rows[:, None]
-    return logits.masked_fill_(noncausal, float("-inf"))
+    nK = k_sum.shape[2]
+    return logits_from_sums(q_sum, k_sum, bonus_from_group_max(vmax, config, nK, Lk), config, off // bs)
