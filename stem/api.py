@@ -14,7 +14,7 @@ from .dispatch import choose_executor, get_executor
 from .plan import BlockPlan
 from .planner import dense_plan
 from .planner import plan as make_plan
-from .validation import validate_plan, validate_qkv
+from .validation import on_device, validate_plan, validate_qkv
 
 __all__ = ["attention"]
 
@@ -87,6 +87,11 @@ def attention(
         as requested.
     """
     validate_qkv(q, k, v, config=config, q_offset=q_offset)
+    with on_device(q):
+        return _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset)
+
+
+def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset):
     dense_why = None
     if plan is None and backend == "auto":
         config = StemConfig() if config is None else config

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .budget import block_budgets, is_dense_budget
 from .config import StemConfig
 from .plan import BlockPlan
-from .validation import validate_qkv
+from .validation import on_device, validate_qkv
 
 __all__ = [
     "plan", "block_logits", "block_logits_torch", "select_blocks", "dense_plan", "register_logits_impl",
@@ -282,7 +282,7 @@ def plan(
     n_total = _cdiv(Lk, bs)
     if config.dense or is_dense_budget(n_total, config.k_rate, config.k_bias):
         return dense_plan(B, Hq, Lq, Lk, bs, q.device, config, q_offset)
-    with torch.no_grad():
+    with torch.no_grad(), on_device(q):
         logits = block_logits(q, k, v, config, q_offset, impl=logits_impl)
         counts, indices = select_blocks(logits, config, q_offset // bs, n_total)
     return BlockPlan(counts, indices, bs, Lq, Lk, config, dense=False, q_offset=q_offset)

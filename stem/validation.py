@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .config import StemConfig
 
-__all__ = ["validate_qkv", "validate_plan"]
+__all__ = ["validate_qkv", "validate_plan", "on_device"]
+
+
+def on_device(t: torch.Tensor):
+    """Make ``t``'s CUDA device current for the block (kernels launch on the current device, so a
+    layer placed on cuda:1 by device_map must not launch on cuda:0); a no-op elsewhere."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
