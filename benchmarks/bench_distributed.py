@@ -40,34 +40,11 @@ DTYPE = torch.bfloat16
 
 
 def setup_stem():
-    """Import stem with its first-party executors and planner kernel, installed or not."""
-    try:
-        import stem_backends  # noqa: F401
-    except ImportError:  # not installed: alias the folder
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(
-            "stem_backends", os.path.join(ROOT, "backends", "__init__.py"),
-            submodule_search_locations=[os.path.join(ROOT, "backends")],
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["stem_backends"] = mod
-        spec.loader.exec_module(mod)
+    """stem with its executor and planner plugins (registered by `pip install -e . --no-deps`)."""
     import stem
-    from stem.planner import logits_impls
 
-    have = stem.executors()
-    if "triton" not in have:  # entry points absent (package not installed)
-        from stem_backends.reference import ReferenceExecutor
-        from stem_backends.sdpa import DenseSDPAExecutor
-        from stem_backends.triton_executor import TritonExecutor
-
-        for ex in (ReferenceExecutor(), DenseSDPAExecutor(), TritonExecutor()):
-            stem.register_executor(ex, replace=True)
-    if "triton" not in logits_impls():
-        from stem_backends.triton_planner import register
-
-        register()
+    if "triton" not in stem.executors():
+        raise SystemExit("stem's executors are not registered: run `pip install -e . --no-deps` first")
     return stem
 
 

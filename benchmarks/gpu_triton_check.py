@@ -23,25 +23,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "backends"))  # works without `pip install -e .` too
 
-
-def _import_backends():
-    try:
-        import stem_backends  # noqa: F401
-    except ImportError:  # not installed: alias the folder
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(
-            "stem_backends", os.path.join(ROOT, "backends", "__init__.py"),
-            submodule_search_locations=[os.path.join(ROOT, "backends")],
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["stem_backends"] = mod
-        spec.loader.exec_module(mod)
-
-
-_import_backends()
 
 import triton  # noqa: E402
 from stem_backends.triton_executor import run_block_sparse_attention  # noqa: E402
@@ -49,9 +31,6 @@ from stem_backends.triton_planner import triton_block_logits  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import stem  # noqa: E402
-from stem.planner import register_logits_impl  # noqa: E402
-
-register_logits_impl("triton", triton_block_logits, ("cuda",))  # also when entry points are absent
 
 
 def bench(fn, L):

@@ -14,29 +14,15 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
+from stem.bench import time_ms
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_DIR = ROOT / "hub_kernels" / "stem-attention"
-
-
-def time_ms(fn, *, warmup: int = 2, reps: int = 7) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def selected_pairs(plan) -> int:

@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 
-__all__ = ["add_arguments", "main", "run_bench"]
+__all__ = ["add_arguments", "main", "run_bench", "time_ms"]
 
 
 def add_arguments(p) -> None:
@@ -35,7 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", type=int, default=4, help="with --model-shape: decoder layers to build")
 
 
-def _time_ms(fn, reps: int, warmup: int = 2) -> float:
+def time_ms(fn, reps: int = 7, warmup: int = 2) -> float:
+    """Median of CUDA-event timings of ``fn()`` over ``reps`` runs after ``warmup`` runs (ms)."""
     import torch
 
     for _ in range(warmup):
@@ -115,7 +116,7 @@ def _bench_one(L, args, cfg, flex, sparse_execs) -> dict:
         if name in args.skip:
             continue
         try:
-            row[f"dense_{name}_ms"] = _time_ms(lambda b=backend: dense(b), reps)
+            row[f"dense_{name}_ms"] = time_ms(lambda b=backend: dense(b), reps)
             row[f"dense_{name}_tflops"] = 4 * D * dense_pairs / row[f"dense_{name}_ms"] / 1e9
             if ref_dense is None:
                 ref_dense = dense(backend)
@@ -128,9 +129,9 @@ def _bench_one(L, args, cfg, flex, sparse_execs) -> dict:
     plan = stem.plan(q, k, v, cfg)
     torch.cuda.synchronize()
     row["planner_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    row["planner_ms"] = _time_ms(lambda: stem.plan(q, k, v, cfg), reps)
+    row["planner_ms"] = time_ms(lambda: stem.plan(q, k, v, cfg), reps)
     if "torch_planner" not in args.skip:
-        row["planner_torch_ms"] = _time_ms(lambda: stem.plan(q, k, v, cfg, logits_impl="torch"), reps)
+        row["planner_torch_ms"] = time_ms(lambda: stem.plan(q, k, v, cfg, logits_impl="torch"), reps)
     row["density"] = plan.density
     row["plan_dense"] = plan.dense
     pairs = _pair_count(plan)
@@ -138,7 +139,7 @@ def _bench_one(L, args, cfg, flex, sparse_execs) -> dict:
     for name in sparse_execs:
         try:
             out = stem.attention(q, k, v, plan=plan, backend=name)
-            row[f"exec_{name}_ms"] = _time_ms(lambda n=name: stem.attention(q, k, v, plan=plan, backend=n), reps)
+            row[f"exec_{name}_ms"] = time_ms(lambda n=name: stem.attention(q, k, v, plan=plan, backend=n), reps)
             row[f"exec_{name}_tflops"] = 4 * D * pairs / row[f"exec_{name}_ms"] / 1e9
             if ref_dense is not None:  # how far the sparse result is from dense attention (information)
                 row[f"exec_{name}_rel_err_vs_dense"] = float(
@@ -148,7 +149,7 @@ def _bench_one(L, args, cfg, flex, sparse_execs) -> dict:
     if flex is not None and not plan.dense:
         try:
             bm = _flex_block_mask(plan, L)
-            row["flex_ms"] = _time_ms(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), reps)
+            row["flex_ms"] = time_ms(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), reps)
             row["flex_tflops"] = 4 * D * pairs / row["flex_ms"] / 1e9
             # the flex mask must be the same plan: compare with the reference executor's output
             ref = stem.attention(q, k, v, plan=plan, backend="reference")
@@ -157,7 +158,7 @@ def _bench_one(L, args, cfg, flex, sparse_execs) -> dict:
             del ref, fo
         except Exception as e:
             row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    row["e2e_ms"] = _time_ms(lambda: stem.attention(q, k, v, config=cfg), reps)
+    row["e2e_ms"] = time_ms(lambda: stem.attention(q, k, v, config=cfg), reps)
     row["e2e_executor"] = stem.last_dispatch()
     if "dense_cudnn_ms" in row:
         row["e2e_speedup_vs_cudnn"] = row["dense_cudnn_ms"] / row["e2e_ms"]
