@@ -4,7 +4,9 @@
     nox -s lint               # ruff
     nox -s demo               # the main job on the built-in workload
     nox -s "gpu_tests(cuda='cu130')"   # GPU tests against one CUDA build of torch
-    nox -s hub_build          # build the Hub kernel variant for the local torch/CUDA
+    nox -s hub_build          # build the Hub kernel variants for the local torch/CUDA
+    nox -s hub_layout         # CPU: universal variant, layout/metadata/offline-loading tests
+    nox -s gpu_hub            # GPU: build + test + sanitize + time the CUDA variant
     nox -s bench              # stem bench (GPU)
 
 GPU rows: each `gpu_tests` row first tries to install the torch wheel for its CUDA version from
@@ -74,9 +76,25 @@ def gpu_tests(session: nox.Session, cuda: str) -> None:
 
 @nox.session(venv_params=["--system-site-packages"])
 def hub_build(session: nox.Session) -> None:
-    """Build the Hub kernel (CUDA variant for the local torch/CUDA, plus the torch-universal one)."""
+    """Build the Hub kernel: the CUDA variant for the local torch/CUDA and the torch-universal one
+    (needs nvcc and a CUDA build of torch; `--universal` alone builds anywhere)."""
     session.install("-e", ".", "--no-deps")
-    session.run("python", "hub_kernels/build.py", *session.posargs)
+    session.run("python", "hub_kernels/build.py", *(session.posargs or ["--all"]))
+
+
+@nox.session
+def hub_layout(session: nox.Session) -> None:
+    """CPU: build the torch-universal variant and check layout, metadata and offline loading."""
+    _install_cpu(session, "test")
+    session.run("python", "hub_kernels/build.py", "--universal")
+    session.run("python", "-m", "pytest", "-q", "tests/test_hub_layout.py")
+
+
+@nox.session(venv_params=["--system-site-packages"])
+def gpu_hub(session: nox.Session) -> None:
+    """GPU: build the CUDA variant, run tests/test_gpu_hub.py, compute-sanitizer and the hub benchmark
+    (hub_kernels/gpu_build_and_test.sh; on the offline GPU machines carry the `kernels` wheel)."""
+    session.run("bash", "hub_kernels/gpu_build_and_test.sh", external=True)
 
 
 @nox.session(venv_params=["--system-site-packages"])
