@@ -3,8 +3,10 @@
 Methods (names accepted by :func:`run_eval`):
 
 - ``dense``: causal SDPA in every layer.
-- ``stem``: Stem through ``stem.attention`` with the default config (alpha 0.7, value bonus 0.2)
-  at the chosen block size, in every layer except ``dense_layers`` (default: layer 0).
+- ``stem``: Stem with the default config (alpha 0.7, value bonus 0.2) at the chosen block size, in
+  every layer except ``dense_layers`` (default: layer 0): ``stem.plan`` then
+  ``stem.attention(plan=...)``, so the plan is executed even where ``backend="auto"`` would take its
+  dense shortcut (recorded per length as ``auto_would_run_dense_on_cuda``).
 - ``stem_a<alpha>`` (e.g. ``stem_a0.5``): the same with another Token Position-Decay alpha.
 - ``uniform_topk``: the same block logits WITHOUT the value bonus, the same k for every query
   block (no position decay), plus the same sinks and window; k is chosen per (layer, sample) so
@@ -119,6 +121,16 @@ def uniform_topk_mask(logits: torch.Tensor, target_density: torch.Tensor, cfg: s
     return ((rank < k[:, None, None, None]) | forced) & causal
 
 
+def _auto_dense(L: int, cfg: stem.StemConfig) -> str | None:
+    """Why stem.attention(config=..., backend="auto") on CUDA would skip this plan and run dense
+    (a speed shortcut of the API; the harness always executes the plan), or None."""
+    try:
+        from stem.api import auto_dense_reason
+    except ImportError:  # an older stem without the shortcut
+        return None
+    return auto_dense_reason("cuda", L, L, cfg)
+
+
 def _per_sample_density(plan: BlockPlan) -> torch.Tensor:
     causal = plan.causal_blocks_per_row().sum() * plan.num_heads
     return plan.kv_counts.sum((1, 2)).double() / causal
@@ -143,7 +155,11 @@ class _Runner:
                 return dense_attention(q, k, v)
             if method.kind in ("stem", "stem_novb"):
                 c = cfg.replace(alpha=method.alpha) if method.kind == "stem" else cfg.replace(value_weight=0.0)
-                out, plan = stem.attention(q, k, v, config=c, backend=self.backend, return_plan=True)
+                # Plan explicitly: stem.attention(config=...) with backend="auto" may skip planning
+                # and run dense where the budgets are too dense to be faster (a speed shortcut);
+                # the quality benchmark must execute the Stem plan itself.
+                plan = stem.plan(q, k, v, c)
+                out = stem.attention(q, k, v, plan=plan, backend=self.backend)
             else:  # uniform top-k at Stem's measured density for this (layer, sample)
                 target = self.stem_density.get(layer_idx)
                 if target is None:
@@ -234,7 +250,8 @@ def run_eval(
         c = base.replace(block_size=bs, stride=min(base.stride, bs))
         n_blocks = -(-L // bs)
         configs[L] = {"config": c.to_dict(), "n_blocks": n_blocks,
-                      "dense_budget": stem.budget.is_dense_budget(n_blocks, c.k_rate, c.k_bias)}
+                      "dense_budget": stem.budget.is_dense_budget(n_blocks, c.k_rate, c.k_bias),
+                      "auto_would_run_dense_on_cuda": _auto_dense(L, c)}
     result = {
         "tag": tag, "device": str(device),
         "card": torch.cuda.get_device_name(device) if cuda else "cpu",
