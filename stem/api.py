@@ -20,6 +20,7 @@ __all__ = ["attention"]
 
 log = logging.getLogger("stem")
 _last_choice: dict[str, str] = {}
+_warned: set[str] = set()
 
 # backend="auto" on CUDA runs dense attention (exact, a superset of any plan) instead of planning when
 # the budgets alone keep at least this fraction of the causal blocks: there the sparse path cannot
@@ -111,7 +112,13 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
         if dense_why is not None:
             why = f"{why}: {dense_why}"
         if _last_choice.get("auto") != why:
-            log.info("stem: %s", why)
+            if dense_why is not None and why not in _warned:
+                # never switch to dense silently: a quality measurement must know it measured dense
+                _warned.add(why)
+                log.warning("stem: %s; pass backend='triton' (or set STEM_AUTO_DENSE_DENSITY=1.01) to run the "
+                            "Stem plan instead", why)
+            else:
+                log.info("stem: %s", why)
         _last_choice["auto"] = why
     else:
         if not isinstance(backend, str):

@@ -96,3 +96,19 @@ def test_auto_dense_plan_uses_sdpa_and_matches(gen):
     assert _rel(out, dense_causal_attention64(q, k, v)) < 1e-5
     out = stem.attention(q[:, :, 100:], k, v, config=DENSE)
     assert _rel(out, dense_causal_attention64(q, k, v)[:, :, 100:]) < 1e-5
+
+
+def test_auto_dense_shortcut_warns(monkeypatch, caplog):
+    """On CUDA, auto may run dense attention instead of a near-dense plan: never silently."""
+    import logging
+
+    import stem.api as api
+
+    monkeypatch.setattr(api, "auto_dense_reason", lambda *a, **k: "budgets keep >= 0.60 (test)")
+    monkeypatch.setattr(api, "_warned", set())
+    q, k, v = rand_qkv(torch.Generator().manual_seed(0), 1, 2, 1, 16 * 70, 16 * 70, 16)
+    with caplog.at_level(logging.WARNING, logger="stem"):
+        out = stem.attention(q, k, v, config=SPARSE)
+    assert "sdpa" in stem.last_dispatch() and "budgets keep" in stem.last_dispatch()
+    assert any("backend='triton'" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert _rel(out, dense_causal_attention64(q, k, v)) < 1e-5
