@@ -186,48 +186,52 @@ def select_blocks(
     from shapes only.
     """
     B, H, nQ, nK = logits.shape
-    dev = logits.device
-    budgets, kmax = _budget_tensor(n_total, config.alpha, config.k_rate, config.k_bias, q_block_offset, nQ, dev)
-    kmax = min(kmax, nK)
-    # Candidates per row: the top-kmax blocks (kept where rank < budget), the sinks and the window.
-    # Everything stays (B, H, nQ, kmax + sinks + window): no dense (nQ, nK) intermediate besides
-    # the logits themselves.
+    keep, forced, kmax = _row_templates(config, n_total, q_block_offset, nQ, nK, logits.device)
+    # Candidates per row: the top-kmax blocks (kept where rank < min(budget, causal blocks), so every
+    # kept one is causal), then the sinks and the window. Everything stays (B, H, nQ, kmax + sinks +
+    # window): no dense (nQ, nK) intermediate besides the logits themselves.
     top = torch.topk(logits, kmax, dim=-1, sorted=True).indices  # (B, H, nQ, kmax) int64
-    rows = (torch.arange(nQ, device=dev) + q_block_offset)[:, None]  # absolute query block
-    top = torch.where(torch.arange(kmax, device=dev) < budgets[:, None], top, nK)
-    forced = torch.cat(
-        [
-            torch.arange(config.sink_blocks, device=dev).expand(nQ, -1),
-            rows - torch.arange(config.window_blocks - 1, -1, -1, device=dev),
-        ],
-        dim=-1,
-    )  # (nQ, sinks + window), ascending in the window part
-    cand = torch.cat([top, forced.expand(B, H, nQ, -1)], dim=-1)
-    cand = torch.where((cand >= 0) & (cand <= rows), cand, nK)  # causal (non-causal top-k picks of -inf too)
+    cand = torch.cat([torch.where(keep, top, nK), forced.expand(B, H, nQ, -1)], dim=-1)
     cand = torch.sort(cand, dim=-1).values
-    dup = torch.zeros_like(cand, dtype=torch.bool)
-    dup[..., 1:] = cand[..., 1:] == cand[..., :-1]
-    cand = torch.sort(cand.masked_fill_(dup, nK), dim=-1).values
-    width = min(nK, kmax + config.sink_blocks + config.window_blocks)
-    cand = cand[..., :width]
+    dup = cand[..., 1:] == cand[..., :-1]
+    cand[..., 1:].masked_fill_(dup, nK)  # duplicates (a top-k pick that is also a sink/window) out
+    cand = torch.sort(cand, dim=-1).values[..., : min(nK, kmax + config.sink_blocks + config.window_blocks)]
     valid = cand < nK
-    counts = valid.sum(-1, dtype=torch.int32)
-    return counts, torch.where(valid, cand, 0).to(torch.int32)
+    return valid.sum(-1, dtype=torch.int32), torch.where(valid, cand, 0).to(torch.int32)
 
 
-_BUDGET_CACHE: dict = {}
+_TEMPLATE_CACHE: dict = {}
 
 
-def _budget_tensor(n_total, alpha, k_rate, k_bias, q_block_offset, nQ, dev) -> tuple[torch.Tensor, int]:
-    """Budgets of query blocks [q_block_offset, q_block_offset + nQ) as a device tensor, cached so
-    that repeated calls (and CUDA-graph capture after a warm-up call) do no host-to-device copy."""
-    key = (n_total, float(alpha), float(k_rate), int(k_bias), q_block_offset, nQ, str(dev))
-    hit = _BUDGET_CACHE.get(key)
+def _row_templates(config: StemConfig, n_total: int, q_block_offset: int, nQ: int, nK: int, dev):
+    """Per query block, from shapes alone (cached per device, so repeated calls and CUDA-graph
+    capture after a warm-up call do no host-to-device copy):
+
+    * ``keep`` bool (nQ, kmax): top-k rank r is kept iff r < min(budget_i, causal blocks of i);
+    * ``forced`` int64 (nQ, sinks + window): sink and window blocks, nK where not causal/valid;
+    * ``kmax``: the largest budget (top-k width).
+    """
+    key = (n_total, float(config.alpha), float(config.k_rate), int(config.k_bias), config.sink_blocks,
+           config.window_blocks, q_block_offset, nQ, nK, str(dev))
+    hit = _TEMPLATE_CACHE.get(key)
     if hit is None:
-        lst = block_budgets(n_total, alpha, k_rate, k_bias)[q_block_offset : q_block_offset + nQ]
-        if len(_BUDGET_CACHE) > 512:
-            _BUDGET_CACHE.clear()
-        hit = _BUDGET_CACHE[key] = (torch.tensor(lst, dtype=torch.int64, device=dev), max(lst))
+        budgets = torch.tensor(
+            block_budgets(n_total, config.alpha, config.k_rate, config.k_bias)[q_block_offset : q_block_offset + nQ]
+        )
+        rows = torch.arange(nQ) + q_block_offset  # absolute query block
+        kmax = min(int(budgets.max()), nK)
+        keep = torch.arange(kmax)[None, :] < torch.minimum(budgets, rows + 1)[:, None]
+        forced = torch.cat(
+            [
+                torch.arange(config.sink_blocks).expand(nQ, -1),
+                rows[:, None] - torch.arange(config.window_blocks - 1, -1, -1),
+            ],
+            dim=-1,
+        )
+        forced = torch.where((forced >= 0) & (forced <= rows[:, None]), forced, nK)
+        if len(_TEMPLATE_CACHE) > 512:
+            _TEMPLATE_CACHE.clear()
+        hit = _TEMPLATE_CACHE[key] = (keep.to(dev), forced.to(dev), kmax)
     return hit
 
 
