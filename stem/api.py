@@ -12,14 +12,13 @@ from .budget import is_dense_budget, min_density
 from .config import StemConfig
 from .dispatch import choose_executor, get_executor
 from .plan import BlockPlan
-from .planner import dense_plan
-from .planner import plan as make_plan
+from .planner import dense_plan, plan_validated
 from .validation import on_device, validate_plan, validate_qkv
 
 __all__ = ["attention"]
 
 log = logging.getLogger("stem")
-_last_choice: dict[str, str] = {}
+_last_choice: str | None = None  # the last backend="auto" decision (see last_dispatch)
 _warned: set[str] = set()
 
 # backend="auto" on CUDA runs dense attention (exact, a superset of any plan) instead of planning when
@@ -51,7 +50,7 @@ def auto_dense_reason(
 
 def last_dispatch() -> str | None:
     """One line saying which executor the last ``backend="auto"`` call used, and why."""
-    return _last_choice.get("auto")
+    return _last_choice
 
 
 def attention(
@@ -93,15 +92,16 @@ def attention(
 
 
 def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset):
+    global _last_choice
     dense_why = None
+    config = StemConfig() if config is None else config
     if plan is None and backend == "auto":
-        config = StemConfig() if config is None else config
         dense_why = auto_dense_reason(q.device.type, q.shape[2], k.shape[2], config, q_offset)
         if dense_why is not None:
             plan = dense_plan(q.shape[0], q.shape[1], q.shape[2], k.shape[2], config.block_size, q.device, config,
                               q_offset)
     if plan is None:
-        plan = make_plan(q, k, v, config, q_offset=q_offset)
+        plan = plan_validated(q, k, v, config, q_offset=q_offset)
     else:
         if not isinstance(plan, BlockPlan):
             raise TypeError(f"plan must be a stem.BlockPlan, got {type(plan).__name__}")
@@ -111,7 +111,7 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
         ex, why = choose_executor(q, k, v, plan, need_lse=return_lse)
         if dense_why is not None:
             why = f"{why}: {dense_why}"
-        if _last_choice.get("auto") != why:
+        if _last_choice != why:
             if dense_why is not None and why not in _warned:
                 # never switch to dense silently: a quality measurement must know it measured dense
                 _warned.add(why)
@@ -119,7 +119,7 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
                             "Stem plan instead", why)
             else:
                 log.info("stem: %s", why)
-        _last_choice["auto"] = why
+        _last_choice = why
     else:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")

@@ -60,6 +60,7 @@ class ExecutorStatus:
 _REGISTRY: dict[str, Executor] = {}
 _LOAD_ERRORS: dict[str, str] = {}
 _LOADED = False
+_BY_PRIORITY: list[tuple[str, Executor]] = []  # _REGISTRY sorted by descending priority, kept in step
 
 
 def register_executor(executor: Executor, *, replace: bool = False) -> Executor:
@@ -67,6 +68,7 @@ def register_executor(executor: Executor, *, replace: bool = False) -> Executor:
     if not replace and executor.name in _REGISTRY and type(_REGISTRY[executor.name]) is not type(executor):
         raise ValueError(f"an executor named {executor.name!r} is already registered; pass replace=True")
     _REGISTRY[executor.name] = executor
+    _BY_PRIORITY[:] = sorted(_REGISTRY.items(), key=lambda kv: -kv[1].priority)
     return executor
 
 
@@ -105,11 +107,16 @@ def executors() -> dict[str, Executor]:
     return dict(_REGISTRY)
 
 
+def _by_priority() -> list[tuple[str, Executor]]:
+    _load_entry_points()
+    return _BY_PRIORITY
+
+
 def executor_status(device: torch.device | str) -> list[ExecutorStatus]:
     """Each executor and whether it is usable on ``device`` (and why not)."""
     device = torch.device(device)
     rows = []
-    for name, ex in sorted(executors().items(), key=lambda kv: -kv[1].priority):
+    for name, ex in _by_priority():
         reason = ex.unavailable_reason(device)
         rows.append(ExecutorStatus(name, ex.priority, reason is None, reason or "usable", ex.description))
     for name, err in _LOAD_ERRORS.items():
@@ -138,7 +145,7 @@ def choose_executor(q, k, v, plan, need_lse: bool = False) -> tuple[Executor, st
     """
     device = q.device
     rejected = []
-    for name, ex in sorted(executors().items(), key=lambda kv: -kv[1].priority):
+    for name, ex in _by_priority():
         why = ex.unavailable_reason(device) or ex.unsupported_reason(q, k, v, plan)
         if why is None and need_lse and not ex.returns_lse:
             why = "does not return the log-sum-exp"

@@ -48,7 +48,14 @@ from .api import attention as _stem_attention
 from .budget import is_dense_budget
 from .config import StemConfig
 from .plan import BlockPlan
-from .planner import block_row_sums, bonus_from_group_max, dense_plan, logits_from_sums, select_blocks
+from .planner import (
+    block_row_sums,
+    bonus_from_group_max,
+    dense_plan,
+    group_max_value_norms,
+    logits_from_sums,
+    select_blocks,
+)
 from .planner import plan as _stem_plan
 from .validation import validate_qkv
 
@@ -182,10 +189,6 @@ def unshard(x_local: torch.Tensor, group=None, layout: str = "zigzag") -> torch.
 # ---------------------------------------------------------------------------------------------
 # planning statistics (the factorised logits of stem.planner, from gathered per-block sums)
 # ---------------------------------------------------------------------------------------------
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _local_stats(k: torch.Tensor, v: torch.Tensor, config: StemConfig) -> torch.Tensor:
     """(B, Hkv, nb*S*D + Ll/S) float: per-block strided key sums, then per-group max value norms.
 
@@ -195,8 +198,7 @@ def _local_stats(k: torch.Tensor, v: torch.Tensor, config: StemConfig) -> torch.
     B, H, Ll, D = k.shape
     bs, S = config.block_size, config.stride
     k_sum = block_row_sums(k, 0, Ll // bs, bs, S)  # (B, H, nb, S, D), as the planner computes it
-    norms = torch.linalg.vector_norm(v, dim=-1, dtype=_acc_dtype(v))  # (B, H, Ll)
-    u = norms.unflatten(-1, (-1, S)).amax(-1)  # (B, H, Ll/S)
+    u = group_max_value_norms(v, S, Ll // S)  # (B, H, Ll/S)
     return torch.cat([k_sum.reshape(B, H, -1), u], dim=-1)
 
 

@@ -9,11 +9,18 @@ import torch
 
 from .config import StemConfig
 
-__all__ = ["BlockPlan"]
+__all__ = ["BlockPlan", "block_geometry"]
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def block_geometry(q_len: int, kv_len: int, q_offset: int, block_size: int) -> tuple[int, int, int]:
+    """(q_block_offset, nQ, nK) for queries at absolute positions [q_offset, q_offset + q_len) of a
+    kv_len-token sequence: plan query block i is absolute block q_block_offset + i."""
+    qbo = q_offset // block_size
+    return qbo, (q_offset + q_len - 1) // block_size - qbo + 1, _cdiv(kv_len, block_size)
 
 
 @dataclass
@@ -81,7 +88,7 @@ class BlockPlan:
 
     @property
     def num_q_blocks(self) -> int:
-        return (self.q_offset + self.q_len - 1) // self.block_size - self.q_block_offset + 1
+        return block_geometry(self.q_len, self.kv_len, self.q_offset, self.block_size)[1]
 
     @property
     def num_kv_blocks(self) -> int:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .budget import block_budgets, is_dense_budget
 from .config import StemConfig
-from .plan import BlockPlan
+from .plan import BlockPlan, _cdiv, block_geometry
 from .validation import on_device, validate_qkv
 
 __all__ = [
@@ -68,10 +68,6 @@ def logits_impls() -> dict[str, tuple[LogitsFn, tuple[str, ...]]]:
             except Exception as e:  # a broken plugin must not break planning on other paths
                 log.warning("stem: planner plugin %r failed to load (%s); using the torch planner", ep.name, e)
     return _LOGITS_IMPLS
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -148,9 +144,7 @@ def block_logits_torch(
     Lq, Lk = q.shape[2], k.shape[2]
     bs, S = config.block_size, config.stride
     off = Lk - Lq if q_offset is None else q_offset
-    qbo = off // bs
-    nK = _cdiv(Lk, bs)
-    nQ = (off + Lq - 1) // bs - qbo + 1
+    qbo, nQ, nK = block_geometry(Lq, Lk, off, bs)
     q_sum = block_row_sums(q, off - qbo * bs, nQ, bs, S).flip(3)  # reversed within each group
     k_sum = block_row_sums(k, 0, nK, bs, S)
     return logits_from_sums(q_sum, k_sum, value_bonus(v, config, nK), config, qbo)
@@ -241,9 +235,7 @@ def dense_plan(
 ) -> BlockPlan:
     """A plan that keeps every causal block (what a dense layer or a short input gets)."""
     q_offset = kv_len - q_len if q_offset is None else q_offset
-    nK = _cdiv(kv_len, block_size)
-    qbo = q_offset // block_size
-    nQ = (q_offset + q_len - 1) // block_size - qbo + 1
+    qbo, nQ, nK = block_geometry(q_len, kv_len, q_offset, block_size)
     rows = torch.arange(nQ, device=device) + qbo
     cols = torch.arange(nK, device=device)
     counts = (rows + 1).to(torch.int32).expand(batch, heads, nQ).contiguous()
@@ -279,6 +271,11 @@ def plan(
     """
     config = StemConfig() if config is None else config
     validate_qkv(q, k, v, config=config, q_offset=q_offset)
+    return plan_validated(q, k, v, config, q_offset=q_offset, logits_impl=logits_impl)
+
+
+def plan_validated(q, k, v, config: StemConfig, *, q_offset: int | None = None, logits_impl: str = "auto") -> BlockPlan:
+    """:func:`plan` for inputs that :func:`stem.validation.validate_qkv` already accepted."""
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     q_offset = Lk - Lq if q_offset is None else q_offset

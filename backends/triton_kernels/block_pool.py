@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from stem.plan import block_geometry
+from stem.planner import bonus_from_group_max, logits_from_sums
+
 from . import interpreter_compat
 
 __all__ = ["pooled_block_sums", "block_logits_triton"]
@@ -90,9 +93,7 @@ def pooled_block_sums(q, k, v, block_size: int, stride: int, q_offset: int):
     interpreter_compat()
     Lq, Lk = q.shape[2], k.shape[2]
     bs = block_size
-    qbo = q_offset // bs
-    nQ = (q_offset + Lq - 1) // bs - qbo + 1
-    nK = -(-Lk // bs)
+    qbo, nQ, nK = block_geometry(Lq, Lk, q_offset, bs)
     q_sum, _ = _launch_pool(q, q_offset - qbo * bs, nQ, bs, stride, True)
     k_sum, vmax = _launch_pool(k, 0, nK, bs, stride, False, v=v)
     return q_sum, k_sum, vmax
@@ -101,8 +102,6 @@ def pooled_block_sums(q, k, v, block_size: int, stride: int, q_offset: int):
 def block_logits_triton(q, k, v, config, q_offset: int | None = None) -> torch.Tensor:
     """Block logits (B, Hq, nQ, nK) float32, -inf where non-causal; the same function as
     ``stem.planner.block_logits_torch`` (summation order aside)."""
-    from stem.planner import bonus_from_group_max, logits_from_sums
-
     Lq, Lk = q.shape[2], k.shape[2]
     bs, S = config.block_size, config.stride
     off = Lk - Lq if q_offset is None else q_offset
