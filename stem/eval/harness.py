@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 import stem
+from stem.api import auto_dense_reason
 from stem.plan import BlockPlan
 from stem.planner import block_logits
 
@@ -124,10 +125,6 @@ def uniform_topk_mask(logits: torch.Tensor, target_density: torch.Tensor, cfg: s
 def _auto_dense(L: int, cfg: stem.StemConfig) -> str | None:
     """Why stem.attention(config=..., backend="auto") on CUDA would skip this plan and run dense
     (a speed shortcut of the API; the harness always executes the plan), or None."""
-    try:
-        from stem.api import auto_dense_reason
-    except ImportError:  # an older stem without the shortcut
-        return None
     return auto_dense_reason("cuda", L, L, cfg)
 
 
