@@ -86,12 +86,29 @@ SHAPES = [  # (Lq, Lk, q_offset or None for Lk - Lq)
 ]
 
 
-@pytest.mark.parametrize("bs", [64, 128])
+def expected_path(kernel: str, D: int, bs: int) -> int:
+    """The kernel the dispatcher must pick: the sm90 kernel on compute capability 9.0 for head dims
+    64/128 and 128- or 256-token plan blocks, unless STEM_ATTN_SM90=0; else the sm80 kernel."""
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    return 90 if kernel == "auto" and hopper and D in (64, 128) and bs % 128 == 0 else 80
+
+
+@pytest.fixture(params=["auto", "sm80"])
+def kernel(request, monkeypatch):
+    """Run a test under the default dispatch and with the Hopper kernel switched off."""
+    if request.param == "sm80":
+        monkeypatch.setenv("STEM_ATTN_SM90", "0")
+    else:
+        monkeypatch.delenv("STEM_ATTN_SM90", raising=False)
+    return request.param
+
+
+@pytest.mark.parametrize("bs", [64, 128, 256])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"Lq{s[0]}-Lk{s[1]}-off{s[2]}")
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("D", [64, 128, 256])
-def test_matches_reference(hubmod, gen, D, dtype, heads, shape, bs):
+def test_matches_reference(hubmod, gen, kernel, D, dtype, heads, shape, bs):
     Hq, Hkv = heads
     Lq, Lk, off = shape
     off = Lk - Lq if off is None else off
@@ -102,6 +119,18 @@ def test_matches_reference(hubmod, gen, D, dtype, heads, shape, bs):
     v = v.to(dtype).cuda()
     plan = random_plan(B, Hq, Lq, Lk, bs, off, 0.4, gen, "cuda")
     run_and_check(hubmod, q, k, v, plan)
+    assert hubmod.ops.last_kernel_path() == expected_path(kernel, D, bs)
+
+
+def test_long_walk_wraps_the_pipeline(hubmod, gen, kernel):
+    """Many key tiles per query tile (the sm90 ring of stages wraps dozens of times), GQA, bf16."""
+    B, Hq, Hkv, L, D = 1, 8, 2, 128 * 40 + 5, 128
+    q = torch.randn(B, Hq, L, D, generator=gen).to(torch.bfloat16).cuda()
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(torch.bfloat16).cuda()
+    v = torch.randn(B, Hkv, L, D, generator=gen).to(torch.bfloat16).cuda()
+    plan = random_plan(B, Hq, L, L, 128, 0, 0.9, gen, "cuda")
+    run_and_check(hubmod, q, k, v, plan)
+    assert hubmod.ops.last_kernel_path() == expected_path(kernel, D, 128)
 
 
 def test_stem_planner_plan_and_executor(hubmod, gen, monkeypatch):
@@ -130,7 +159,7 @@ def test_hub_executor_is_usable_and_reports_variant(hubmod, monkeypatch):
     assert "loaded variant: cuda" in ex.description
 
 
-def test_strided_inputs(hubmod, gen):
+def test_strided_inputs(hubmod, gen, kernel):
     """(B, L, H, D) tensors viewed as (B, H, L, D): strided rows, no copy needed."""
     B, Hq, Hkv, L, D = 1, 4, 2, 300, 128
     q = torch.randn(B, L, Hq, D, generator=gen).to(torch.bfloat16).cuda().transpose(1, 2)
@@ -138,9 +167,10 @@ def test_strided_inputs(hubmod, gen):
     v = torch.randn(B, L, Hkv, D, generator=gen).to(torch.bfloat16).cuda().transpose(1, 2)
     plan = random_plan(B, Hq, L, L, 128, 0, 0.5, gen, "cuda")
     run_and_check(hubmod, q, k, v, plan, return_lse=False)
+    assert hubmod.ops.last_kernel_path() == expected_path(kernel, D, 128)
 
 
-def test_dense_plan_equals_sdpa(hubmod, gen):
+def test_dense_plan_equals_sdpa(hubmod, gen, kernel):
     B, Hq, Hkv, L, D = 1, 4, 4, 517, 64
     q, k, v = (torch.randn(B, H, L, D, generator=gen).to(torch.float16).cuda() for H in (Hq, Hkv, Hkv))
     plan = random_plan(B, Hq, L, L, 128, 0, 1.1, gen, "cuda")
@@ -149,7 +179,7 @@ def test_dense_plan_equals_sdpa(hubmod, gen):
     assert float((out.float() - ref).abs().max()) < 1e-2
 
 
-def test_zero_count_rows_give_zero_and_minus_inf(hubmod, gen):
+def test_zero_count_rows_give_zero_and_minus_inf(hubmod, gen, kernel):
     B, Hq, L, D, bs = 1, 2, 256, 64, 128
     q, k, v = (torch.randn(B, Hq, L, D, generator=gen).to(torch.bfloat16).cuda() for _ in range(3))
     counts = torch.tensor([[[1, 0], [0, 2]]], dtype=torch.int32, device="cuda")
@@ -175,3 +205,26 @@ def test_bad_inputs_raise(hubmod, change, match):
     q, k, v = change(q, k, v)
     with pytest.raises((TypeError, ValueError), match=match):
         hubmod.block_sparse_attn_fwd(q, k, v, counts, idx, 128, 0, 0.1, False)
+
+
+def test_op_input_check_raises_instead_of_crashing(hubmod):
+    """A failing TORCH_CHECK inside the compiled op must surface as a Python RuntimeError (an earlier
+    build aborted the process). Run in a child process so that a crash fails this test only."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import torch, kernels
+        mod = kernels.get_local_kernel({str(KERNEL_DIR)!r})
+        q = torch.randn(1, 2, 128, 96, device="cuda", dtype=torch.bfloat16)  # head dim 96: rejected by the op
+        counts = torch.ones(1, 2, 1, dtype=torch.int32, device="cuda")
+        idx = torch.zeros(1, 2, 1, 1, dtype=torch.int32, device="cuda")
+        try:
+            mod.ops.block_sparse_attn_fwd(q, q, q, counts, idx, 128, 0, 0.1, False)
+        except RuntimeError as e:
+            print("RAISED", "head dim must be 64, 128 or 256" in str(e))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"the op crashed the process (rc {r.returncode}): {r.stderr[-2000:]}"
+    assert "RAISED True" in r.stdout, r.stdout + r.stderr[-2000:]

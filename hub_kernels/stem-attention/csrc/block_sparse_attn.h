@@ -28,10 +28,17 @@ struct Params {
   float scale_log2; // softmax scale * log2(e)
   bool is_bf16;     // else float16
   int tuning;       // 0: default tiles; 1: experimental register budget (see run_block_sparse_attn)
+  int sm;           // compute capability of the device, major * 10 + minor
+  bool allow_sm90;  // use the Hopper (wgmma + TMA) kernel where it applies (else always sm80)
 };
 
-// Launches the kernel on `stream`. Returns cudaErrorInvalidValue for unsupported shapes
-// (head dim not 64/128/256, block size not 64/128/256), else the launch status.
+// Which kernel ran the last launch of this process: 90 (wgmma + TMA), 80 (mma.sync) or 0 (none).
+int last_kernel_path();
+
+// Launches the kernel on `stream`: the sm90 kernel on compute capability 9.0 for head dims 64 and
+// 128 with plan blocks of 128 or 256 tokens (when the build holds sm_90a code), else the sm80
+// kernel. Returns cudaErrorInvalidValue for unsupported shapes (head dim not 64/128/256, block
+// size not 64/128/256), else the launch status.
 cudaError_t block_sparse_attn_fwd_launch(const Params& p, cudaStream_t stream);
 
 }  // namespace stem_attn

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "block_sparse_attn.h"
 
@@ -73,8 +74,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
   TORCH_CHECK(B < 65536 && Hq < 65536, kPrefix, "batch and heads must be < 65536");
 
   const c10::cuda::CUDAGuard guard(q.device());
-  int major = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess,
+  int major = 0, minor = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()) == cudaSuccess,
               kPrefix, "cannot read the device's compute capability");
   TORCH_CHECK(major >= 8, kPrefix, "needs compute capability 8.0 or newer (bf16 mma.sync), device has major ", major);
 
@@ -107,17 +109,26 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
     return env != nullptr ? std::atoi(env) : 0;
   }();
   p.tuning = tuning;
+  p.sm = major * 10 + minor;
+  // STEM_ATTN_SM90=0 forces the sm80 kernel on Hopper (A/B timing, tests of both paths); read on
+  // every call (a getenv, host only) so that a process can switch.
+  const char* sm90_env = std::getenv("STEM_ATTN_SM90");
+  p.allow_sm90 = sm90_env == nullptr || std::string(sm90_env) != "0";
 
   const cudaError_t err = stem_attn::block_sparse_attn_fwd_launch(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
   TORCH_CHECK(err == cudaSuccess, kPrefix, "kernel launch failed: ", cudaGetErrorString(err));
   return {out, lse};
 }
 
+int64_t last_kernel_path() { return stem_attn::last_kernel_path(); }
+
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_counts, Tensor kv_indices, int block_size, "
       "int q_offset, float scale, bool return_lse) -> (Tensor, Tensor)");
   ops.impl("block_sparse_attn_fwd", torch::kCUDA, &block_sparse_attn_fwd);
+  ops.def("last_kernel_path() -> int");
+  ops.impl("last_kernel_path", &last_kernel_path);
 }
 
 #ifdef REGISTER_EXTENSION

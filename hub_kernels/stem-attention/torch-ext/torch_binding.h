@@ -23,3 +23,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
                                                          const at::Tensor& v, const at::Tensor& kv_counts,
                                                          const at::Tensor& kv_indices, int64_t block_size,
                                                          int64_t q_offset, double scale, bool return_lse);
+
+// Which kernel ran the last block_sparse_attn_fwd of this process: 90 (sm90 wgmma + TMA), 80
+// (sm80 mma.sync), 0 (none yet).
+int64_t last_kernel_path();

@@ -1,0 +1,391 @@
+// Block-sparse flash attention forward, Hopper path (sm_90a: wgmma + TMA + mbarrier pipeline).
+//
+// Same contract as the sm80 kernel (block_sparse_attn_kernel.cuh): one CTA computes 128 query rows
+// of one (batch, query head, plan query block) and walks only the key blocks the plan selected, in
+// key tiles of 128 tokens, with an online softmax in float32 (exp2 of scores pre-scaled by
+// scale * log2(e)).
+//
+// Warp specialisation (384 threads, one CTA per SM):
+//   warpgroup 0  producer: one thread issues the TMA loads (Q once, then K and V tiles into a ring
+//                of kStages shared-memory stages); it gives up registers (setmaxnreg 24).
+//   warpgroups 1, 2  consumers: rows [0, 64) and [64, 128) of the query tile (240 registers each).
+//                S = Q K^T with wgmma (A and B from shared memory), masking and softmax in
+//                registers, O += P V with wgmma (P from registers, V from shared memory,
+//                transposed). Each consumer thread arrives on the stage's "empty" barrier once its
+//                wgmmas have retired, which lets the producer refill the stage.
+// Shared memory tiles are TMA boxes of 128 rows x 64 elements (128 bytes) with the 128-byte
+// swizzle, the layout wgmma reads directly (K-major for Q and K, MN-major for V).
+// TMA zero-fills rows outside the tensor (negative query rows of an unaligned q_offset, keys past
+// Lk), so partial tiles need no special loads; masks handle them in the scores.
+//
+// Grid: (query heads, batch, query tiles) with the latest (heaviest) query tiles first, so every
+// head's long rows start in the first wave and the query heads sharing a kv head run side by side.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "block_sparse_attn.h"
+#include "ptx_common.cuh"
+#include "wgmma.cuh"
+
+namespace stem_attn {
+namespace sm90 {
+
+template <int kD>
+struct Cfg {
+  static constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = kD == 64 ? 3 : 2;
+  static constexpr int kThreads = 384;
+  static constexpr int kBoxCols = 64;                  // elements in one 128-byte swizzled row
+  static constexpr int kChunks = kD / kBoxCols;        // TMA boxes per tile
+  static constexpr int kBoxBytes = 128 * 128;          // 128 rows x 128 bytes
+  static constexpr int kTileBytes = kChunks * kBoxBytes;
+  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
+  // 1024 bytes of slack to align the tiles to the 1024-byte swizzle period.
+  static constexpr int kSmemBytes = 1024 + kTileBytes * (1 + 2 * kStages) + kBarrierBytes;
+  static_assert(kD % kBoxCols == 0, "head dim must be a multiple of 64");
+};
+
+// ---------------------------------------------------------------------------------------------
+// sm90 PTX helpers (mbarrier, TMA, wgmma bookkeeping, register reallocation)
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// One TMA box (4-d coordinates, innermost first) into shared memory; completes on `bar`.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2,
+                                            int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Keeps the compiler from touching accumulators before the wgmma that writes them has retired.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle. K-major operands (Q, K): 8-row groups
+// 1024 bytes apart (stride byte offset), leading offset unused. MN-major (V): 64-column groups
+// `lbo` bytes apart, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr, uint32_t lbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel
+// ---------------------------------------------------------------------------------------------
+template <typename T, int kD>
+__global__ void __launch_bounds__(384, 1)
+    block_sparse_attn_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tm_q,
+                                  const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = Cfg<kD>;
+  constexpr int kBlockN = C::kBlockN;
+  constexpr int kStages = C::kStages;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t s_q = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t s_k = s_q + C::kTileBytes;              // stage s at s_k + s * kTileBytes
+  const uint32_t s_v = s_k + kStages * C::kTileBytes;    // likewise
+  const uint32_t bar_q = s_v + kStages * C::kTileBytes;  // then full[kStages], empty[kStages]
+  const uint32_t bar_full = bar_q + 8;
+  const uint32_t bar_empty = bar_full + 8 * kStages;
+
+  const int tid = threadIdx.x;
+  const int h = blockIdx.x;
+  const int b = blockIdx.y;
+  const int bs = p.block_size;
+  const int sub = bs / C::kBlockM;
+  const int tile = p.nQ * sub - 1 - static_cast<int>(blockIdx.z);  // late (heavier) query tiles first
+  const int qi = tile / sub;
+  const int hk = h / (p.Hq / p.Hkv);
+  const int a0 = (p.q_offset / bs + qi) * bs + (tile % sub) * C::kBlockM;  // absolute pos of tile row 0
+  const int q_lo = max(a0, p.q_offset);
+  const int q_hi = min(a0 + C::kBlockM, p.q_offset + p.Lq) - 1;
+  if (q_lo > q_hi) return;  // a sub-tile of a plan block with no query rows (uniform per CTA)
+  const int key_limit = min(p.Lk, q_hi + 1);
+  const int q_row0 = a0 - p.q_offset;  // query row index of tile row 0 (may be negative)
+
+  const int64_t cidx = (static_cast<int64_t>(b) * p.Hq + h) * p.nQ + qi;
+  const int cnt = min(max(p.kv_counts[cidx], 0), p.W);
+  const int* idx = p.kv_indices + cidx * p.W;
+  const int tiles_per_block = bs / kBlockN;
+  // Walk the (selected block, key tile) pairs; producer and consumers walk the same sequence.
+  int pos = 0, sub_t = 0;
+  auto seek = [&]() -> int {
+    while (pos < cnt) {
+      const int j = idx[pos];
+      const int rem = key_limit - j * bs;
+      const int n = (j < 0 || rem <= 0) ? 0 : min((rem + kBlockN - 1) / kBlockN, tiles_per_block);
+      if (sub_t < n) return j * bs + sub_t * kBlockN;
+      ++pos;
+      sub_t = 0;
+    }
+    return -1;
+  };
+
+  if (tid == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_full + 8 * s, 1);
+      mbar_init(bar_empty + 8 * s, 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (tid < 128) {
+    // ------------------------------- producer -------------------------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if (tid == 0) {
+      mbar_arrive_expect_tx(bar_q, C::kTileBytes);
+#pragma unroll
+      for (int c = 0; c < C::kChunks; ++c) tma_load_4d(s_q + c * C::kBoxBytes, &tm_q, bar_q, c * 64, q_row0, h, b);
+      int it = 0;
+      for (int kcur = seek(); kcur >= 0; ++sub_t, kcur = seek(), ++it) {
+        const int s = it % kStages;
+        mbar_wait(bar_empty + 8 * s, ((it / kStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(bar_full + 8 * s, 2 * C::kTileBytes);
+#pragma unroll
+        for (int c = 0; c < C::kChunks; ++c) {
+          tma_load_4d(s_k + s * C::kTileBytes + c * C::kBoxBytes, &tm_k, bar_full + 8 * s, c * 64, kcur, hk, b);
+          tma_load_4d(s_v + s * C::kTileBytes + c * C::kBoxBytes, &tm_v, bar_full + 8 * s, c * 64, kcur, hk, b);
+        }
+      }
+    }
+  } else {
+    // ------------------------------- consumers ------------------------------
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    const int cw = tid / 128 - 1;  // rows [64 cw, 64 cw + 64) of the tile
+    const int t = tid % 128;
+    const int lane = t % 32;
+    const int row_in_tile = cw * 64 + (t / 32) * 16 + lane / 4;  // rows row_in_tile and row_in_tile + 8
+    const int first_row_pos = a0 + cw * 64;
+
+    float acc_o[kD / 2];
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
+    float acc_s[kBlockN / 2];
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) acc_s[i] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY};  // running row max (log2 domain)
+    float l_run[2] = {0.f, 0.f};              // this thread's partial row sums
+
+    const uint32_t q_base = s_q + cw * 64 * 128;  // this warpgroup's 64 rows, in every box
+    mbar_wait(bar_q, 0);
+    int it = 0;
+    for (int kcur = seek(); kcur >= 0; ++sub_t, kcur = seek(), ++it) {
+      const int s = it % kStages;
+      mbar_wait(bar_full + 8 * s, (it / kStages) & 1);
+      const uint32_t k_base = s_k + s * C::kTileBytes;
+      const uint32_t v_base = s_v + s * C::kTileBytes;
+
+      // ---- S = Q K^T (64 x 128 per warpgroup) ----
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t off = (kk / 4) * C::kBoxBytes + (kk % 4) * 32;
+        Wgmma<T, kBlockN>::ss(acc_s, smem_desc_sw128(q_base + off, 16), smem_desc_sw128(k_base + off, 16), kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      fence_regs(acc_s);
+
+      // ---- mask, online softmax ----
+      // acc_s[4 j + 2 i + c]: row row_in_tile + 8 i, key kcur + 8 j + 2 (lane % 4) + c.
+      if ((kcur + kBlockN - 1 > first_row_pos) || (kcur + kBlockN > p.Lk)) {
+#pragma unroll
+        for (int e = 0; e < kBlockN / 2; ++e) {
+          const int key = kcur + (e / 4) * 8 + 2 * (lane % 4) + (e & 1);
+          const int qpos = a0 + row_in_tile + ((e / 2) % 2) * 8;
+          if (key >= p.Lk || key > qpos) acc_s[e] = -INFINITY;
+        }
+      }
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int e = 0; e < kBlockN / 2; ++e) mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], acc_s[e]);
+      float mu[2], alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float m_new = fmaxf(m_run[r], mx[r] * p.scale_log2);
+        mu[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
+        alpha[r] = fast_exp2(m_run[r] - mu[r]);
+        m_run[r] = m_new;
+        l_run[r] *= alpha[r];
+      }
+#pragma unroll
+      for (int e = 0; e < kBlockN / 2; ++e) {
+        const int r = (e / 2) % 2;
+        acc_s[e] = fast_exp2(fmaf(acc_s[e], p.scale_log2, -mu[r]));
+        l_run[r] += acc_s[e];
+      }
+      // P as wgmma A fragments: k-step kk covers keys [16 kk, 16 kk + 16).
+      uint32_t pf[kBlockN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) pf[kk][r] = Mma<T>::pack(acc_s[8 * kk + 2 * r], acc_s[8 * kk + 2 * r + 1]);
+      }
+#pragma unroll
+      for (int e = 0; e < kD / 2; ++e) acc_o[e] *= alpha[(e / 2) % 2];
+
+      // ---- O += P V ----
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        Wgmma<T, kD>::rs(acc_o, pf[kk], smem_desc_sw128(v_base + kk * 16 * 128, C::kBoxBytes), 1);
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      fence_regs(acc_o);
+      mbar_arrive(bar_empty + 8 * s);  // this thread's reads of stage s have retired
+    }
+
+    // ---- epilogue: normalise and store (rows outside [0, Lq) are never stored) ----
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+      inv[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+    }
+    T* og = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = q_row0 + row_in_tile + 8 * r;
+      if (row >= 0 && row < p.Lq) {
+        T* orow = og + static_cast<int64_t>(row) * p.o_stride_l + 2 * (lane % 4);
+#pragma unroll
+        for (int j = 0; j < kD / 8; ++j) {
+          *reinterpret_cast<uint32_t*>(orow + 8 * j) =
+              Mma<T>::pack(acc_o[4 * j + 2 * r] * inv[r], acc_o[4 * j + 2 * r + 1] * inv[r]);
+        }
+        if (p.lse != nullptr && lane % 4 == 0) {
+          p.lse[(static_cast<int64_t>(b) * p.Hq + h) * p.Lq + row] =
+              l_run[r] > 0.f ? (m_run[r] + __log2f(l_run[r])) * 0.69314718055994531f : -INFINITY;
+        }
+      }
+    }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+// cuTensorMapEncodeTiled, fetched from the driver at run time (no link against libcuda).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+inline EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      ptr = nullptr;
+    }
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+// 4-d tensor map over a (B, H, L, D) tensor with element strides (sb, sh, sl, 1): boxes of
+// 128 rows x 64 elements, 128-byte swizzle, zero fill outside the tensor.
+inline bool make_tile_map(CUtensorMap* map, const void* base, bool is_bf16, int B, int H, int L, int D, int64_t sb,
+                          int64_t sh, int64_t sl) {
+  const EncodeTiledFn enc = encode_tiled();
+  if (enc == nullptr) return false;
+  auto stride_bytes = [](int64_t s, int n, uint64_t fallback) -> cuuint64_t {
+    // A dimension of size 1 is never stepped over; give it any legal (16-byte multiple) stride.
+    return n == 1 ? fallback : static_cast<cuuint64_t>(s) * 2;
+  };
+  const cuuint64_t l_bytes = stride_bytes(sl, L, static_cast<uint64_t>(D) * 2);
+  const cuuint64_t h_bytes = stride_bytes(sh, H, l_bytes * static_cast<uint64_t>(L));
+  const cuuint64_t b_bytes = stride_bytes(sb, B, h_bytes * static_cast<uint64_t>(H));
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(L), static_cast<cuuint64_t>(H),
+                              static_cast<cuuint64_t>(B)};
+  const cuuint64_t strides[3] = {l_bytes, h_bytes, b_bytes};
+  const cuuint32_t box[4] = {64, 128, 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r =
+      enc(map, is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, const_cast<void*>(base),
+          dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
+// True when this build holds an sm_90a binary of the kernel for the current device.
+template <typename T, int kD>
+bool available() {
+  static const bool ok = [] {
+    cudaFuncAttributes attr{};
+    const cudaError_t e = cudaFuncGetAttributes(&attr, block_sparse_attn_sm90_kernel<T, kD>);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();  // clear the sticky-free "no kernel image" error
+      return false;
+    }
+    return attr.binaryVersion == 90;
+  }();
+  return ok;
+}
+
+// Launches the sm90 kernel; cudaErrorNotSupported when this build or device cannot run it (the
+// caller then uses the sm80 kernel).
+template <typename T, int kD>
+cudaError_t run(const Params& p, cudaStream_t stream) {
+  using C = Cfg<kD>;
+  const int sub = p.block_size / C::kBlockM;
+  if (p.block_size % C::kBlockM != 0 || static_cast<int64_t>(p.nQ) * sub > 65535 || !available<T, kD>()) {
+    return cudaErrorNotSupported;
+  }
+  CUtensorMap tm_q, tm_k, tm_v;
+  if (!make_tile_map(&tm_q, p.q, p.is_bf16, p.B, p.Hq, p.Lq, kD, p.q_stride_b, p.q_stride_h, p.q_stride_l) ||
+      !make_tile_map(&tm_k, p.k, p.is_bf16, p.B, p.Hkv, p.Lk, kD, p.k_stride_b, p.k_stride_h, p.k_stride_l) ||
+      !make_tile_map(&tm_v, p.v, p.is_bf16, p.B, p.Hkv, p.Lk, kD, p.v_stride_b, p.v_stride_h, p.v_stride_l)) {
+    return cudaErrorNotSupported;
+  }
+  auto kernel = block_sparse_attn_sm90_kernel<T, kD>;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  const dim3 grid(static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B), static_cast<unsigned>(p.nQ * sub));
+  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, tm_q, tm_k, tm_v);
+  return cudaGetLastError();
+}
+
+}  // namespace sm90
+}  // namespace stem_attn
