@@ -78,7 +78,18 @@ def main(argv=None) -> int:
 
         out_hub = run_hub()[0]
         row["hub_ms"] = time_ms(run_hub, reps=args.reps)
+        row["hub_kernel"] = f"sm{hub.ops.last_kernel_path()}"
         row["hub_tflops_selected"] = sparse_flop / row["hub_ms"] / 1e9
+        if row["hub_kernel"] == "sm90":  # the same op with the Hopper kernel switched off
+            os.environ["STEM_ATTN_SM90"] = "0"
+            try:
+                out_80 = run_hub()[0]
+                row["hub_sm80_ms"] = time_ms(run_hub, reps=args.reps)
+                row["sm90_vs_sm80_rel_diff"] = float((out_hub.float() - out_80.float()).norm()
+                                                     / out_80.float().norm())
+                del out_80
+            finally:
+                del os.environ["STEM_ATTN_SM90"]
         if triton_run is not None:
             def run_triton(q=q, k=k, v=v, plan=plan):
                 return triton_run(q, k, v, plan, scale, False)
@@ -113,11 +124,12 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     print(f"\n{dev}: B=1 Hq=32 Hkv=8 D=128 bf16, default StemConfig plan")
-    hdr = f"{'L':>7} {'dens':>5} {'hub ms':>8} {'triton ms':>9} {'x trit':>6} {'cudnn ms':>9} {'hub TF/s':>8} " \
-          f"{'cudnn TF/s':>10} {'hub/cudnn':>9}"
+    hdr = (f"{'L':>7} {'dens':>5} {'kernel':>6} {'hub ms':>8} {'sm80 ms':>8} {'triton ms':>9} {'x trit':>6} "
+           f"{'cudnn ms':>9} {'hub TF/s':>8} {'cudnn TF/s':>10} {'hub/cudnn':>9}")
     print(hdr)
     for r in rows:
-        print(f"{r['L']:>7} {r['density']:>5.2f} {r['hub_ms']:>8.2f} {r.get('triton_ms', float('nan')):>9.2f} "
+        print(f"{r['L']:>7} {r['density']:>5.2f} {r['hub_kernel']:>6} {r['hub_ms']:>8.2f} "
+              f"{r.get('hub_sm80_ms', float('nan')):>8.2f} {r.get('triton_ms', float('nan')):>9.2f} "
               f"{r.get('speedup_vs_triton', float('nan')):>6.2f} {r.get('cudnn_dense_ms', float('nan')):>9.2f} "
               f"{r['hub_tflops_selected']:>8.1f} {r.get('cudnn_dense_tflops', float('nan')):>10.1f} "
               f"{r.get('hub_frac_of_cudnn_tflops', float('nan')):>9.2f}")

@@ -37,7 +37,7 @@ python3 hub_kernels/build.py --all --jobs 16 2>&1 | tee "$OUT/hub_build.txt" | g
 echo "build seconds: $(( $(date +%s) - t0 ))" | tee -a "$LOG"
 
 step "tests"
-python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_hub.py 2>&1 | tee "$OUT/hub_pytest.txt" | tail -15
+python3 -m pytest -q -p no:cacheprovider --maxfail=10 tests/test_gpu_hub.py 2>&1 | tee "$OUT/hub_pytest.txt" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "compute-sanitizer memcheck"
@@ -51,10 +51,5 @@ echo "memcheck exit code: $rc" | tee -a "$LOG"
 step "benchmark"
 python3 hub_kernels/bench_hub.py --lengths ${BENCH_LENGTHS:-32768 131072} --json "$OUT/hub_bench.json" 2>&1 \
   | tee "$OUT/hub_bench.txt" | tail -6
-step "experimental tuning 1 (one CTA/SM, no spills): bf16 tests + hub-only timing"
-STEM_ATTN_TUNING=1 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_hub.py -k "test_matches_reference and bf16 and 128" \
-  2>&1 | tail -2 | tee -a "$LOG"
-STEM_ATTN_TUNING=1 python3 hub_kernels/bench_hub.py --hub-only --lengths ${BENCH_LENGTHS:-32768 131072} \
-  --json "$OUT/hub_bench_tuning1.json" 2>&1 | tail -4
 echo "tests+memcheck status: $status (0 = all passed)"
 exit $status

@@ -127,8 +127,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_counts, Tensor kv_indices, int block_size, "
       "int q_offset, float scale, bool return_lse) -> (Tensor, Tensor)");
   ops.impl("block_sparse_attn_fwd", torch::kCUDA, &block_sparse_attn_fwd);
-  ops.def("last_kernel_path() -> int");
-  ops.impl("last_kernel_path", &last_kernel_path);
+  ops.def("last_kernel_path() -> int", &last_kernel_path);
 }
 
 #ifdef REGISTER_EXTENSION
