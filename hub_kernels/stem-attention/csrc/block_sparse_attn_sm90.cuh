@@ -380,9 +380,9 @@ cudaError_t run(const Params& p, cudaStream_t stream) {
     return cudaErrorNotSupported;
   }
   auto kernel = block_sparse_attn_sm90_kernel<T, kD>;
-  static const cudaError_t smem_ok =  // once per process and instantiation (single-device assumption as above)
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-  if (smem_ok != cudaSuccess) return smem_ok;
+  // Per call: the attribute belongs to the current device's context (a host-side call, no sync).
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B), static_cast<unsigned>(p.nQ * sub));
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, tm_q, tm_k, tm_v);
   return cudaGetLastError();
