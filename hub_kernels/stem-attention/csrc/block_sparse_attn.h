@@ -30,6 +30,9 @@ struct Params {
   int tuning;       // 0: default tiles; 1: experimental register budget (see run_block_sparse_attn)
   int sm;           // compute capability of the device, major * 10 + minor
   bool allow_sm90;  // use the Hopper (wgmma + TMA) kernel where it applies (else always sm80)
+  int sm90_order;   // sm90 CTA order: 0 kv-head-major (default), 1 query-heads fastest (experiment)
+  int sm90_stages;  // sm90 K/V pipeline depth: 0 default, else 2 or 3 (experiment)
+  int sm90_overlap; // sm90 softmax / P V overlap inside a warpgroup: 1 on (default), 0 off (experiment)
 };
 
 // Which kernel ran the last launch of this process: 90 (wgmma + TMA), 80 (mma.sync) or 0 (none).

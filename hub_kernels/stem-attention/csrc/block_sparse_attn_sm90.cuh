@@ -18,8 +18,8 @@
 // TMA zero-fills rows outside the tensor (negative query rows of an unaligned q_offset, keys past
 // Lk), so partial tiles need no special loads; masks handle them in the scores.
 //
-// Grid: (query heads, batch, query tiles) with the latest (heaviest) query tiles first, so every
-// head's long rows start in the first wave and the query heads sharing a kv head run side by side.
+// Grid: one CTA per (batch, query head, 128-row query tile), ordered so that the CTAs in flight
+// share one kv head (L2 reuse of K/V) and the latest (heaviest) query tiles start first.
 #pragma once
 
 #include <cuda.h>
@@ -36,11 +36,11 @@
 namespace stem_attn {
 namespace sm90 {
 
-template <int kD>
+template <int kD, int kStages_>
 struct Cfg {
   static constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = kD == 64 ? 3 : 2;
+  static constexpr int kStages = kStages_;
   static constexpr int kThreads = 384;
   static constexpr int kBoxCols = 64;                  // elements in one 128-byte swizzled row
   static constexpr int kChunks = kD / kBoxCols;        // TMA boxes per tile
@@ -104,12 +104,12 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr, uint32_t lbo)
 // ---------------------------------------------------------------------------------------------
 // Kernel
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kD>
+template <typename T, int kD, int kStages_, bool kOverlap>
 __global__ void __launch_bounds__(384, 1)
     block_sparse_attn_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tm_q,
                                   const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = Cfg<kD>;
+  using C = Cfg<kD, kStages_>;
   constexpr int kBlockN = C::kBlockN;
   constexpr int kStages = C::kStages;
 
@@ -122,13 +122,31 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t bar_empty = bar_full + 8 * kStages;
 
   const int tid = threadIdx.x;
-  const int h = blockIdx.x;
-  const int b = blockIdx.y;
   const int bs = p.block_size;
   const int sub = bs / C::kBlockM;
-  const int tile = p.nQ * sub - 1 - static_cast<int>(blockIdx.z);  // late (heavier) query tiles first
+  const int n_tiles = p.nQ * sub;
+  const int group = p.Hq / p.Hkv;
+  // CTA order (1-d grid). Default: the query heads of one kv head side by side, then query tiles
+  // latest (heaviest) first, then kv heads, then batch: the CTAs in flight share one kv head's K/V
+  // in L2. Order 1 (experiment): every query head at once, then tiles.
+  int lin = static_cast<int>(blockIdx.x);
+  int h, b, tile_rev;
+  if (p.sm90_order == 1) {
+    h = lin % p.Hq;
+    lin /= p.Hq;
+    b = lin % p.B;
+    tile_rev = lin / p.B;
+  } else {
+    const int g = lin % group;
+    lin /= group;
+    tile_rev = lin % n_tiles;
+    lin /= n_tiles;
+    h = (lin % p.Hkv) * group + g;
+    b = lin / p.Hkv;
+  }
+  const int tile = n_tiles - 1 - tile_rev;
   const int qi = tile / sub;
-  const int hk = h / (p.Hq / p.Hkv);
+  const int hk = h / group;
   const int a0 = (p.q_offset / bs + qi) * bs + (tile % sub) * C::kBlockM;  // absolute pos of tile row 0
   const int q_lo = max(a0, p.q_offset);
   const int q_hi = min(a0 + C::kBlockM, p.q_offset + p.Lq) - 1;
@@ -198,43 +216,71 @@ __global__ void __launch_bounds__(384, 1)
     float acc_s[kBlockN / 2];
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) acc_s[i] = 0.f;
+    uint32_t pf[kBlockN / 16][4];             // P as wgmma A fragments; k-step kk: keys [16 kk, 16 kk + 16)
     float m_run[2] = {-INFINITY, -INFINITY};  // running row max (log2 domain)
     float l_run[2] = {0.f, 0.f};              // this thread's partial row sums
-
     const uint32_t q_base = s_q + cw * 64 * 128;  // this warpgroup's 64 rows, in every box
-    mbar_wait(bar_q, 0);
-    int it = 0;
-    for (int kcur = seek(); kcur >= 0; ++sub_t, kcur = seek(), ++it) {
-      const int s = it % kStages;
-      mbar_wait(bar_full + 8 * s, (it / kStages) & 1);
-      const uint32_t k_base = s_k + s * C::kTileBytes;
-      const uint32_t v_base = s_v + s * C::kTileBytes;
 
-      // ---- S = Q K^T (64 x 128 per warpgroup) ----
-      wgmma_fence();
+    // After a wait: the wgmma that read pf (registers) and wrote acc_o has retired; until here the
+    // compiler must neither reuse pf's registers nor touch acc_o.
+    auto fence_pv = [&](uint32_t (&pa)[kBlockN / 16][4]) {
+      fence_regs(acc_o);
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(pa[kk][r])::"memory");
+      }
+    };
+
+    // S = Q K^T for the tile in stage s (64 x 128 per warpgroup), issued, not waited for.
+    auto issue_s = [&](int s) {
+      const uint32_t k_base = s_k + s * C::kTileBytes;
+      uint64_t dq[kD / 16], dk[kD / 16];
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t off = (kk / 4) * C::kBoxBytes + (kk % 4) * 32;
-        Wgmma<T, kBlockN>::ss(acc_s, smem_desc_sw128(q_base + off, 16), smem_desc_sw128(k_base + off, 16), kk > 0);
+        dq[kk] = smem_desc_sw128(q_base + off, 16);
+        dk[kk] = smem_desc_sw128(k_base + off, 16);
       }
-      wgmma_commit();
-      wgmma_wait_all();
-      fence_regs(acc_s);
-
-      // ---- mask, online softmax ----
-      // acc_s[4 j + 2 i + c]: row row_in_tile + 8 i, key kcur + 8 j + 2 (lane % 4) + c.
-      if ((kcur + kBlockN - 1 > first_row_pos) || (kcur + kBlockN > p.Lk)) {
+      wgmma_fence();
 #pragma unroll
-        for (int e = 0; e < kBlockN / 2; ++e) {
+      for (int kk = 0; kk < kD / 16; ++kk) Wgmma<T, kBlockN>::ss(acc_s, dq[kk], dk[kk], kk > 0);
+      wgmma_commit();
+    };
+    // O += P V for the tile in stage s, issued, not waited for.
+    // No register fences in here: in the overlapped loop it follows issue_s, and any instruction
+    // that (re)defines pf or acc_o after a wgmma has started makes ptxas serialise the wgmmas.
+    auto v_descs = [&](int s, uint64_t (&dv)[kBlockN / 16]) {
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        dv[kk] = smem_desc_sw128(s_v + s * C::kTileBytes + kk * 16 * 128, C::kBoxBytes);
+      }
+    };
+    auto issue_pv = [&](const uint32_t (&pa)[kBlockN / 16][4], const uint64_t (&dv)[kBlockN / 16]) {
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) Wgmma<T, kD>::rs(acc_o, pa[kk], dv[kk], 1);
+      wgmma_commit();
+    };
+    // Masked, exponentiated scores of acc_s packed into P fragments `pout`; updates the running
+    // max and sums and returns in alpha the factor by which O must be rescaled. acc_s is only
+    // read: a non-wgmma write to a wgmma accumulator while another wgmma is in flight makes ptxas
+    // serialise every wgmma of the kernel.
+    // acc_s[4 j + 2 i + c]: row row_in_tile + 8 i, key kcur + 8 j + 2 (lane % 4) + c.
+    auto softmax = [&](int kcur, uint32_t (&pout)[kBlockN / 16][4], float (&alpha)[2]) {
+      const bool need_mask = (kcur + kBlockN - 1 > first_row_pos) || (kcur + kBlockN > p.Lk);
+      auto score = [&](int e) -> float {
+        if (need_mask) {
           const int key = kcur + (e / 4) * 8 + 2 * (lane % 4) + (e & 1);
           const int qpos = a0 + row_in_tile + ((e / 2) % 2) * 8;
-          if (key >= p.Lk || key > qpos) acc_s[e] = -INFINITY;
+          if (key >= p.Lk || key > qpos) return -INFINITY;
         }
-      }
+        return acc_s[e];
+      };
       float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int e = 0; e < kBlockN / 2; ++e) mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], acc_s[e]);
-      float mu[2], alpha[2];
+      for (int e = 0; e < kBlockN / 2; ++e) mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], score(e));
+      float mu[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
@@ -245,32 +291,100 @@ __global__ void __launch_bounds__(384, 1)
         m_run[r] = m_new;
         l_run[r] *= alpha[r];
       }
-#pragma unroll
-      for (int e = 0; e < kBlockN / 2; ++e) {
-        const int r = (e / 2) % 2;
-        acc_s[e] = fast_exp2(fmaf(acc_s[e], p.scale_log2, -mu[r]));
-        l_run[r] += acc_s[e];
-      }
-      // P as wgmma A fragments: k-step kk covers keys [16 kk, 16 kk + 16).
-      uint32_t pf[kBlockN / 16][4];
+      // fragment register r of k-step kk holds keys e = 8 kk + 2 r (+1), row i = r % 2
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) pf[kk][r] = Mma<T>::pack(acc_s[8 * kk + 2 * r], acc_s[8 * kk + 2 * r + 1]);
+        for (int r = 0; r < 4; ++r) {
+          const float p0 = fast_exp2(fmaf(score(8 * kk + 2 * r), p.scale_log2, -mu[r % 2]));
+          const float p1 = fast_exp2(fmaf(score(8 * kk + 2 * r + 1), p.scale_log2, -mu[r % 2]));
+          l_run[r % 2] += p0 + p1;
+          pout[kk][r] = Mma<T>::pack(p0, p1);
+        }
       }
+    };
+    auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
       for (int e = 0; e < kD / 2; ++e) acc_o[e] *= alpha[(e / 2) % 2];
-
-      // ---- O += P V ----
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        Wgmma<T, kD>::rs(acc_o, pf[kk], smem_desc_sw128(v_base + kk * 16 * 128, C::kBoxBytes), 1);
+    };
+    mbar_wait(bar_q, 0);
+    int it = 0;
+    float alpha[2];
+    if constexpr (kOverlap) {
+      // Softmax of tile j overlaps O += P V of tile j - 1 on the tensor cores: S_j and PV_{j-1}
+      // are issued back to back, S_j is waited for alone (wait_group 1), then PV_{j-1}.
+      // Two P buffers used alternately (the loop body is written out twice), so that the P of
+      // tile j is produced while the wgmma of tile j - 1 still reads its own P registers.
+      uint32_t pf2[kBlockN / 16][4];
+      int prev = 0;
+      // One steady-state step: S_j and PV_{j-1} in flight together, softmax of S_j under PV_{j-1}.
+      auto step = [&](int kcur, uint32_t (&p_in)[kBlockN / 16][4], uint32_t (&p_out)[kBlockN / 16][4]) {
+        const int s = it % kStages;
+        uint64_t dv[kBlockN / 16];
+        v_descs(prev, dv);
+        mbar_wait(bar_full + 8 * s, (it / kStages) & 1);
+        issue_s(s);
+        issue_pv(p_in, dv);
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+        fence_regs(acc_s);
+        softmax(kcur, p_out, alpha);
+        wgmma_wait_all();
+        fence_pv(p_in);
+        mbar_arrive(bar_empty + 8 * prev);  // this thread's reads of that stage have retired
+        rescale_o(alpha);
+        prev = s;
+        ++sub_t;
+        ++it;
+      };
+      auto last_pv = [&](uint32_t (&p_in)[kBlockN / 16][4]) {
+        uint64_t dv[kBlockN / 16];
+        v_descs(prev, dv);
+        issue_pv(p_in, dv);
+        wgmma_wait_all();
+        fence_pv(p_in);
+        mbar_arrive(bar_empty + 8 * prev);
+      };
+      // Prologue: S and P of the first tile.
+      int kcur = seek();
+      if (kcur >= 0) {
+        mbar_wait(bar_full, 0);
+        issue_s(0);
+        wgmma_wait_all();
+        fence_regs(acc_s);
+        softmax(kcur, pf, alpha);  // alpha multiplies an all-zero O: not needed
+        ++sub_t;
+        ++it;
+        while (true) {
+          kcur = seek();
+          if (kcur < 0) {
+            last_pv(pf);
+            break;
+          }
+          step(kcur, pf, pf2);
+          kcur = seek();
+          if (kcur < 0) {
+            last_pv(pf2);
+            break;
+          }
+          step(kcur, pf2, pf);
+        }
       }
-      wgmma_commit();
-      wgmma_wait_all();
-      fence_regs(acc_o);
-      mbar_arrive(bar_empty + 8 * s);  // this thread's reads of stage s have retired
+    } else {
+      for (int kcur = seek(); kcur >= 0; ++sub_t, kcur = seek(), ++it) {
+        const int s = it % kStages;
+        mbar_wait(bar_full + 8 * s, (it / kStages) & 1);
+        issue_s(s);
+        wgmma_wait_all();
+        fence_regs(acc_s);
+        softmax(kcur, pf, alpha);
+        rescale_o(alpha);
+        uint64_t dv[kBlockN / 16];
+        v_descs(s, dv);
+        issue_pv(pf, dv);
+        wgmma_wait_all();
+        fence_pv(pf);
+        mbar_arrive(bar_empty + 8 * s);  // this thread's reads of stage s have retired
+      }
     }
 
     // ---- epilogue: normalise and store (rows outside [0, Lq) are never stored) ----
@@ -350,11 +464,11 @@ inline bool make_tile_map(CUtensorMap* map, const void* base, bool is_bf16, int 
 }
 
 // True when this build holds an sm_90a binary of the kernel for the current device.
-template <typename T, int kD>
+template <typename T, int kD, int kStages, bool kOverlap>
 bool available() {
   static const bool ok = [] {
     cudaFuncAttributes attr{};
-    const cudaError_t e = cudaFuncGetAttributes(&attr, block_sparse_attn_sm90_kernel<T, kD>);
+    const cudaError_t e = cudaFuncGetAttributes(&attr, block_sparse_attn_sm90_kernel<T, kD, kStages, kOverlap>);
     if (e != cudaSuccess) {
       (void)cudaGetLastError();  // clear the (non-sticky) "no kernel image" error
       return false;
@@ -364,13 +478,11 @@ bool available() {
   return ok;
 }
 
-// Launches the sm90 kernel; cudaErrorNotSupported when this build or device cannot run it (the
-// caller then uses the sm80 kernel).
-template <typename T, int kD>
-cudaError_t run(const Params& p, cudaStream_t stream) {
-  using C = Cfg<kD>;
-  const int sub = p.block_size / C::kBlockM;
-  if (p.block_size % C::kBlockM != 0 || static_cast<int64_t>(p.nQ) * sub > 65535 || !available<T, kD>()) {
+template <typename T, int kD, int kStages, bool kOverlap>
+cudaError_t launch(const Params& p, cudaStream_t stream) {
+  using C = Cfg<kD, kStages>;
+  const int64_t ctas = static_cast<int64_t>(p.nQ) * (p.block_size / C::kBlockM) * p.Hq * p.B;
+  if (p.block_size % C::kBlockM != 0 || ctas > 0x7fffffff || !available<T, kD, kStages, kOverlap>()) {
     return cudaErrorNotSupported;
   }
   CUtensorMap tm_q, tm_k, tm_v;
@@ -379,13 +491,23 @@ cudaError_t run(const Params& p, cudaStream_t stream) {
       !make_tile_map(&tm_v, p.v, p.is_bf16, p.B, p.Hkv, p.Lk, kD, p.v_stride_b, p.v_stride_h, p.v_stride_l)) {
     return cudaErrorNotSupported;
   }
-  auto kernel = block_sparse_attn_sm90_kernel<T, kD>;
+  auto kernel = block_sparse_attn_sm90_kernel<T, kD, kStages, kOverlap>;
   // Per call: the attribute belongs to the current device's context (a host-side call, no sync).
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
   if (e != cudaSuccess) return e;
-  const dim3 grid(static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B), static_cast<unsigned>(p.nQ * sub));
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, tm_q, tm_k, tm_v);
+  kernel<<<static_cast<unsigned>(ctas), C::kThreads, C::kSmemBytes, stream>>>(p, tm_q, tm_k, tm_v);
   return cudaGetLastError();
+}
+
+// Launches the sm90 kernel; cudaErrorNotSupported when this build or device cannot run it (the
+// caller then uses the sm80 kernel). Pipeline depth: 3 stages by default (the most that fit for
+// D = 128: Q + 3 x (K + V) = 224 KB of shared memory).
+template <typename T, int kD>
+cudaError_t run(const Params& p, cudaStream_t stream) {
+  if (p.sm90_overlap == 0) {
+    return p.sm90_stages == 2 ? launch<T, kD, 2, false>(p, stream) : launch<T, kD, 3, false>(p, stream);
+  }
+  return p.sm90_stages == 2 ? launch<T, kD, 2, true>(p, stream) : launch<T, kD, 3, true>(p, stream);
 }
 
 }  // namespace sm90

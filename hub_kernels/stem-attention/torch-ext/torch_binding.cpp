@@ -114,6 +114,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
   // every call (a getenv, host only) so that a process can switch.
   const char* sm90_env = std::getenv("STEM_ATTN_SM90");
   p.allow_sm90 = sm90_env == nullptr || std::string(sm90_env) != "0";
+  // Experiments for hub_kernels/bench_hub.py (defaults when unset): CTA order and pipeline depth.
+  const char* order_env = std::getenv("STEM_ATTN_SM90_ORDER");
+  const char* stages_env = std::getenv("STEM_ATTN_SM90_STAGES");
+  p.sm90_order = order_env != nullptr ? std::atoi(order_env) : 0;
+  p.sm90_stages = stages_env != nullptr ? std::atoi(stages_env) : 0;
+  const char* overlap_env = std::getenv("STEM_ATTN_SM90_OVERLAP");
+  p.sm90_overlap = overlap_env != nullptr ? std::atoi(overlap_env) : 1;
 
   const cudaError_t err = stem_attn::block_sparse_attn_fwd_launch(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
   TORCH_CHECK(err == cudaSuccess, kPrefix, "kernel launch failed: ", cudaGetErrorString(err));
