@@ -33,12 +33,22 @@ def selected_pairs(plan) -> int:
     return total - plan.num_q_blocks * B * H * (bs * (bs - 1) // 2)
 
 
+# Experiment switches read by the op on every call (see torch_binding.cpp).
+SM90_VARIANTS = {
+    "no_overlap": {"STEM_ATTN_SM90_OVERLAP": "0"},  # softmax not overlapped with P V
+    "stages2": {"STEM_ATTN_SM90_STAGES": "2"},  # 2-deep K/V ring instead of 3
+    "order_heads": {"STEM_ATTN_SM90_ORDER": "1"},  # all query heads at once instead of kv-head-major
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--hub-only", action="store_true", help="time only the hub kernel (e.g. under STEM_ATTN_TUNING)")
+    ap.add_argument("--sm90-variants", action="store_true", help="also time the sm90 kernel with each design "
+                    "choice switched off (SM90_VARIANTS)")
     args = ap.parse_args(argv)
 
     import kernels
@@ -80,6 +90,19 @@ def main(argv=None) -> int:
         row["hub_ms"] = time_ms(run_hub, reps=args.reps)
         row["hub_kernel"] = f"sm{hub.ops.last_kernel_path()}"
         row["hub_tflops_selected"] = sparse_flop / row["hub_ms"] / 1e9
+        if row["hub_kernel"] == "sm90" and args.sm90_variants:
+            # sm90 design choices, each switched off alone (bf16 outputs compared with the default)
+            for name, env in SM90_VARIANTS.items():
+                os.environ.update(env)
+                try:
+                    out_var = run_hub()[0]
+                    row[f"sm90_{name}_ms"] = time_ms(run_hub, reps=args.reps)
+                    row[f"sm90_{name}_rel_diff"] = float((out_var.float() - out_hub.float()).norm()
+                                                         / out_hub.float().norm())
+                    del out_var
+                finally:
+                    for key in env:
+                        del os.environ[key]
         if row["hub_kernel"] == "sm90":  # the same op with the Hopper kernel switched off
             os.environ["STEM_ATTN_SM90"] = "0"
             try:

@@ -40,6 +40,11 @@ step "tests"
 python3 -m pytest -q -p no:cacheprovider --maxfail=10 tests/test_gpu_hub.py 2>&1 | tee "$OUT/hub_pytest.txt" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "tests: sm90 without the softmax/PV overlap, 2 stages, heads-fastest order (experiment switches)"
+STEM_ATTN_SM90_OVERLAP=0 STEM_ATTN_SM90_STAGES=2 STEM_ATTN_SM90_ORDER=1 python3 -m pytest -q -p no:cacheprovider \
+  --maxfail=5 tests/test_gpu_hub.py -k "auto and (bf16 or long_walk or strided)" 2>&1 | tail -3 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 step "compute-sanitizer memcheck"
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
   python3 hub_kernels/sanitize_case.py > "$OUT/hub_memcheck.txt" 2>&1
@@ -49,7 +54,7 @@ echo "memcheck exit code: $rc" | tee -a "$LOG"
 [ $rc -eq 0 ] || status=1
 
 step "benchmark"
-python3 hub_kernels/bench_hub.py --lengths ${BENCH_LENGTHS:-32768 131072} --json "$OUT/hub_bench.json" 2>&1 \
+python3 hub_kernels/bench_hub.py --sm90-variants --lengths ${BENCH_LENGTHS:-32768 131072} --json "$OUT/hub_bench.json" 2>&1 \
   | tee "$OUT/hub_bench.txt" | tail -6
 echo "tests+memcheck status: $status (0 = all passed)"
 exit $status
