@@ -156,6 +156,10 @@ def main(argv=None) -> int:
               f"{r.get('speedup_vs_triton', float('nan')):>6.2f} {r.get('cudnn_dense_ms', float('nan')):>9.2f} "
               f"{r['hub_tflops_selected']:>8.1f} {r.get('cudnn_dense_tflops', float('nan')):>10.1f} "
               f"{r.get('hub_frac_of_cudnn_tflops', float('nan')):>9.2f}")
+    for r in rows:
+        var = {k[5:-3]: round(v, 2) for k, v in r.items() if k.startswith("sm90_") and k.endswith("_ms")}
+        if var:
+            print(f"{r['L']:>7} sm90 {r['hub_ms']:.2f} ms; with one choice switched off: {var}")
     return 0
 
 
