@@ -101,6 +101,52 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr, uint32_t lbo)
          (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
 }
 
+// Online-softmax step over one 64 x kN score tile of a warpgroup (this thread: 2 rows, kN / 4
+// scores). acc_s[4 j + 2 i + c] is row qpos0 + 8 i (absolute position), key key0 + 8 j + c. Writes
+// the exponentiated scores as bf16/fp16 wgmma A fragments (fragment register r of k-step kk holds
+// keys 8 kk + 2 r (+1) of row r % 2), updates the running max (log2 domain) and this thread's
+// partial sums, and returns the rescale factor of O in alpha. acc_s is only read: a non-wgmma
+// write to a wgmma accumulator while another wgmma is in flight makes ptxas serialise every
+// wgmma of the kernel. Masking (kMasked) is a select, never a branch.
+template <bool kMasked, typename T, int kN>
+__device__ __forceinline__ void softmax_tile(const float (&acc_s)[kN / 2], uint32_t (&pout)[kN / 16][4],
+                                             float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
+                                             float scale_log2, int key0, int qpos0, int Lk) {
+  auto score = [&](int e) -> float {
+    if constexpr (kMasked) {
+      const int key = key0 + (e / 4) * 8 + (e & 1);
+      const int qpos = qpos0 + ((e / 2) % 2) * 8;
+      return (key >= Lk || key > qpos) ? -INFINITY : acc_s[e];
+    } else {
+      return acc_s[e];
+    }
+  };
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int e = 0; e < kN / 2; ++e) mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], score(e));
+  float mu[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float m_new = fmaxf(m_run[r], mx[r] * scale_log2);
+    mu[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
+    alpha[r] = fast_exp2(m_run[r] - mu[r]);
+    m_run[r] = m_new;
+    l_run[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float p0 = fast_exp2(fmaf(score(8 * kk + 2 * r), scale_log2, -mu[r % 2]));
+      const float p1 = fast_exp2(fmaf(score(8 * kk + 2 * r + 1), scale_log2, -mu[r % 2]));
+      l_run[r % 2] += p0 + p1;
+      pout[kk][r] = Mma<T>::pack(p0, p1);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernel
 // ---------------------------------------------------------------------------------------------
@@ -262,45 +308,14 @@ __global__ void __launch_bounds__(384, 1)
       for (int kk = 0; kk < kBlockN / 16; ++kk) Wgmma<T, kD>::rs(acc_o, pa[kk], dv[kk], 1);
       wgmma_commit();
     };
-    // Masked, exponentiated scores of acc_s packed into P fragments `pout`; updates the running
-    // max and sums and returns in alpha the factor by which O must be rescaled. acc_s is only
-    // read: a non-wgmma write to a wgmma accumulator while another wgmma is in flight makes ptxas
-    // serialise every wgmma of the kernel.
-    // acc_s[4 j + 2 i + c]: row row_in_tile + 8 i, key kcur + 8 j + 2 (lane % 4) + c.
+    // Masked (where the tile holds keys past Lk or after one of this warpgroup's queries: diagonal
+    // tiles), exponentiated scores of acc_s packed into P fragments `pout`; see softmax_tile.
     auto softmax = [&](int kcur, uint32_t (&pout)[kBlockN / 16][4], float (&alpha)[2]) {
-      const bool need_mask = (kcur + kBlockN - 1 > first_row_pos) || (kcur + kBlockN > p.Lk);
-      auto score = [&](int e) -> float {
-        if (need_mask) {
-          const int key = kcur + (e / 4) * 8 + 2 * (lane % 4) + (e & 1);
-          const int qpos = a0 + row_in_tile + ((e / 2) % 2) * 8;
-          if (key >= p.Lk || key > qpos) return -INFINITY;
-        }
-        return acc_s[e];
-      };
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int e = 0; e < kBlockN / 2; ++e) mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], score(e));
-      float mu[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        const float m_new = fmaxf(m_run[r], mx[r] * p.scale_log2);
-        mu[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
-        alpha[r] = fast_exp2(m_run[r] - mu[r]);
-        m_run[r] = m_new;
-        l_run[r] *= alpha[r];
-      }
-      // fragment register r of k-step kk holds keys e = 8 kk + 2 r (+1), row i = r % 2
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const float p0 = fast_exp2(fmaf(score(8 * kk + 2 * r), p.scale_log2, -mu[r % 2]));
-          const float p1 = fast_exp2(fmaf(score(8 * kk + 2 * r + 1), p.scale_log2, -mu[r % 2]));
-          l_run[r % 2] += p0 + p1;
-          pout[kk][r] = Mma<T>::pack(p0, p1);
-        }
+      const int qpos0 = a0 + row_in_tile;
+      if ((kcur + kBlockN - 1 > first_row_pos) || (kcur + kBlockN > p.Lk)) {
+        softmax_tile<true, T, kBlockN>(acc_s, pout, m_run, l_run, alpha, p.scale_log2, kcur + 2 * (lane % 4), qpos0, p.Lk);
+      } else {
+        softmax_tile<false, T, kBlockN>(acc_s, pout, m_run, l_run, alpha, p.scale_log2, kcur + 2 * (lane % 4), qpos0, p.Lk);
       }
     };
     auto rescale_o = [&](const float (&alpha)[2]) {
