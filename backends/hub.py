@@ -65,10 +65,11 @@ def _explain_load_error(repo: str, e: BaseException) -> str:
 
 class HubExecutor(Executor):
     name = "hub"
-    # Below Triton (50): the prebuilt kernel's sm80 mma.sync path ran at 0.59x the Triton executor
-    # on an H200 (32K: 11.98 vs 6.89 ms; 128K: 113.6 vs 67.0 ms), so `auto` must not prefer it while
-    # it has no wgmma path. Ask for it with backend="hub"; it is auto's choice only without triton.
-    priority = 40
+    # Above Triton (50) where the compiled kernel runs its sm90 (wgmma + TMA) path: 1.15-1.28x the
+    # Triton executor on an H200 (benchmarks/NOTES.md). Its sm80 (mma.sync) path ran at 0.58x
+    # Triton, so `auto` passes over the hub for shapes and devices without the sm90 path
+    # (auto_skip_reason), and over the torch-universal variant, which is the Triton kernel itself.
+    priority = 60
     device_types = ("cuda",)
     returns_lse = True
 
@@ -149,6 +150,22 @@ class HubExecutor(Executor):
             why = supports(q.dtype, q.shape[-1], plan.block_size)
             if why is not None:
                 return f"{why} by the {getattr(mod, 'VARIANT', 'loaded')} hub kernel"
+        return None
+
+    def auto_skip_reason(self, q, k, v, plan) -> str | None:
+        mod, reason = self.load()
+        if mod is None:
+            return reason
+        variant = getattr(mod, "VARIANT", None)
+        if variant != "cuda":
+            return f"the loaded hub variant is {variant!r} (the Triton kernel): the triton executor runs the same"
+        kernel_for = getattr(mod, "kernel_for", None)
+        if kernel_for is None:
+            return "the loaded hub build predates its sm90 path (no kernel_for): its sm80 path is slower than triton"
+        kernel = kernel_for(q.dtype, q.shape[-1], plan.block_size, q.device)
+        if kernel != "sm90":
+            return (f"the hub kernel would run its {kernel} path here (the sm90 path needs compute capability 9.0, "
+                    "head dim 64 or 128 and 128- or 256-token blocks), which is slower than triton")
         return None
 
     def forward(self, q, k, v, plan, scale, return_lse):

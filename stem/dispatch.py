@@ -42,6 +42,12 @@ class Executor:
         """None when this executor can run these inputs; else why not (head dim, dtype, ...)."""
         return None
 
+    def auto_skip_reason(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> str | None:
+        """Why ``backend="auto"`` should pass over this executor for inputs it can run (a slower
+        path for this shape or device than an executor of lower priority), else None. Asking for
+        the executor by name still runs it."""
+        return None
+
     def forward(self, q, k, v, plan, scale: float, return_lse: bool):
         """Run the plan. q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (out (B, Hq, Lq, D) in q.dtype,
         lse float32 (B, Hq, Lq) or None)."""
@@ -147,6 +153,8 @@ def choose_executor(q, k, v, plan, need_lse: bool = False) -> tuple[Executor, st
     rejected = []
     for name, ex in _by_priority():
         why = ex.unavailable_reason(device) or ex.unsupported_reason(q, k, v, plan)
+        if why is None:
+            why = ex.auto_skip_reason(q, k, v, plan)
         if why is None and need_lse and not ex.returns_lse:
             why = "does not return the log-sum-exp"
         if why is None:

@@ -194,7 +194,7 @@ def test_hub_executor_registered_attributes():
 
     ex = HubExecutor()
     assert (ex.name, ex.device_types) == ("hub", ("cuda",))
-    assert ex.priority < stem.executors()["triton"].priority  # measured slower than Triton on Hopper
+    assert ex.priority > stem.executors()["triton"].priority  # its sm90 path measured faster on Hopper
     assert ex.repo == DEFAULT_REPO
 
 
@@ -296,3 +296,44 @@ def test_cuda_sources_compile(tmp_path, src):
     assert not spills, spills
     # ptxas serialises every wgmma of a kernel when registers they use are redefined mid-pipeline
     assert "Potential Performance Loss" not in r.stderr, r.stderr[-4000:]
+
+
+def test_auto_skips_hub_without_its_sm90_path(monkeypatch):
+    """auto prefers the hub kernel only where it runs its sm90 path; by name it still runs."""
+    import types
+
+    from stem_backends.hub import HubExecutor
+
+    from stem.dispatch import Executor, choose_executor
+
+    q = k = v = torch.zeros(1, 2, 8, 128)
+    plan = types.SimpleNamespace(block_size=128)
+    ex = HubExecutor()
+
+    def fake(variant, kernel=None):
+        mod = types.SimpleNamespace(VARIANT=variant, block_sparse_attn_fwd=lambda *a: None)
+        if kernel is not None:
+            mod.kernel_for = lambda dtype, d, bs, dev: kernel
+        return mod
+
+    monkeypatch.setattr(ex, "load", lambda: (fake("universal"), None))
+    assert "Triton kernel" in ex.auto_skip_reason(q, k, v, plan)
+    monkeypatch.setattr(ex, "load", lambda: (fake("cuda", "sm80"), None))
+    assert "sm80 path" in ex.auto_skip_reason(q, k, v, plan)
+    monkeypatch.setattr(ex, "load", lambda: (fake("cuda"), None))
+    assert "predates" in ex.auto_skip_reason(q, k, v, plan)
+    monkeypatch.setattr(ex, "load", lambda: (fake("cuda", "sm90"), None))
+    assert ex.auto_skip_reason(q, k, v, plan) is None
+
+    class Slow(Executor):
+        name, priority, device_types = "slow", 99, ("cpu",)
+
+        def auto_skip_reason(self, q, k, v, plan):
+            return "slower here"
+
+    class Fast(Executor):
+        name, priority, device_types = "fast", 1, ("cpu",)
+
+    monkeypatch.setattr("stem.dispatch._by_priority", lambda: [("slow", Slow()), ("fast", Fast())])
+    chosen, why = choose_executor(q, k, v, plan)
+    assert chosen.name == "fast" and "slow: slower here" in why

@@ -12,13 +12,15 @@ The op itself is ``ops.block_sparse_attn_fwd`` (registered in this build's own n
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._ops import add_op_namespace_prefix, ops
 
-__all__ = ["block_sparse_attn_fwd", "supports", "ops", "add_op_namespace_prefix", "VARIANT"]
+__all__ = ["block_sparse_attn_fwd", "supports", "kernel_for", "ops", "add_op_namespace_prefix", "VARIANT"]
 
-VARIANT = "cuda"  # the compiled sm80/sm90 kernel (the torch-universal build says "universal")
+VARIANT = "cuda"  # the compiled sm80 + sm90a kernels (the torch-universal build says "universal")
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _HEAD_DIMS = (64, 128, 256)
@@ -34,6 +36,19 @@ def supports(dtype: torch.dtype, head_dim: int, block_size: int) -> str | None:
     if block_size not in _BLOCK_SIZES:
         return f"plan block size {block_size} is not supported ({', '.join(map(str, _BLOCK_SIZES))})"
     return None
+
+
+def kernel_for(dtype: torch.dtype, head_dim: int, block_size: int, device) -> str:
+    """Which compiled kernel ``block_sparse_attn_fwd`` runs for these inputs: ``"sm90"`` (wgmma +
+    TMA: compute capability 9.0, head dim 64/128, plan blocks of 128 or 256 tokens, unless the
+    environment sets STEM_ATTN_SM90=0) or ``"sm80"`` (mma.sync, every other supported case).
+    ``ops.last_kernel_path()`` reports what the last call actually ran (90 or 80)."""
+    if supports(dtype, head_dim, block_size) is not None:
+        raise ValueError(supports(dtype, head_dim, block_size))
+    hopper = torch.cuda.get_device_capability(torch.device(device)) == (9, 0)
+    if hopper and head_dim in (64, 128) and block_size % 128 == 0 and os.environ.get("STEM_ATTN_SM90") != "0":
+        return "sm90"
+    return "sm80"
 
 
 def _aligned(t: torch.Tensor) -> bool:
