@@ -209,7 +209,7 @@ def test_bad_inputs_raise(hubmod, change, match):
         hubmod.block_sparse_attn_fwd(q, k, v, counts, idx, 128, 0, 0.1, False)
 
 
-def test_op_input_check_raises_instead_of_crashing(hubmod):
+def test_op_input_check_raises_instead_of_crashing(hubmod, tmp_path):
     """A failing TORCH_CHECK inside the compiled op must surface as a Python RuntimeError (an earlier
     build aborted the process). Run in a child process so that a crash fails this test only."""
     import subprocess
@@ -229,5 +229,14 @@ def test_op_input_check_raises_instead_of_crashing(hubmod):
             print("RAISED", "head dim must be 64, 128 or 256" in str(e))
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        # Is it this op, or does every extension op crash on a throw with this torch build? (On
+        # the torch 2.11.0+cu130 device image a 5-line extension crashes the same way.)
+        sys.path.insert(0, str(ROOT / "hub_kernels" / "tools"))
+        from throw_probe import raises_cleanly
+
+        if not raises_cleanly(tmp_path):
+            pytest.xfail(f"torch {torch.__version__} here crashes on any TORCH_CHECK thrown in an extension op "
+                         "(hub_kernels/tools/throw_probe.py); the Python wrapper validates inputs first")
     assert r.returncode == 0, f"the op crashed the process (rc {r.returncode}): {r.stderr[-2000:]}"
     assert "RAISED True" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -232,7 +232,9 @@ def test_auto_dispatch_dense_below_threshold_sparse_above(monkeypatch):
         q, k, v = (torch.randn(1, h, L, D, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
         out = stem.attention(q, k, v)
         why = stem.last_dispatch()
-        assert why.startswith(f"auto -> {expect}"), why
+        # the sparse case goes to the fastest usable plan executor: triton, or the hub kernel's
+        # sm90 path where a hub build is loadable (LOCAL_KERNELS)
+        assert why.startswith(f"auto -> {expect}") or (expect == "triton" and why.startswith("auto -> hub")), why
         dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         rel = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
         assert rel < (1e-2 if expect == "sdpa" else 0.5), rel
