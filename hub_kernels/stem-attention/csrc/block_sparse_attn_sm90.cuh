@@ -12,7 +12,9 @@
 //                S = Q K^T with wgmma (A and B from shared memory), masking and softmax in
 //                registers, O += P V with wgmma (P from registers, V from shared memory,
 //                transposed). Each consumer thread arrives on the stage's "empty" barrier once its
-//                wgmmas have retired, which lets the producer refill the stage.
+//                wgmmas have retired, which lets the producer refill the stage. By default the
+//                softmax of tile j runs while O += P V of tile j - 1 is on the tensor cores (two P
+//                register buffers; kOverlap = false is the plain sequence, kept for A/B timing).
 // Shared memory tiles are TMA boxes of 128 rows x 64 elements (128 bytes) with the 128-byte
 // swizzle, the layout wgmma reads directly (K-major for Q and K, MN-major for V).
 // TMA zero-fills rows outside the tensor (negative query rows of an unaligned q_offset, keys past
