@@ -38,6 +38,7 @@ SM90_VARIANTS = {
     "no_overlap": {"STEM_ATTN_SM90_OVERLAP": "0"},  # softmax not overlapped with P V
     "stages2": {"STEM_ATTN_SM90_STAGES": "2"},  # 2-deep K/V ring instead of 3
     "order_heads": {"STEM_ATTN_SM90_ORDER": "1"},  # all query heads at once instead of kv-head-major
+    "pingpong_on": {"STEM_ATTN_SM90_PINGPONG": "1"},  # warpgroups take turns at the tensor cores (off by default)
 }
 
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--hub-only", action="store_true", help="time only the hub kernel (e.g. under STEM_ATTN_TUNING)")
     ap.add_argument("--sm90-variants", action="store_true", help="also time the sm90 kernel with each design "
-                    "choice switched off (SM90_VARIANTS)")
+                    "choice flipped (SM90_VARIANTS)")
     args = ap.parse_args(argv)
 
     import kernels
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         row["hub_kernel"] = f"sm{hub.ops.last_kernel_path()}"
         row["hub_tflops_selected"] = sparse_flop / row["hub_ms"] / 1e9
         if row["hub_kernel"] == "sm90" and args.sm90_variants:
-            # sm90 design choices, each switched off alone (bf16 outputs compared with the default)
+            # sm90 design choices, each flipped alone (bf16 outputs compared with the default)
             for name, env in SM90_VARIANTS.items():
                 os.environ.update(env)
                 try:
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     for r in rows:
         var = {k[5:-3]: round(v, 2) for k, v in r.items() if k.startswith("sm90_") and k.endswith("_ms")}
         if var:
-            print(f"{r['L']:>7} sm90 {r['hub_ms']:.2f} ms; with one choice switched off: {var}")
+            print(f"{r['L']:>7} sm90 {r['hub_ms']:.2f} ms; with one choice flipped: {var}")
     return 0
 
 

@@ -45,6 +45,11 @@ STEM_ATTN_SM90_OVERLAP=0 STEM_ATTN_SM90_STAGES=2 STEM_ATTN_SM90_ORDER=1 python3 
   --maxfail=5 tests/test_gpu_hub.py -k "auto and (bf16 or long_walk or strided)" 2>&1 | tail -3 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "tests: sm90 with ping-pong turns (experiment switch)"
+STEM_ATTN_SM90_PINGPONG=1 python3 -m pytest -q -p no:cacheprovider --maxfail=5 tests/test_gpu_hub.py \
+  -k "auto and (bf16 or long_walk or strided or graph)" 2>&1 | tail -3 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 step "compute-sanitizer memcheck"
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
   python3 hub_kernels/sanitize_case.py > "$OUT/hub_memcheck.txt" 2>&1

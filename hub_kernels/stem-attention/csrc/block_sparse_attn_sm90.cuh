@@ -85,6 +85,13 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
       : "memory");
 }
+// Named barriers 1 and 2 (0 is __syncthreads): the two consumer warpgroups' turns at the tensor cores.
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -334,14 +341,17 @@ __global__ void __launch_bounds__(384, 1)
       // tile j is produced while the wgmma of tile j - 1 still reads its own P registers.
       uint32_t pf2[kBlockN / 16][4];
       int prev = 0;
+      const bool pingpong = p.sm90_pingpong != 0;
       // One steady-state step: S_j and PV_{j-1} in flight together, softmax of S_j under PV_{j-1}.
       auto step = [&](int kcur, uint32_t (&p_in)[kBlockN / 16][4], uint32_t (&p_out)[kBlockN / 16][4]) {
         const int s = it % kStages;
         uint64_t dv[kBlockN / 16];
         v_descs(prev, dv);
         mbar_wait(bar_full + 8 * s, (it / kStages) & 1);
+        if (pingpong) named_bar_sync(1 + cw, 256);  // my turn to issue
         issue_s(s);
         issue_pv(p_in, dv);
+        if (pingpong) named_bar_arrive(2 - cw, 256);  // the other warpgroup's turn
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
         fence_regs(acc_s);
         softmax(kcur, p_out, alpha);
@@ -361,6 +371,11 @@ __global__ void __launch_bounds__(384, 1)
         fence_pv(p_in);
         mbar_arrive(bar_empty + 8 * prev);
       };
+      // Ping-pong (experiment, p.sm90_pingpong): the warpgroups take turns issuing their wgmmas, so
+      // one's softmax runs under the other's GEMMs. Warpgroup 1 gives warpgroup 0 the first turn;
+      // both take the same number of steps, and warpgroup 0 consumes the one arrival left over
+      // at the end, so the barriers finish balanced.
+      if (pingpong && cw == 1) named_bar_arrive(1, 256);
       // Prologue: S and P of the first tile.
       int kcur = seek();
       if (kcur >= 0) {
@@ -386,6 +401,7 @@ __global__ void __launch_bounds__(384, 1)
           step(kcur, pf2, pf);
         }
       }
+      if (pingpong && cw == 0) named_bar_sync(1, 256);
     } else {
       for (int kcur = seek(); kcur >= 0; ++sub_t, kcur = seek(), ++it) {
         const int s = it % kStages;
