@@ -39,6 +39,7 @@ SM90_VARIANTS = {
     "stages2": {"STEM_ATTN_SM90_STAGES": "2"},  # 2-deep K/V ring instead of 3
     "order_heads": {"STEM_ATTN_SM90_ORDER": "1"},  # all query heads at once instead of kv-head-major
     "pingpong_on": {"STEM_ATTN_SM90_PINGPONG": "1"},  # warpgroups take turns at the tensor cores (off by default)
+    "l2hint_on": {"STEM_ATTN_SM90_L2HINT": "1"},  # K/V TMA loads with an L2 evict-last hint (off by default)
 }
 
 

@@ -34,6 +34,7 @@ struct Params {
   int sm90_stages;  // sm90 K/V pipeline depth: 0 default, else 2 or 3 (experiment)
   int sm90_overlap; // sm90 softmax / P V overlap inside a warpgroup: 1 on (default), 0 off (experiment)
   int sm90_pingpong; // sm90 warpgroups take turns at the tensor cores: 0 off (default), 1 on (experiment)
+  int sm90_l2_hint;  // sm90 K/V loads with an L2 evict-last hint: 0 off (default), 1 on (experiment)
 };
 
 // Which kernel ran the last launch of this process: 90 (wgmma + TMA), 80 (mma.sync) or 0 (none).

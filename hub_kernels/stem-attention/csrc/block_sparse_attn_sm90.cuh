@@ -92,6 +92,20 @@ __device__ __forceinline__ void named_bar_sync(int id, int count) {
 __device__ __forceinline__ void named_bar_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
+// The same with an L2 eviction-priority hint (a createpolicy value).
+__device__ __forceinline__ void tma_load_4d_hint(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                                 int c2, int c3, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
+      "%3, %4, %5}], [%6], %7;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "l"(policy)
+      : "memory");
+}
+__device__ __forceinline__ uint64_t l2_policy_evict_last() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -244,15 +258,27 @@ __global__ void __launch_bounds__(384, 1)
       mbar_arrive_expect_tx(bar_q, C::kTileBytes);
 #pragma unroll
       for (int c = 0; c < C::kChunks; ++c) tma_load_4d(s_q + c * C::kBoxBytes, &tm_q, bar_q, c * 64, q_row0, h, b);
+      const bool l2_hint = p.sm90_l2_hint != 0;
+      const uint64_t policy = l2_hint ? l2_policy_evict_last() : 0;
       int it = 0;
       for (int kcur = seek(); kcur >= 0; ++sub_t, kcur = seek(), ++it) {
         const int s = it % kStages;
         mbar_wait(bar_empty + 8 * s, ((it / kStages) & 1) ^ 1);
         mbar_arrive_expect_tx(bar_full + 8 * s, 2 * C::kTileBytes);
+        if (l2_hint) {  // experiment: keep K/V (shared by a GQA group and neighbouring tiles) in L2
 #pragma unroll
-        for (int c = 0; c < C::kChunks; ++c) {
-          tma_load_4d(s_k + s * C::kTileBytes + c * C::kBoxBytes, &tm_k, bar_full + 8 * s, c * 64, kcur, hk, b);
-          tma_load_4d(s_v + s * C::kTileBytes + c * C::kBoxBytes, &tm_v, bar_full + 8 * s, c * 64, kcur, hk, b);
+          for (int c = 0; c < C::kChunks; ++c) {
+            tma_load_4d_hint(s_k + s * C::kTileBytes + c * C::kBoxBytes, &tm_k, bar_full + 8 * s, c * 64, kcur, hk, b,
+                             policy);
+            tma_load_4d_hint(s_v + s * C::kTileBytes + c * C::kBoxBytes, &tm_v, bar_full + 8 * s, c * 64, kcur, hk, b,
+                             policy);
+          }
+        } else {
+#pragma unroll
+          for (int c = 0; c < C::kChunks; ++c) {
+            tma_load_4d(s_k + s * C::kTileBytes + c * C::kBoxBytes, &tm_k, bar_full + 8 * s, c * 64, kcur, hk, b);
+            tma_load_4d(s_v + s * C::kTileBytes + c * C::kBoxBytes, &tm_v, bar_full + 8 * s, c * 64, kcur, hk, b);
+          }
         }
       }
     }

@@ -123,6 +123,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
   p.sm90_overlap = overlap_env != nullptr ? std::atoi(overlap_env) : 1;
   const char* pingpong_env = std::getenv("STEM_ATTN_SM90_PINGPONG");
   p.sm90_pingpong = pingpong_env != nullptr ? std::atoi(pingpong_env) : 0;
+  const char* l2_env = std::getenv("STEM_ATTN_SM90_L2HINT");
+  p.sm90_l2_hint = l2_env != nullptr ? std::atoi(l2_env) : 0;
 
   const cudaError_t err = stem_attn::block_sparse_attn_fwd_launch(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
   TORCH_CHECK(err == cudaSuccess, kPrefix, "kernel launch failed: ", cudaGetErrorString(err));
