@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "block_sparse_attn.h"
+#include "plan_walk.cuh"
 #include "ptx_common.cuh"
 
 namespace stem_attn {
@@ -94,36 +95,17 @@ __global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, kMinBlocks)
   const int b = blockIdx.z;
   const int hk = h / (p.Hq / p.Hkv);
 
-  const int a0 = (p.q_offset / bs + qi) * bs + (tile % sub) * kBlockM;  // absolute pos of tile row 0
-  const int q_lo = max(a0, p.q_offset);
-  const int q_hi = min(a0 + kBlockM, p.q_offset + p.Lq) - 1;
-  if (q_lo > q_hi) return;  // a sub-tile of a plan block with no query rows (uniform per CTA)
-  const int key_limit = min(p.Lk, q_hi + 1);  // keys at or past this are never visible
+  const QueryTile qt = query_tile(p, qi, tile % sub, kBlockM);
+  if (qt.empty) return;  // a sub-tile of a plan block with no query rows (uniform per CTA)
+  const int a0 = qt.a0;
+  const int q_row0 = qt.q_row0;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
-  const int64_t cidx = (static_cast<int64_t>(b) * p.Hq + h) * p.nQ + qi;
-  const int cnt = min(max(p.kv_counts[cidx], 0), p.W);
-  const int* idx = p.kv_indices + cidx * p.W;
-  const int tiles_per_block = bs / kBlockN;
+  KeyTileWalk<kBlockN> walk(p, b, h, qi, qt.key_limit);
 
-  // Walk the (selected block, key tile) pairs; returns the next tile's first key or -1.
-  int pos = 0, sub_t = 0;
-  auto seek = [&]() -> int {
-    while (pos < cnt) {
-      const int j = idx[pos];
-      const int rem = key_limit - j * bs;
-      const int n = (j < 0 || rem <= 0) ? 0 : min((rem + kBlockN - 1) / kBlockN, tiles_per_block);
-      if (sub_t < n) return j * bs + sub_t * kBlockN;
-      ++pos;
-      sub_t = 0;
-    }
-    return -1;
-  };
-
-  const int q_row0 = a0 - p.q_offset;  // query row index of tile row 0 (may be negative)
-  int kcur = seek();
+  int kcur = walk.current();
   load_rows<T, kBlockM, kD, kThreads>(sQ, qg, p.q_stride_l, q_row0, 0, p.Lq, tid);
   if (kcur >= 0) load_rows<T, kBlockN, kD, kThreads>(sK, kg, p.k_stride_l, kcur, 0, p.Lk, tid);
   cp_async_commit();
@@ -224,8 +206,8 @@ __global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, kMinBlocks)
       acc_o[d][3] *= alpha[1];
     }
 
-    ++sub_t;
-    const int knext = seek();
+    walk.next();
+    const int knext = walk.current();
     cp_async_wait_all();
     __syncthreads();  // V(kcur) visible; every warp is done reading K(kcur)
     if (knext >= 0) load_rows<T, kBlockN, kD, kThreads>(sK, kg, p.k_stride_l, knext, 0, p.Lk, tid);

@@ -32,6 +32,7 @@
 #include <cstdint>
 
 #include "block_sparse_attn.h"
+#include "plan_walk.cuh"
 #include "ptx_common.cuh"
 #include "wgmma.cuh"
 
@@ -216,30 +217,12 @@ __global__ void __launch_bounds__(384, 1)
   const int tile = n_tiles - 1 - tile_rev;
   const int qi = tile / sub;
   const int hk = h / group;
-  const int a0 = (p.q_offset / bs + qi) * bs + (tile % sub) * C::kBlockM;  // absolute pos of tile row 0
-  const int q_lo = max(a0, p.q_offset);
-  const int q_hi = min(a0 + C::kBlockM, p.q_offset + p.Lq) - 1;
-  if (q_lo > q_hi) return;  // a sub-tile of a plan block with no query rows (uniform per CTA)
-  const int key_limit = min(p.Lk, q_hi + 1);
-  const int q_row0 = a0 - p.q_offset;  // query row index of tile row 0 (may be negative)
-
-  const int64_t cidx = (static_cast<int64_t>(b) * p.Hq + h) * p.nQ + qi;
-  const int cnt = min(max(p.kv_counts[cidx], 0), p.W);
-  const int* idx = p.kv_indices + cidx * p.W;
-  const int tiles_per_block = bs / kBlockN;
-  // Walk the (selected block, key tile) pairs; producer and consumers walk the same sequence.
-  int pos = 0, sub_t = 0;
-  auto seek = [&]() -> int {
-    while (pos < cnt) {
-      const int j = idx[pos];
-      const int rem = key_limit - j * bs;
-      const int n = (j < 0 || rem <= 0) ? 0 : min((rem + kBlockN - 1) / kBlockN, tiles_per_block);
-      if (sub_t < n) return j * bs + sub_t * kBlockN;
-      ++pos;
-      sub_t = 0;
-    }
-    return -1;
-  };
+  const QueryTile qt = query_tile(p, qi, tile % sub, C::kBlockM);
+  if (qt.empty) return;  // a sub-tile of a plan block with no query rows (uniform per CTA)
+  const int a0 = qt.a0;
+  const int q_row0 = qt.q_row0;
+  // Producer and consumers each walk the same sequence of key tiles.
+  KeyTileWalk<kBlockN> walk(p, b, h, qi, qt.key_limit);
 
   if (tid == 0) {
     mbar_init(bar_q, 1);
@@ -261,7 +244,7 @@ __global__ void __launch_bounds__(384, 1)
       const bool l2_hint = p.sm90_l2_hint != 0;
       const uint64_t policy = l2_hint ? l2_policy_evict_last() : 0;
       int it = 0;
-      for (int kcur = seek(); kcur >= 0; ++sub_t, kcur = seek(), ++it) {
+      for (int kcur = walk.current(); kcur >= 0; walk.next(), kcur = walk.current(), ++it) {
         const int s = it % kStages;
         mbar_wait(bar_empty + 8 * s, ((it / kStages) & 1) ^ 1);
         mbar_arrive_expect_tx(bar_full + 8 * s, 2 * C::kTileBytes);
@@ -386,7 +369,7 @@ __global__ void __launch_bounds__(384, 1)
         mbar_arrive(bar_empty + 8 * prev);  // this thread's reads of that stage have retired
         rescale_o(alpha);
         prev = s;
-        ++sub_t;
+        walk.next();
         ++it;
       };
       auto last_pv = [&](uint32_t (&p_in)[kBlockN / 16][4]) {
@@ -403,23 +386,23 @@ __global__ void __launch_bounds__(384, 1)
       // at the end, so the barriers finish balanced.
       if (pingpong && cw == 1) named_bar_arrive(1, 256);
       // Prologue: S and P of the first tile.
-      int kcur = seek();
+      int kcur = walk.current();
       if (kcur >= 0) {
         mbar_wait(bar_full, 0);
         issue_s(0);
         wgmma_wait_all();
         fence_regs(acc_s);
         softmax(kcur, pf, alpha);  // alpha multiplies an all-zero O: not needed
-        ++sub_t;
+        walk.next();
         ++it;
         while (true) {
-          kcur = seek();
+          kcur = walk.current();
           if (kcur < 0) {
             last_pv(pf);
             break;
           }
           step(kcur, pf, pf2);
-          kcur = seek();
+          kcur = walk.current();
           if (kcur < 0) {
             last_pv(pf2);
             break;
@@ -429,7 +412,7 @@ __global__ void __launch_bounds__(384, 1)
       }
       if (pingpong && cw == 0) named_bar_sync(1, 256);
     } else {
-      for (int kcur = seek(); kcur >= 0; ++sub_t, kcur = seek(), ++it) {
+      for (int kcur = walk.current(); kcur >= 0; walk.next(), kcur = walk.current(), ++it) {
         const int s = it % kStages;
         mbar_wait(bar_full + 8 * s, (it / kStages) & 1);
         issue_s(s);
