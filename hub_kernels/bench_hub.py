@@ -92,29 +92,23 @@ def main(argv=None) -> int:
         row["hub_ms"] = time_ms(run_hub, reps=args.reps)
         row["hub_kernel"] = f"sm{hub.ops.last_kernel_path()}"
         row["hub_tflops_selected"] = sparse_flop / row["hub_ms"] / 1e9
+        def timed_with_env(env, run_hub=run_hub, out_hub=out_hub):
+            """(ms, relative difference from the default output) of the op under extra env vars."""
+            os.environ.update(env)
+            try:
+                out = run_hub()[0]
+                rel = float((out.float() - out_hub.float()).norm() / out_hub.float().norm())
+                return time_ms(run_hub, reps=args.reps), rel
+            finally:
+                for key in env:
+                    del os.environ[key]
+
         if row["hub_kernel"] == "sm90" and args.sm90_variants:
             # sm90 design choices, each flipped alone (bf16 outputs compared with the default)
             for name, env in SM90_VARIANTS.items():
-                os.environ.update(env)
-                try:
-                    out_var = run_hub()[0]
-                    row[f"sm90_{name}_ms"] = time_ms(run_hub, reps=args.reps)
-                    row[f"sm90_{name}_rel_diff"] = float((out_var.float() - out_hub.float()).norm()
-                                                         / out_hub.float().norm())
-                    del out_var
-                finally:
-                    for key in env:
-                        del os.environ[key]
+                row[f"sm90_{name}_ms"], row[f"sm90_{name}_rel_diff"] = timed_with_env(env)
         if row["hub_kernel"] == "sm90":  # the same op with the Hopper kernel switched off
-            os.environ["STEM_ATTN_SM90"] = "0"
-            try:
-                out_80 = run_hub()[0]
-                row["hub_sm80_ms"] = time_ms(run_hub, reps=args.reps)
-                row["sm90_vs_sm80_rel_diff"] = float((out_hub.float() - out_80.float()).norm()
-                                                     / out_80.float().norm())
-                del out_80
-            finally:
-                del os.environ["STEM_ATTN_SM90"]
+            row["hub_sm80_ms"], row["sm90_vs_sm80_rel_diff"] = timed_with_env({"STEM_ATTN_SM90": "0"})
         if triton_run is not None:
             def run_triton(q=q, k=k, v=v, plan=plan):
                 return triton_run(q, k, v, plan, scale, False)

@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # One device call after hub_kernels/gpu_build_and_test.sh has built the kernel (same machine):
-# op error diagnosis, then `stem bench` with the hub executor loaded (LOCAL_KERNELS) beside Triton,
-# FlexAttention on the same plan, and dense cuDNN/flash SDPA. Results under $OUT.
+# `stem bench` with the hub executor loaded (LOCAL_KERNELS) beside Triton, FlexAttention on the
+# same plan, and dense cuDNN/flash SDPA. Results under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/stem_hub_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-echo "=== op error diagnosis"
-timeout 200 python3 hub_kernels/check_op_errors.py 2>&1 | tee "$OUT/op_errors.txt" | tail -40
 echo "=== stem info / bench with the hub kernel"
 export LOCAL_KERNELS=stem-attention/stem-attention=$PWD/hub_kernels/stem-attention
 stem info 2>&1 | tee "$OUT/info.txt" | grep -E "hub|triton|auto" | head -8
