@@ -214,7 +214,7 @@ def build_universal(out_root: Path, *, triton_source: Path = TRITON_SOURCE) -> P
     if not triton_source.exists():
         raise FileNotFoundError(
             f"{triton_source} is missing: the torch-universal variant packages the stem Triton kernel "
-            f"(backends/triton_kernels/block_sparse_attn.py)"
+            f"(backends/triton/block_sparse_attn.py)"
         )
     files = triton_files(triton_source)
     vdir = _fresh_dir(out_root / "torch-universal")

@@ -30,9 +30,6 @@ def add_arguments(p) -> None:
     p.add_argument("--skip", nargs="*", default=[], help="methods to skip: flash cudnn flex torch_planner ...")
     p.add_argument("--out", default="benchmarks/results", help="folder for bench_attention.json/.png")
     p.add_argument("--tag", default=None, help="file name tag (default: the card's name)")
-    p.add_argument("--model-shape", default=None, choices=["llama3-8b"],
-                   help="instead: whole-model prefill (TTFT) of this shape, SDPA vs Stem (stem/bench_prefill.py)")
-    p.add_argument("--layers", type=int, default=4, help="with --model-shape: decoder layers to build")
 
 
 def time_ms(fn, reps: int = 7, warmup: int = 2) -> float:
@@ -254,12 +251,6 @@ def _table(res: dict) -> str:
 
 
 def main(args) -> int:
-    if args.model_shape:
-        from stem.bench_prefill import main as prefill_main
-
-        lengths = [L for L in args.lengths if L >= 32768] or args.lengths
-        prefill_main(["--out", args.out, "--layers", str(args.layers), "--lengths", *map(str, lengths)])
-        return 0
     res = run_bench(args)
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or res["card"].replace(" ", "_").replace("/", "_")

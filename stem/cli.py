@@ -114,12 +114,6 @@ def _bench(args) -> int:
     return bench_main(args)
 
 
-def _eval(args) -> int:
-    from stem.eval.cli import main as eval_main
-
-    return eval_main(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stem", description="Stem sparse attention for long-context prefill")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -143,12 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser("bench", help="benchmark planner/executors vs dense SDPA and FlexAttention (GPU)")
         bench_args(s)
         s.set_defaults(fn=_bench)
-    except ImportError:
-        pass
-    try:
-        from stem.eval.cli import add_parser as eval_parser
-
-        eval_parser(sub)
     except ImportError:
         pass
     return p

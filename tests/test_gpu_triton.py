@@ -18,7 +18,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _exec_or_skip():
-    from stem_backends.triton_executor import TritonExecutor
+    from stem_backends.triton.executor import TritonExecutor
 
     ex = TritonExecutor()
     why = ex.unavailable_reason(torch.device("cuda"))
@@ -41,7 +41,7 @@ def _random_plan(B, Hq, Lq, Lk, bs, off, density, gen):
 
 def _poisoned_launch(q, k, v, plan, scale, return_lse, **kw):
     """Run the kernel into NaN-poisoned outputs: a row the kernel fails to write stays NaN."""
-    from stem_backends.triton_executor import run_block_sparse_attention
+    from stem_backends.triton.executor import run_block_sparse_attention
 
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device=q.device) if return_lse else None
@@ -154,7 +154,7 @@ def test_stem_attention_dispatches_triton_and_matches_reference():
 @needs_cuda
 @pytest.mark.parametrize("Lq,Lk,q_offset,G", [(20000, 20000, None, 4), (5000, 23000, None, 1), (4000, 23000, 9000, 4)])
 def test_planner_kernel_matches_torch(Lq, Lk, q_offset, G):
-    from stem_backends.triton_planner import triton_block_logits
+    from stem_backends.triton.planner import triton_block_logits
 
     from stem.config import StemConfig
     from stem.planner import block_logits_torch, logits_impls, select_blocks
@@ -191,7 +191,7 @@ def test_planner_kernel_matches_torch(Lq, Lk, q_offset, G):
 def test_executor_cuda_graph_capture(use_tma):
     import functools
 
-    from stem_backends.triton_executor import run_block_sparse_attention
+    from stem_backends.triton.executor import run_block_sparse_attention
 
     import stem
 

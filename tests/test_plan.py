@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import rand_qkv
+from reference import rand_qkv
 
 import stem
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import rand_qkv
-from spec_reference import spec_logits, spec_selection
+from reference import rand_qkv
+from reference import spec_logits, spec_selection
 
 import stem
 from stem.planner import block_logits_torch

@@ -3,7 +3,7 @@
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from spec_reference import masked_attention64
+from reference import masked_attention64
 
 import stem
 

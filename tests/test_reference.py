@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import rand_qkv
-from spec_reference import dense_causal_attention64, masked_attention64
+from reference import rand_qkv
+from reference import dense_causal_attention64, masked_attention64
 
 import stem
 

@@ -350,24 +350,6 @@ def test_hub_string_path_routes_to_stem(monkeypatch):
 
 
 # ---- the end-to-end benchmark's code path, at a tiny size on CPU ----------------------------------
-def test_bench_prefill_tiny(tmp_path):
-    from stem import bench_prefill
-
-    res = bench_prefill.main(["--tiny", "--out", str(tmp_path), "--no-progress"])
-    data = json.loads((tmp_path / "bench_prefill.json").read_text())
-    assert (tmp_path / "bench_prefill.png").stat().st_size > 0
-    assert data == res
-    assert data["device"]["type"] == "cpu" and data["scaled"]["to_layers"] == data["model"]["num_hidden_layers_full"]
-    rows = {r["length"]: r for r in data["results"]}
-    assert set(rows) == set(data["lengths"])
-    long = rows[max(rows)]
-    for method in ("sdpa", "stem"):
-        m = long[method]
-        assert m["ttft_ms"] > 0 and 0 < m["attn_ms"] < m["ttft_ms"] and 0 < m["attn_share"] < 1
-    assert long["stem"]["sparse_layer_density"] and max(long["stem"]["sparse_layer_density"]) < 1.0
-    assert long["stem"]["routes"].get("stem", 0) > 0
-
-
 def test_fallback_reason_logged_once_at_debug(caplog):
     model = tiny_llama()
     sh.enable(model, all_dense())

@@ -59,7 +59,7 @@ def _random_plan(B, Hq, Lq, Lk, bs, off, dense, gen):
 
 def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, extra, seed):
     from stem_backends.reference import reference_attention
-    from stem_backends.triton_executor import run_block_sparse_attention
+    from stem_backends.triton.executor import run_block_sparse_attention
 
     gen = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
@@ -86,7 +86,7 @@ def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, extra, seed):
 
 
 def _check_pool(B, Hq, Hkv, Lq, Lk, D, bs, S, dtype, q_offset, seed):
-    from stem_backends.triton_kernels.block_pool import block_logits_triton
+    from stem_backends.triton.block_pool import block_logits_triton
 
     from stem.config import StemConfig
     from stem.planner import block_logits_torch
@@ -143,7 +143,7 @@ def test_interpreted_kernel(interpreted_results, case):
 
 
 def test_executor_reasons_without_cuda():
-    from stem_backends.triton_executor import TritonExecutor
+    from stem_backends.triton.executor import TritonExecutor
 
     from stem.plan import BlockPlan
 
@@ -162,7 +162,7 @@ def test_executor_reasons_without_cuda():
 
 def test_importing_backends_does_not_import_triton():
     code = (
-        "import sys, stem, stem_backends.triton_executor, stem_backends.triton_planner; "
+        "import sys, stem, stem_backends.triton.executor, stem_backends.triton.planner; "
         "assert 'triton' not in sys.modules, 'triton imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,7 +1,7 @@
 """stem-attention, torch-universal variant: the stem Triton block-sparse attention kernel.
 
 This variant carries no compiled code: ``_triton/block_sparse_attn.py`` (and the sibling modules it
-imports) is a copy of the stem project's ``backends/triton_kernels/block_sparse_attn.py``, made by
+imports) is a copy of the stem project's ``backends/triton/block_sparse_attn.py``, made by
 ``hub_kernels/build.py --universal`` at build time. It runs wherever Triton runs (any recent CUDA GPU, or the Triton
 interpreter with ``TRITON_INTERPRET=1``), so ``get_kernel`` works even where no compiled variant
 matches this torch/CUDA. Triton is imported on first use.

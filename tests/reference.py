@@ -115,3 +115,14 @@ def masked_attention64(q, k, v, block_mask, block_size, scale=None) -> torch.Ten
     allowed = block_mask[:, :, qb][:, :, :, kb] & (kpos[None, :] <= qpos[:, None])
     s = s.masked_fill(~allowed, float("-inf"))
     return torch.softmax(s, -1) @ v
+
+
+def rand_qkv(gen, B, Hq, Hkv, Lq, Lk, D, dtype=torch.float32, value_spread=True):
+    """Random q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) from ``gen``; with ``value_spread`` the value
+    rows get varied norms, so that the value bonus matters."""
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=gen)
+    if value_spread:
+        v = v * (0.2 + 3 * torch.rand(B, Hkv, Lk, 1, generator=gen))
+    return q, k, v.to(dtype)

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     triton_run = None
     if not args.hub_only:
         try:
-            from stem_backends.triton_executor import run_block_sparse_attention as triton_run
+            from stem_backends.triton.executor import run_block_sparse_attention as triton_run
         except Exception as e:  # noqa: BLE001 - report, keep timing the rest
             print(f"triton executor unavailable: {e}")
 

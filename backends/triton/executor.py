@@ -1,6 +1,6 @@
 """The Triton executor: block-sparse flash attention that runs a BlockPlan on CUDA.
 
-The kernel lives in ``stem_backends.triton_kernels.block_sparse_attn``; this module is the thin
+The kernel lives in ``stem_backends.triton.block_sparse_attn``; this module is the thin
 host side (checks, layout, launch) and imports triton only when a launch happens.
 ``run_block_sparse_attention`` also runs on CPU tensors under ``TRITON_INTERPRET=1`` (the CPU tests
 use it); the executor itself serves CUDA only.
@@ -47,7 +47,7 @@ def check_inputs(q, k, v, plan) -> str | None:
 
 def _work_order(plan):
     """Heaviest-first permutation of the plan's work items, cached on the plan (device op, no sync)."""
-    from stem_backends.triton_kernels.block_sparse_attn import work_order
+    from stem_backends.triton.block_sparse_attn import work_order
 
     counts = plan.kv_counts
     key = (counts.data_ptr(), counts._version)
@@ -69,7 +69,7 @@ def run_block_sparse_attention(q, k, v, plan, scale: float, return_lse: bool = F
     why = check_inputs(q, k, v, plan)
     if why is not None:
         raise ValueError(f"triton executor cannot run these inputs: {why}")
-    from stem_backends.triton_kernels.block_sparse_attn import block_sparse_attention
+    from stem_backends.triton.block_sparse_attn import block_sparse_attention
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     counts, indices = plan.kv_counts, plan.kv_indices

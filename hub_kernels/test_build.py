@@ -34,7 +34,7 @@ def _load_build_module():
 build = _load_build_module()
 kernels = pytest.importorskip("kernels")
 needs_triton_source = pytest.mark.skipif(
-    not build.TRITON_SOURCE.exists(), reason="backends/triton_kernels/block_sparse_attn.py not present yet"
+    not build.TRITON_SOURCE.exists(), reason="backends/triton/block_sparse_attn.py not present yet"
 )
 
 
@@ -100,7 +100,7 @@ def test_arch_variant_name_parses():
 @pytest.fixture(scope="module")
 def universal_tree(tmp_path_factory):
     if not build.TRITON_SOURCE.exists():
-        pytest.skip("backends/triton_kernels/block_sparse_attn.py not present yet")
+        pytest.skip("backends/triton/block_sparse_attn.py not present yet")
     root = tmp_path_factory.mktemp("hub")
     vdir = build.build_universal(root / "build")
     return root, vdir

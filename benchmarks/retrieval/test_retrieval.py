@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import stem
-from stem.eval import (
+from benchmarks.retrieval import (
     DataConfig,
     ModelConfig,
     RetrievalLM,
@@ -19,7 +19,7 @@ from stem.eval import (
     train_batch,
     uniform_topk_mask,
 )
-from stem.eval.data import BOS, END, NEEDLE, QUERY
+from benchmarks.retrieval.data import BOS, END, NEEDLE, QUERY
 
 TINY = ModelConfig(d_model=64, n_layers=3, mlp_hidden=96, head_dim=16)
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without pip install too
-from stem.eval.data import DataConfig, answer_positions, eval_examples, train_batch
-from stem.eval.model import ModelConfig, RetrievalLM, save_model
+from benchmarks.retrieval.data import DataConfig, answer_positions, eval_examples, train_batch
+from benchmarks.retrieval.model import ModelConfig, RetrievalLM, save_model
 
 
 @dataclass

@@ -26,8 +26,8 @@ sys.path.insert(0, ROOT)
 
 
 import triton  # noqa: E402
-from stem_backends.triton_executor import run_block_sparse_attention  # noqa: E402
-from stem_backends.triton_planner import triton_block_logits  # noqa: E402
+from stem_backends.triton.executor import run_block_sparse_attention  # noqa: E402
+from stem_backends.triton.planner import triton_block_logits  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import stem  # noqa: E402

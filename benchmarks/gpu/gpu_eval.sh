@@ -45,8 +45,8 @@ if "triton" not in stem.executors():  # no package metadata: alias backends/ and
     mod = importlib.util.module_from_spec(spec); sys.modules["stem_backends"] = mod; spec.loader.exec_module(mod)
     from stem_backends.reference import ReferenceExecutor
     from stem_backends.sdpa import DenseSDPAExecutor
-    from stem_backends.triton_executor import TritonExecutor
-    from stem_backends.triton_planner import register
+    from stem_backends.triton.executor import TritonExecutor
+    from stem_backends.triton.planner import register
     for ex in (ReferenceExecutor(), DenseSDPAExecutor(), TritonExecutor()):
         stem.register_executor(ex, replace=True)
     register()

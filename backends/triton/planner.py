@@ -19,7 +19,7 @@ __all__ = ["register", "triton_block_logits"]
 def triton_block_logits(q, k, v, config, q_offset):
     """fn(q, k, v, config, q_offset) -> float32 (B, Hq, nQ, nK) block logits, -inf non-causal;
     equal to ``stem.planner.block_logits_torch`` up to float32 summation order."""
-    from stem_backends.triton_kernels.block_pool import block_logits_triton
+    from stem_backends.triton.block_pool import block_logits_triton
 
     if q.dtype == torch.float64:  # the kernel accumulates in float32; float64 keeps the torch path
         from stem.planner import block_logits_torch
