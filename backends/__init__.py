@@ -1,5 +1,35 @@
-"""First-party stem executors, registered through the ``stem.executors`` entry-point group.
+"""First-party stem executors and planner kernels (installed as ``stem_backends``).
 
-Imported as ``stem_backends`` (the folder is ``backends/``). Modules here must not import triton or
-kernels at import time: each executor imports its toolkit lazily and reports when it is missing.
+One module or sub-package per executor, each with its kernels beside it:
+
+* ``reference`` — the exact executor (any device; the CPU default and the tests' oracle);
+* ``sdpa`` — dense plans through torch SDPA (cuDNN / flash);
+* ``triton/`` — the Triton executor and the Triton pooling kernel of the planner;
+* ``hub`` — the prebuilt CUDA kernel (``hub_kernels/``) loaded with ``kernels.get_kernel``.
+
+``stem.dispatch`` registers them in code (:func:`executors`, :func:`register_planners`), so a source
+checkout works without installing; third-party plugins use the ``stem.executors`` and
+``stem.planners`` entry-point groups. Nothing here imports triton or kernels at import time: each
+executor imports its toolkit lazily and reports when it is missing.
 """
+
+from __future__ import annotations
+
+__all__ = ["executors", "register_planners"]
+
+
+def executors() -> list:
+    """Fresh instances of the first-party executors."""
+    from .hub import HubExecutor
+    from .reference import ReferenceExecutor
+    from .sdpa import DenseSDPAExecutor
+    from .triton.executor import TritonExecutor
+
+    return [ReferenceExecutor(), DenseSDPAExecutor(), TritonExecutor(), HubExecutor()]
+
+
+def register_planners() -> None:
+    """Register the first-party planner kernels with ``stem.planner``."""
+    from .triton.planner import register
+
+    register()

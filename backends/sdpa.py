@@ -25,8 +25,8 @@ class DenseSDPAExecutor(Executor):
     description = "torch SDPA for plans that keep every causal block (dense layers, short inputs)"
     returns_lse = False
 
-    def unsupported_reason(self, q, k, v, plan):
-        if not plan.dense:
+    def supports(self, key):
+        if not key.dense:
             return "plan is sparse (sdpa serves dense plans only)"
         return None
 

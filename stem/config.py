@@ -25,6 +25,10 @@ class StemConfig:
         value_weight: ``lambda``, weight of the value-norm bonus.
         norm: extra divisor of the score scale ``1 / (sqrt(D) * S * norm)``.
         dense: keep every causal block (a dense layer).
+        auto_dense_above: ``backend="auto"`` on CUDA runs exact dense attention instead of
+            planning when the budgets alone keep at least this fraction of the causal blocks (there
+            the sparse path cannot beat a dense kernel; 0.55 is the crossover measured on an H200,
+            see benchmarks/NOTES.md). It never changes a plan; values above 1 switch it off.
     """
 
     block_size: int = 128
@@ -37,13 +41,14 @@ class StemConfig:
     value_weight: float = 0.2
     norm: float = 1.0
     dense: bool = False
+    auto_dense_above: float = 0.55
 
     def __post_init__(self) -> None:
         for name in ("block_size", "stride", "k_bias", "sink_blocks", "window_blocks"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int):
                 raise TypeError(f"StemConfig.{name} must be an int, got {type(val).__name__} ({val!r})")
-        for name in ("alpha", "k_rate", "value_weight", "norm"):
+        for name in ("alpha", "k_rate", "value_weight", "norm", "auto_dense_above"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, (int, float)):
                 raise TypeError(f"StemConfig.{name} must be a float, got {type(val).__name__} ({val!r})")
@@ -72,6 +77,9 @@ class StemConfig:
             raise ValueError(f"StemConfig.value_weight must be >= 0, got {self.value_weight}")
         if self.norm <= 0:
             raise ValueError(f"StemConfig.norm must be > 0, got {self.norm}")
+        if self.auto_dense_above <= 0:
+            raise ValueError(f"StemConfig.auto_dense_above must be > 0 (above 1 switches it off), got "
+                             f"{self.auto_dense_above}")
 
     def replace(self, **changes) -> StemConfig:
         """A copy with some fields changed (validated again)."""

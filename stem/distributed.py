@@ -48,14 +48,7 @@ from .api import attention as _stem_attention
 from .budget import is_dense_budget
 from .config import StemConfig
 from .plan import BlockPlan
-from .planner import (
-    block_row_sums,
-    bonus_from_group_max,
-    dense_plan,
-    group_max_value_norms,
-    logits_from_sums,
-    select_blocks,
-)
+from .planner import PooledStats, block_row_sums, dense_plan, group_max_value_norms, plan_from_stats
 from .planner import plan as _stem_plan
 from .validation import validate_qkv
 
@@ -202,28 +195,18 @@ def _local_stats(k: torch.Tensor, v: torch.Tensor, config: StemConfig) -> torch.
     return torch.cat([k_sum.reshape(B, H, -1), u], dim=-1)
 
 
-def _bonus_from_group_max(u: torch.Tensor, config: StemConfig) -> torch.Tensor:
-    """Block-mean value bonus (B, Hkv, nK) from the per-group max norms ``u`` (B, Hkv, L/S) of the
-    full sequence (L a multiple of the block size: every group valid)."""
-    n_kv_blocks = u.shape[-1] * config.stride // config.block_size
-    return bonus_from_group_max(u, config, n_kv_blocks, u.shape[-1] * config.stride)
-
-
-def _plan_chunk_from_stats(q_chunk: torch.Tensor, k_sum: torch.Tensor, bonus: torch.Tensor, start: int,
-                           n_total: int, config: StemConfig) -> BlockPlan:
-    """Plan a block-aligned query chunk at absolute ``start`` against keys ``[0, start + Lq)``.
-
-    ``k_sum`` (B, Hkv, nK, S*D) and ``bonus`` (B, Hkv, nK) cover the whole sequence; the plan's
-    kv_len is the chunk's end (the executor gets K/V truncated there).
-    """
-    Lq, D = q_chunk.shape[2], q_chunk.shape[3]
+def _plan_chunk_from_stats(q_chunk: torch.Tensor, k_sum: torch.Tensor, v_max: torch.Tensor, start: int,
+                           config: StemConfig) -> BlockPlan:
+    """Plan a block-aligned query chunk at absolute ``start`` from the gathered statistics of the
+    whole sequence (``k_sum`` (B, Hkv, nK, S, D), ``v_max`` (B, Hkv, L/S)), with the planner's own
+    selection code; the plan is then cut to keys ``[0, start + Lq)`` (the executor gets K/V
+    truncated there)."""
+    Lq = q_chunk.shape[2]
     bs, S = config.block_size, config.stride
-    nb, qbo = Lq // bs, start // bs
-    end_blk = qbo + nb  # key blocks [0, end_blk) can be causal for this chunk
-    q_sum = block_row_sums(q_chunk, 0, nb, bs, S).flip(3)
-    logits = logits_from_sums(q_sum, k_sum[:, :, :end_blk].unflatten(-1, (S, D)), bonus[:, :, :end_blk], config, qbo)
-    counts, indices = select_blocks(logits, config, qbo, n_total)
-    return BlockPlan(counts, indices, bs, Lq, start + Lq, config, dense=False, q_offset=start)
+    L = v_max.shape[-1] * S
+    q_sum = block_row_sums(q_chunk, 0, Lq // bs, bs, S).flip(3)  # as the planner's pooling computes it
+    stats = PooledStats(q_sum, k_sum, v_max, start // bs, L)
+    return _truncate_plan(plan_from_stats(stats, config, Lq, start, k_sum.shape[2]), start + Lq)
 
 
 def _truncate_plan(p: BlockPlan, end: int) -> BlockPlan:
@@ -342,11 +325,10 @@ def _attention(q_local, k_local, v_local, group, layout, config, backend, scale,
                 k_sum[:, :, j * kb:(j + 1) * kb] = stats_buf[w, :, :, p * kb:(p + 1) * kb]
                 ug = c // S
                 u[:, :, j * ug:(j + 1) * ug] = stats_buf[w, :, :, ksz + p * ug:ksz + (p + 1) * ug]
-        k_sum = k_sum.view(B, Hkv, n_total, S * D)
-        bonus = _bonus_from_group_max(u, config)
+        k_sum = k_sum.view(B, Hkv, n_total, S, D)
         with torch.no_grad():
             for p, (ls, a) in enumerate(chunks):
-                plans[p] = _plan_chunk_from_stats(q_local[:, :, ls:ls + c], k_sum, bonus, a, n_total, config)
+                plans[p] = _plan_chunk_from_stats(q_local[:, :, ls:ls + c], k_sum, u, a, config)
 
     # 3. execute chunk by chunk as the K/V pieces arrive
     k_full = torch.empty(B, Hkv, L, D, dtype=k_local.dtype, device=k_local.device)

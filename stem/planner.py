@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,40 +35,73 @@ from .plan import BlockPlan, _cdiv, block_geometry
 from .validation import on_device, validate_qkv
 
 __all__ = [
-    "plan", "block_logits", "block_logits_torch", "select_blocks", "dense_plan", "register_logits_impl",
-    "logits_impls", "block_row_sums", "group_max_value_norms", "bonus_from_group_max", "value_bonus",
-    "logits_from_sums",
+    "plan", "PooledStats", "pool", "pool_torch", "register_pooling", "poolings", "block_logits",
+    "logits_from_stats", "select_blocks", "plan_from_stats", "dense_plan", "block_row_sums",
+    "group_max_value_norms", "bonus_from_group_max",
 ]
 
 log = logging.getLogger("stem")
 
-LogitsFn = Callable[..., torch.Tensor]  # fn(q, k, v, config, q_offset) -> (B, Hq, nQ, nK) float32
-_LOGITS_IMPLS: dict[str, tuple[LogitsFn, tuple[str, ...]]] = {}
-_ENTRY_POINTS_LOADED = False
 
+@dataclass
+class PooledStats:
+    """The planner's intermediate result: everything block selection needs from q, k and v.
 
-def register_logits_impl(name: str, fn: LogitsFn, device_types: tuple[str, ...] = ("cuda",)) -> None:
-    """Register an accelerated block-logit kernel (the hook the Triton planner plugs into).
+    Attributes:
+        q_sum: (B, Hq, nQ, S, D), float32 (float64 for float64 input): per query block, the sum
+            over its ``bs/S`` stride groups of the group's S rows, rows reversed within the group
+            (the antidiagonal). Rows outside the queries count as zero.
+        k_sum: (B, Hkv, nK, S, D), same dtype: the same sums for key blocks, rows not reversed.
+        v_max: (B, Hkv, nK * bs/S): per key stride group, the largest value-row norm
+            ``max_j ||v_j||_2``; 0 for groups past the end.
+        q_block_offset: absolute block index of query block 0.
+        kv_len: Lk, the number of valid keys (the value bonus is standardised over them).
 
-    ``fn(q, k, v, config, q_offset)`` must return float32 (B, Hq, nQ, nK) logits equal to
-    :func:`block_logits_torch` (ties aside), -inf on non-causal blocks.
+    A pooling kernel (see :func:`register_pooling`) computes these in one pass over q, k, v;
+    context parallelism assembles ``k_sum`` and ``v_max`` from the ranks' shards. Selection
+    (:func:`plan_from_stats`) is the same code for both.
     """
-    _LOGITS_IMPLS[name] = (fn, tuple(device_types))
+
+    q_sum: torch.Tensor
+    k_sum: torch.Tensor
+    v_max: torch.Tensor
+    q_block_offset: int
+    kv_len: int
 
 
-def logits_impls() -> dict[str, tuple[LogitsFn, tuple[str, ...]]]:
-    """Registered block-logit implementations, loading the ``stem.planners`` entry points once."""
-    global _ENTRY_POINTS_LOADED
-    if not _ENTRY_POINTS_LOADED:
-        _ENTRY_POINTS_LOADED = True
+PoolFn = Callable[..., PooledStats]  # fn(q, k, v, config, q_offset) -> PooledStats
+_POOLINGS: dict[str, tuple[PoolFn, tuple[str, ...]]] = {}
+_PLUGINS_LOADED = False
+
+
+def register_pooling(name: str, fn: PoolFn, device_types: tuple[str, ...] = ("cuda",)) -> None:
+    """Register an accelerated pooling kernel for the planner.
+
+    ``fn(q, k, v, config, q_offset)`` must return a :class:`PooledStats` equal to
+    :func:`pool_torch` up to float32 summation order. ``pooling="auto"`` uses the first registered
+    kernel for the tensors' device type.
+    """
+    _POOLINGS[name] = (fn, tuple(device_types))
+
+
+def poolings() -> dict[str, tuple[PoolFn, tuple[str, ...]]]:
+    """Registered pooling kernels by name (the first-party Triton kernel and ``stem.planners``
+    entry-point plugins, loaded once)."""
+    global _PLUGINS_LOADED
+    if not _PLUGINS_LOADED:
+        _PLUGINS_LOADED = True
         from importlib.metadata import entry_points
 
-        for ep in entry_points(group="stem.planners"):
-            try:
-                ep.load()()  # the loaded callable registers itself through register_logits_impl
+        from .dispatch import first_party
+
+        loaders = [("triton", first_party().register_planners)]
+        loaders += [(ep.name, ep) for ep in entry_points(group="stem.planners")]
+        for name, loader in loaders:
+            try:  # an entry point names a callable that registers its kernels through register_pooling
+                (loader.load() if hasattr(loader, "load") else loader)()
             except Exception as e:  # a broken plugin must not break planning on other paths
-                log.warning("stem: planner plugin %r failed to load (%s); using the torch planner", ep.name, e)
-    return _LOGITS_IMPLS
+                log.warning("stem: planner plugin %r failed to load (%s); using the torch planner", name, e)
+    return _POOLINGS
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -107,39 +141,13 @@ def bonus_from_group_max(u: torch.Tensor, config: StemConfig, n_kv_blocks: int, 
     return bonus.unflatten(-1, (n_kv_blocks, config.block_size // S)).mean(-1)
 
 
-def value_bonus(v: torch.Tensor, config: StemConfig, n_kv_blocks: int) -> torch.Tensor:
-    """Per-key-block mean of the value-norm bonus: (B, Hkv, nK) in the accumulation dtype."""
-    u = group_max_value_norms(v, config.stride, n_kv_blocks * config.block_size // config.stride)
-    return bonus_from_group_max(u, config, n_kv_blocks, v.shape[2])
-
-
-def logits_from_sums(
-    q_sum: torch.Tensor, k_sum: torch.Tensor, bonus: torch.Tensor, config: StemConfig, q_block_offset: int
-) -> torch.Tensor:
-    """Block logits from pooled sums: q_sum (B, Hq, nQ, S, D) reversed within groups, k_sum
-    (B, Hkv, nK, S, D), bonus (B, Hkv, nK) -> (B, Hq, nQ, nK), -inf on non-causal blocks."""
-    B, Hq, nQ, S, D = q_sum.shape
-    Hkv, nK = k_sum.shape[1], k_sum.shape[2]
-    G = Hq // Hkv
-    bs = config.block_size
-    scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
-    qs = q_sum.reshape(B, Hkv, G * nQ, S * D)
-    ks = k_sum.reshape(B, Hkv, nK, S * D)
-    logits = torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale)  # (B, Hkv, G*nQ, nK)
-    logits.view(B, Hkv, G, nQ, nK).add_(bonus[:, :, None, None, :].to(logits.dtype))
-    logits = logits.view(B, Hq, nQ, nK)
-    rows = torch.arange(nQ, device=q_sum.device) + q_block_offset
-    noncausal = torch.arange(nK, device=q_sum.device)[None, :] > rows[:, None]
-    return logits.masked_fill_(noncausal, float("-inf"))
-
-
-def block_logits_torch(
+def pool_torch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: StemConfig, q_offset: int | None = None
-) -> torch.Tensor:
-    """Block logits (B, Hq, nQ, nK), float32 (float64 for float64 input), -inf where non-causal.
+) -> PooledStats:
+    """:class:`PooledStats` with torch ops (any device; the reference for pooling kernels).
 
     q: (B, Hq, Lq, D) at absolute positions [q_offset, q_offset + Lq) (default: the last Lq);
-    k, v: (B, Hkv, Lk, D), the whole sequence (the value bonus is standardised over all of it).
+    k, v: (B, Hkv, Lk, D), the whole sequence.
     """
     Lq, Lk = q.shape[2], k.shape[2]
     bs, S = config.block_size, config.stride
@@ -147,26 +155,57 @@ def block_logits_torch(
     qbo, nQ, nK = block_geometry(Lq, Lk, off, bs)
     q_sum = block_row_sums(q, off - qbo * bs, nQ, bs, S).flip(3)  # reversed within each group
     k_sum = block_row_sums(k, 0, nK, bs, S)
-    return logits_from_sums(q_sum, k_sum, value_bonus(v, config, nK), config, qbo)
+    v_max = group_max_value_norms(v, S, nK * (bs // S))
+    return PooledStats(q_sum, k_sum, v_max, qbo, Lk)
+
+
+def pool(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: StemConfig, q_offset: int | None = None,
+    impl: str = "auto",
+) -> PooledStats:
+    """:class:`PooledStats` through ``impl`` ("torch", a registered kernel name, or "auto": the
+    first registered kernel for the device, else torch)."""
+    q_offset = k.shape[2] - q.shape[2] if q_offset is None else q_offset
+    if impl == "torch":
+        return pool_torch(q, k, v, config, q_offset)
+    impls = poolings()
+    if impl == "auto":
+        for fn, devs in impls.values():
+            if q.device.type in devs:
+                return fn(q, k, v, config, q_offset)
+        return pool_torch(q, k, v, config, q_offset)
+    if impl not in impls:
+        raise ValueError(f"unknown planner pooling {impl!r}; available: {['auto', 'torch', *impls]}")
+    return impls[impl][0](q, k, v, config, q_offset)
+
+
+def logits_from_stats(stats: PooledStats, config: StemConfig) -> torch.Tensor:
+    """Block logits (B, Hq, nQ, nK) from pooled statistics, -inf on non-causal blocks:
+    ``scale / (bs/S)^2 * <q_sum, k_sum> + mean bonus of the key block``."""
+    q_sum, k_sum = stats.q_sum, stats.k_sum
+    B, Hq, nQ, S, D = q_sum.shape
+    Hkv, nK = k_sum.shape[1], k_sum.shape[2]
+    G = Hq // Hkv
+    bs = config.block_size
+    bonus = bonus_from_group_max(stats.v_max, config, nK, stats.kv_len)
+    scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
+    qs = q_sum.reshape(B, Hkv, G * nQ, S * D)
+    ks = k_sum.reshape(B, Hkv, nK, S * D)
+    logits = torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale)  # (B, Hkv, G*nQ, nK)
+    logits.view(B, Hkv, G, nQ, nK).add_(bonus[:, :, None, None, :].to(logits.dtype))
+    logits = logits.view(B, Hq, nQ, nK)
+    rows = torch.arange(nQ, device=q_sum.device) + stats.q_block_offset
+    noncausal = torch.arange(nK, device=q_sum.device)[None, :] > rows[:, None]
+    return logits.masked_fill_(noncausal, float("-inf"))
 
 
 def block_logits(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: StemConfig, q_offset: int | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Block logits through ``impl`` ("torch", a registered kernel name, or "auto")."""
-    q_offset = k.shape[2] - q.shape[2] if q_offset is None else q_offset
-    if impl == "torch":
-        return block_logits_torch(q, k, v, config, q_offset)
-    impls = logits_impls()
-    if impl == "auto":
-        for _name, (fn, devs) in impls.items():
-            if q.device.type in devs:
-                return fn(q, k, v, config, q_offset)
-        return block_logits_torch(q, k, v, config, q_offset)
-    if impl not in impls:
-        raise ValueError(f"unknown planner implementation {impl!r}; available: {['torch', *impls]}")
-    return impls[impl][0](q, k, v, config, q_offset)
+    """Block logits (B, Hq, nQ, nK), float32 (float64 for float64 input), -inf where non-causal:
+    :func:`logits_from_stats` of :func:`pool`. Shapes as in :func:`stem.plan`."""
+    return logits_from_stats(pool(q, k, v, config, q_offset, impl), config)
 
 
 def select_blocks(
@@ -251,7 +290,7 @@ def plan(
     config: StemConfig | None = None,
     *,
     q_offset: int | None = None,
-    logits_impl: str = "auto",
+    pooling: str = "auto",
 ) -> BlockPlan:
     """Plan Stem sparse attention.
 
@@ -263,18 +302,26 @@ def plan(
             is prefill, Lq < Lk chunked prefill). Budgets use n = ceil(Lk / block_size) blocks and
             the value bonus is standardised over all Lk keys, so a plan for a chunk of queries
             equals those rows of the plan for the whole sequence.
-        logits_impl: "auto" (an accelerated kernel where one is registered for the device,
-            else torch), "torch", or a registered name.
+        pooling: the kernel that computes the planner's :class:`PooledStats`: "auto" (an
+            accelerated kernel where one is registered for the device, else torch), "torch", or
+            a registered name (see :func:`poolings`).
 
     Returns:
         BlockPlan on q's device with int32 kv_counts (B, Hq, nQ), kv_indices (B, Hq, nQ, W).
     """
     config = StemConfig() if config is None else config
     validate_qkv(q, k, v, config=config, q_offset=q_offset)
-    return plan_validated(q, k, v, config, q_offset=q_offset, logits_impl=logits_impl)
+    return plan_validated(q, k, v, config, q_offset=q_offset, pooling=pooling)
 
 
-def plan_validated(q, k, v, config: StemConfig, *, q_offset: int | None = None, logits_impl: str = "auto") -> BlockPlan:
+def plan_from_stats(stats: PooledStats, config: StemConfig, q_len: int, q_offset: int, n_total: int) -> BlockPlan:
+    """Select blocks from pooled statistics: the plan for ``q_len`` queries at absolute
+    ``q_offset`` against ``stats.kv_len`` keys, with budgets for a sequence of ``n_total`` blocks."""
+    counts, indices = select_blocks(logits_from_stats(stats, config), config, stats.q_block_offset, n_total)
+    return BlockPlan(counts, indices, config.block_size, q_len, stats.kv_len, config, dense=False, q_offset=q_offset)
+
+
+def plan_validated(q, k, v, config: StemConfig, *, q_offset: int | None = None, pooling: str = "auto") -> BlockPlan:
     """:func:`plan` for inputs that :func:`stem.validation.validate_qkv` already accepted."""
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
@@ -284,6 +331,4 @@ def plan_validated(q, k, v, config: StemConfig, *, q_offset: int | None = None, 
     if config.dense or is_dense_budget(n_total, config.k_rate, config.k_bias):
         return dense_plan(B, Hq, Lq, Lk, bs, q.device, config, q_offset)
     with torch.no_grad(), on_device(q):
-        logits = block_logits(q, k, v, config, q_offset, impl=logits_impl)
-        counts, indices = select_blocks(logits, config, q_offset // bs, n_total)
-    return BlockPlan(counts, indices, bs, Lq, Lk, config, dense=False, q_offset=q_offset)
+        return plan_from_stats(pool(q, k, v, config, q_offset, pooling), config, Lq, q_offset, n_total)

@@ -55,5 +55,5 @@ def test_min_density_and_auto_dense_rule(monkeypatch):
     assert auto_dense_reason("cuda", 32768, 32768, cfg) is None           # 0.43 < 0.55
     assert auto_dense_reason("cuda", 4096, 4096, cfg) is None             # planner is dense by itself
     assert auto_dense_reason("cuda", 16384, 16384, cfg.replace(dense=True)) is None
-    monkeypatch.setenv("STEM_AUTO_DENSE_DENSITY", "1.01")
-    assert auto_dense_reason("cuda", 16384, 16384, cfg) is None
+    assert auto_dense_reason("cuda", 16384, 16384, cfg.replace(auto_dense_above=1.01)) is None
+    assert "auto_dense_above=0.58" in auto_dense_reason("cuda", 16384, 16384, cfg.replace(auto_dense_above=0.58))

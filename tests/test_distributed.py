@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 import stem
 import stem.distributed as sd
-from stem.planner import value_bonus
+from stem.planner import plan as stem_plan
 
 CFG = stem.StemConfig(block_size=16, stride=4)
 
@@ -188,10 +188,20 @@ def test_attention_without_process_group_raises():
         sd.attention(q, k, v, config=CFG)
 
 
-def test_bonus_from_gathered_group_max_equals_planner():
-    _, _, v = _inputs(960)
-    norms = torch.linalg.vector_norm(v, dim=-1)
-    u = norms.unflatten(-1, (-1, CFG.stride)).amax(-1)
-    got = sd._bonus_from_group_max(u, CFG)
-    want = value_bonus(v, CFG, 960 // CFG.block_size)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+def test_chunk_plans_from_gathered_stats_equal_planner_rows(gen):
+    """A chunk planned from whole-sequence statistics (as the ranks assemble them) is exactly the
+    rows of the single-device plan of the whole sequence, for early, middle and late chunks."""
+    from stem.planner import block_row_sums, group_max_value_norms
+
+    L, c = 1536, 256
+    q, k, v = (t.double() for t in (torch.randn(1, 4, L, 16, generator=gen), torch.randn(1, 2, L, 16, generator=gen),
+                                    torch.randn(1, 2, L, 16, generator=gen) * 3))
+    full = stem_plan(q, k, v, CFG)
+    k_sum = block_row_sums(k, 0, L // CFG.block_size, CFG.block_size, CFG.stride)
+    v_max = group_max_value_norms(v, CFG.stride, L // CFG.stride)
+    for a in (0, 512, L - c):
+        got = sd._plan_chunk_from_stats(q[:, :, a:a + c], k_sum, v_max, a, CFG)
+        rows = slice(a // CFG.block_size, (a + c) // CFG.block_size)
+        assert (got.q_offset, got.kv_len) == (a, a + c)
+        assert torch.equal(got.kv_counts, full.kv_counts[:, :, rows])
+        assert torch.equal(got.to_dense_mask(), full.to_dense_mask()[:, :, rows, : got.num_kv_blocks])

@@ -78,12 +78,12 @@ def _check_placement(devs, extra, what):
 def test_planner_launches_on_tensor_device(impl):
     q, k, v = (t.to("cuda:1") for t in _inputs())
     with torch.cuda.device(1):
-        want = stem.plan(q, k, v, CFG, logits_impl=impl)
-    got, devs, extra = _on_wrong_current_device(lambda: stem.plan(q, k, v, CFG, logits_impl=impl))
+        want = stem.plan(q, k, v, CFG, pooling=impl)
+    got, devs, extra = _on_wrong_current_device(lambda: stem.plan(q, k, v, CFG, pooling=impl))
     assert got.device == torch.device("cuda:1")
     assert not want.dense and want.density < 0.9
     assert torch.equal(got.to_dense_mask(), want.to_dense_mask()), "plan differs when cuda:0 is current"
-    _check_placement(devs, extra, f"stem.plan(logits_impl={impl!r})")
+    _check_placement(devs, extra, f"stem.plan(pooling={impl!r})")
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "triton", "auto"])
@@ -95,7 +95,7 @@ def test_executor_launches_on_tensor_device(backend):
         if backend == "sdpa":
             plan = stem.plan(q, k, v, CFG.replace(dense=True))
         else:
-            plan = stem.plan(q, k, v, CFG, logits_impl="torch")
+            plan = stem.plan(q, k, v, CFG, pooling="torch")
     try:
         get_executor("triton" if backend == "auto" else backend, q.device)
     except (RuntimeError, ValueError) as e:

@@ -64,7 +64,7 @@ def sparse_schedule():
 def _fresh(monkeypatch):
     # at 16K tokens auto would run dense attention (budgets keep >= 55% of the blocks); these tests
     # exercise the integration's Stem path, so keep auto on the sparse plan
-    monkeypatch.setenv("STEM_AUTO_DENSE_DENSITY", "1.01")
+    monkeypatch.setattr(stem.api, "auto_dense_reason", lambda *a, **k: None)
     sh.reset_dispatch_counts()
     REF_PLANS.clear()
     yield

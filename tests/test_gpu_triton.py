@@ -154,13 +154,13 @@ def test_stem_attention_dispatches_triton_and_matches_reference():
 @needs_cuda
 @pytest.mark.parametrize("Lq,Lk,q_offset,G", [(20000, 20000, None, 4), (5000, 23000, None, 1), (4000, 23000, 9000, 4)])
 def test_planner_kernel_matches_torch(Lq, Lk, q_offset, G):
-    from stem_backends.triton.planner import triton_block_logits
+    from stem_backends.triton.planner import pool_triton
 
     from stem.config import StemConfig
-    from stem.planner import block_logits_torch, logits_impls, select_blocks
+    from stem.planner import block_logits, logits_from_stats, poolings, select_blocks
 
     _exec_or_skip()
-    assert "triton" in logits_impls(), "the triton planner did not register"
+    assert "triton" in poolings(), "the triton pooling kernel did not register"
     torch.manual_seed(torch.seed() % 2**31)
     cfg = StemConfig()
     Hkv, D = 2, 128
@@ -169,8 +169,8 @@ def test_planner_kernel_matches_torch(Lq, Lk, q_offset, G):
     v = (torch.randn(1, Hkv, Lk, D, device="cuda") * torch.rand(1, Hkv, Lk, 1, device="cuda") * 2).bfloat16()
     off = Lk - Lq if q_offset is None else q_offset
     torch.cuda.synchronize()
-    got = triton_block_logits(q, k, v, cfg, off)
-    ref = block_logits_torch(q, k, v, cfg, off)
+    got = logits_from_stats(pool_triton(q, k, v, cfg, off), cfg)
+    ref = block_logits(q, k, v, cfg, off, impl="torch")
     fin = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(got), fin)
     assert torch.allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-5), (got[fin] - ref[fin]).abs().max().item()
@@ -226,7 +226,6 @@ def test_auto_dispatch_dense_below_threshold_sparse_above(monkeypatch):
     import stem
 
     _exec_or_skip()
-    monkeypatch.delenv("STEM_AUTO_DENSE_DENSITY", raising=False)
     D = 128
     for L, expect in ((16384, "sdpa"), (24576, "triton")):
         q, k, v = (torch.randn(1, h, L, D, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))

@@ -5,7 +5,7 @@ modules are imported. To keep it from leaking into other test modules (which may
 kernels in the same pytest process), every check runs in ONE child process: this file executed as
 a script with TRITON_INTERPRET=1. The child prints one JSON line {case: error or null}; each
 pytest case below asserts its own entry. Oracles are independent: the reference executor
-(stem_backends.reference) and the torch planner (stem.planner.block_logits_torch).
+(stem_backends.reference) and the torch pooling of the planner (stem.planner.pool_torch).
 """
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, extra, seed):
 
 
 def _check_pool(B, Hq, Hkv, Lq, Lk, D, bs, S, dtype, q_offset, seed):
-    from stem_backends.triton.block_pool import block_logits_triton
+    from stem_backends.triton.planner import pool_triton
 
     from stem.config import StemConfig
-    from stem.planner import block_logits_torch
+    from stem.planner import logits_from_stats, pool_torch
 
     gen = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
@@ -98,8 +98,13 @@ def _check_pool(B, Hq, Hkv, Lq, Lk, D, bs, S, dtype, q_offset, seed):
     v = (torch.randn(B, Hkv, Lk, D, generator=gen) * 3 * torch.rand(B, Hkv, Lk, 1, generator=gen)).to(dt)
     cfg = StemConfig(block_size=bs, stride=S)
     off = Lk - Lq if q_offset is None else q_offset
-    got = block_logits_triton(q, k, v, cfg, off)
-    ref = block_logits_torch(q, k, v, cfg, off)
+    got_stats, ref_stats = pool_triton(q, k, v, cfg, off), pool_torch(q, k, v, cfg, off)
+    assert (got_stats.q_block_offset, got_stats.kv_len) == (ref_stats.q_block_offset, ref_stats.kv_len)
+    for name in ("q_sum", "k_sum", "v_max"):
+        a, b = getattr(got_stats, name), getattr(ref_stats, name)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-4), name
+    got = logits_from_stats(got_stats, cfg)
+    ref = logits_from_stats(ref_stats, cfg)
     assert got.shape == ref.shape and got.dtype == torch.float32, (got.shape, ref.shape, got.dtype)
     fin = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(got), fin), "causal -inf pattern differs"
@@ -145,6 +150,7 @@ def test_interpreted_kernel(interpreted_results, case):
 def test_executor_reasons_without_cuda():
     from stem_backends.triton.executor import TritonExecutor
 
+    from stem.dispatch import DispatchKey
     from stem.plan import BlockPlan
 
     ex = TritonExecutor()
@@ -153,11 +159,12 @@ def test_executor_reasons_without_cuda():
     counts = torch.ones(1, 2, 1, dtype=torch.int32)
     plan = BlockPlan(counts, torch.zeros(1, 2, 1, 1, dtype=torch.int32), 16, 10, 10)
     q = torch.randn(1, 2, 10, 48)
-    assert "head dim 48" in ex.unsupported_reason(q, q[:, :1], q[:, :1], plan)
+    key = DispatchKey.of(q, plan, need_lse=True)
+    assert "head dim 48" in ex.supports(key)
     q64 = torch.randn(1, 2, 10, 16, dtype=torch.float64)
-    assert "float64" in ex.unsupported_reason(q64, q64[:, :1], q64[:, :1], plan)
+    assert "float64" in ex.supports(DispatchKey.of(q64, plan, need_lse=False))
     q16 = torch.randn(1, 2, 10, 16)
-    assert ex.unsupported_reason(q16, q16[:, :1], q16[:, :1], plan) is None
+    assert ex.supports(DispatchKey.of(q16, plan, need_lse=True)) is None
 
 
 def test_importing_backends_does_not_import_triton():

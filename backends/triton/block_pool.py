@@ -1,12 +1,12 @@
-"""Pooled block sums for the factorised Stem planner (one Triton kernel + the logits around it).
+"""The planner's pooling step in one Triton kernel: the arrays of ``stem.planner.PooledStats``.
 
-``stem.planner.block_logits_torch`` needs, per block of ``bs`` tokens, the sum over its ``bs/S``
+The planner needs, per block of ``bs`` tokens, the sum over its ``bs/S``
 stride groups of the group's ``S`` rows, as an (S, D) float32 matrix: for queries reversed
 within the group (flip on the S axis), for keys as is; and, per key group of ``S`` tokens, the
 largest value norm ``max_j ||v_j||_2``. The kernel below reads each row of q, k and v exactly
 once and writes only those sums (``nQ*S*D`` and ``nK*S*D`` floats per head) and the group maxima
-(``Lk/S`` floats per kv head). The block logits are then one small float32 GEMM
-(nQ x S*D x nK per kv head) plus torch ops for the global value-bonus standardisation.
+(``Lk/S`` floats per kv head). The planner then forms the block logits with one small float32
+GEMM (nQ x S*D x nK per kv head) and torch ops for the global value-bonus standardisation.
 No (L/S)^2 scratch, no host synchronisation.
 """
 
@@ -17,11 +17,10 @@ import triton
 import triton.language as tl
 
 from stem.plan import block_geometry
-from stem.planner import bonus_from_group_max, logits_from_sums
 
 from . import interpreter_compat
 
-__all__ = ["pooled_block_sums", "block_logits_triton"]
+__all__ = ["pooled_block_sums"]
 
 
 @triton.jit
@@ -97,14 +96,3 @@ def pooled_block_sums(q, k, v, block_size: int, stride: int, q_offset: int):
     q_sum, _ = _launch_pool(q, q_offset - qbo * bs, nQ, bs, stride, True)
     k_sum, vmax = _launch_pool(k, 0, nK, bs, stride, False, v=v)
     return q_sum, k_sum, vmax
-
-
-def block_logits_triton(q, k, v, config, q_offset: int | None = None) -> torch.Tensor:
-    """Block logits (B, Hq, nQ, nK) float32, -inf where non-causal; the same function as
-    ``stem.planner.block_logits_torch`` (summation order aside)."""
-    Lq, Lk = q.shape[2], k.shape[2]
-    bs, S = config.block_size, config.stride
-    off = Lk - Lq if q_offset is None else q_offset
-    q_sum, k_sum, vmax = pooled_block_sums(q, k, v, bs, S, off)
-    nK = k_sum.shape[2]
-    return logits_from_sums(q_sum, k_sum, bonus_from_group_max(vmax, config, nK, Lk), config, off // bs)

@@ -14,7 +14,7 @@ import torch
 
 from stem.dispatch import Executor
 
-__all__ = ["TritonExecutor", "run_block_sparse_attention", "check_inputs", "DEFAULT_SCHEDULE"]
+__all__ = ["TritonExecutor", "run_block_sparse_attention", "supports", "check_inputs", "DEFAULT_SCHEDULE"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # "reversed" (late query blocks first, no sort) won on one NVIDIA H200 at 32K-128K by 1-4 % over
@@ -27,17 +27,24 @@ def _pow2_in(x: int, lo: int, hi: int) -> bool:
     return lo <= x <= hi and x & (x - 1) == 0
 
 
+def supports(dtype: torch.dtype, head_dim: int, block_size: int) -> str | None:
+    """None when the kernel runs this (dtype, head dim, plan block size); else why not."""
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} is not supported (float16, bfloat16 or float32; use the reference backend for float64)"
+    if not _pow2_in(head_dim, 16, 256):
+        return f"head dim {head_dim} is not supported (a power of two in [16, 256]; use the reference backend)"
+    if not _pow2_in(block_size, 16, 256):
+        return f"plan block size {block_size} is not supported (a power of two in [16, 256])"
+    return None
+
+
 def check_inputs(q, k, v, plan) -> str | None:
     """None when the kernel can run these inputs, else why not (and what to do instead)."""
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} is not supported (float16, bfloat16 or float32; use the reference backend for float64)"
     if not (q.dtype == k.dtype == v.dtype):
         return f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-    D = q.shape[-1]
-    if not _pow2_in(D, 16, 256):
-        return f"head dim {D} is not supported (a power of two in [16, 256]; use the reference backend)"
-    if not _pow2_in(plan.block_size, 16, 256):
-        return f"plan block size {plan.block_size} is not supported (a power of two in [16, 256])"
+    why = supports(q.dtype, q.shape[-1], plan.block_size)
+    if why is not None:
+        return why
     if not (q.device == k.device == v.device == plan.device):
         return f"q, k, v and the plan must be on one device, got {q.device}, {k.device}, {v.device}, {plan.device}"
     if (plan.q_len, plan.kv_len) != (q.shape[2], k.shape[2]) or tuple(plan.kv_counts.shape[:2]) != tuple(q.shape[:2]):
@@ -106,8 +113,8 @@ class TritonExecutor(Executor):
             return f"compute capability {major}.{minor} < 8.0 (the kernel needs Ampere or newer)"
         return None
 
-    def unsupported_reason(self, q, k, v, plan) -> str | None:
-        return check_inputs(q, k, v, plan)
+    def supports(self, key) -> str | None:
+        return supports(key.dtype, key.head_dim, key.block_size)
 
     def forward(self, q, k, v, plan, scale, return_lse):
         return run_block_sparse_attention(q, k, v, plan, scale, return_lse)

@@ -1,6 +1,6 @@
-"""Registers the Triton block-logit kernel with the stem planner (entry point ``stem.planners``).
+"""The Triton pooling kernel as a planner plugin (``stem.planner.register_pooling``).
 
-``register()`` is called by ``stem.planner.logits_impls()`` the first time a plan is made, never at
+``register()`` is called by ``stem.planner.poolings()`` the first time a plan is made, never at
 ``import stem``; it imports no triton itself (the kernel module is imported on first use).
 """
 
@@ -11,32 +11,33 @@ import warnings
 
 import torch
 
-from stem.planner import register_logits_impl
+from stem.planner import PooledStats, pool_torch, register_pooling
 
-__all__ = ["register", "triton_block_logits"]
+__all__ = ["register", "pool_triton"]
 
 
-def triton_block_logits(q, k, v, config, q_offset):
-    """fn(q, k, v, config, q_offset) -> float32 (B, Hq, nQ, nK) block logits, -inf non-causal;
-    equal to ``stem.planner.block_logits_torch`` up to float32 summation order."""
-    from stem_backends.triton.block_pool import block_logits_triton
+def pool_triton(q, k, v, config, q_offset) -> PooledStats:
+    """``stem.planner.PooledStats`` from one Triton kernel pass over q, k, v; equal to
+    ``stem.planner.pool_torch`` up to float32 summation order (float64 input keeps the torch path:
+    the kernel accumulates in float32)."""
+    if q.dtype == torch.float64:
+        return pool_torch(q, k, v, config, q_offset)
+    from stem_backends.triton.block_pool import pooled_block_sums
 
-    if q.dtype == torch.float64:  # the kernel accumulates in float32; float64 keeps the torch path
-        from stem.planner import block_logits_torch
-
-        return block_logits_torch(q, k, v, config, q_offset)
-    return block_logits_triton(q, k, v, config, q_offset)
+    bs = config.block_size
+    q_sum, k_sum, v_max = pooled_block_sums(q, k, v, bs, config.stride, q_offset)
+    return PooledStats(q_sum, k_sum, v_max, q_offset // bs, k.shape[2])
 
 
 def register() -> None:
-    """Register ``triton_block_logits`` for CUDA tensors, or warn why not."""
+    """Register ``pool_triton`` for CUDA tensors, or warn why not."""
     if importlib.util.find_spec("triton") is None:
         if torch.cuda.is_available():
             warnings.warn(
-                "stem: triton is not installed, so planning on CUDA uses the slower torch block-logit path; "
+                "stem: triton is not installed, so planning on CUDA uses the slower torch pooling path; "
                 "install it with `pip install triton` (or `pip install 'stem-attention[triton]'`)",
                 RuntimeWarning,
                 stacklevel=2,
             )
         return
-    register_logits_impl("triton", triton_block_logits, ("cuda",))
+    register_pooling("triton", pool_triton, ("cuda",))
