@@ -1,18 +1,16 @@
-"""nox sessions: tests (CPU), lint, demo, bench, hub kernel build, and GPU tests across CUDA builds.
+"""nox sessions: the single runner of the test, lint, demo, build and GPU workflows.
 
-    nox -s tests              # CPU suite (what CI runs through ci/test.sh)
-    nox -s lint               # ruff
-    nox -s demo               # the main job on the built-in workload
+    nox -s tests lint         # CPU test suite + ruff (what CI runs: bash ci/test.sh)
+    nox -s demo               # the main job on the built-in workload (bash ci/demo.sh)
     nox -s "gpu_tests(cuda='cu130')"   # GPU tests against one CUDA build of torch
-    nox -s hub_build          # build the Hub kernel variants for the local torch/CUDA
-    nox -s hub_layout         # CPU: universal variant, layout/metadata/offline-loading tests
-    nox -s gpu_hub            # GPU: build + test + sanitize + time the CUDA variant
-    nox -s bench              # stem bench (GPU)
+    nox -s hub_build          # build the Hub kernel for the local torch/CUDA (needs nvcc)
+    nox -s gpu_hub            # GPU: build + test + sanitize + time the Hub kernel
+    nox -s bench              # `stem bench` on the local GPU
 
-GPU rows: each `gpu_tests` row first tries to install the torch wheel for its CUDA version from
-the PyTorch index into a venv that can also see the system's packages; where no registry is
-reachable (the lent GPU machines have no network), the row runs with the torch already installed
-and says so. README.md lists which rows ran where.
+Versions come from ci/constraints.txt (one pin per tool, CPU torch included). GPU rows: each
+``gpu_tests`` row first tries to install the torch wheel for its CUDA version from the PyTorch index
+into an environment that also sees the system's packages; where no registry is reachable, the row
+runs with the torch already installed and says so in its log.
 """
 
 from __future__ import annotations
@@ -24,30 +22,33 @@ nox.options.reuse_existing_virtualenvs = True
 
 CONSTRAINTS = ("-c", "ci/constraints.txt")
 CUDA_ROWS = {"cu126": "12.6", "cu128": "12.8", "cu130": "13.0"}
+LINT_PATHS = ("stem", "backends", "tests", "benchmarks", "hub_kernels", "noxfile.py", "conftest.py")
 
 
-def _install_cpu(session: nox.Session, extras: str) -> None:
-    session.install("torch==2.13.0")
+def _install(session: nox.Session, extras: str) -> None:
+    """torch (the CPU-tested release from ci/constraints.txt), then stem with ``extras``."""
+    session.install(*CONSTRAINTS, "torch")
     session.install(*CONSTRAINTS, "-e", f".[{extras}]")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """CPU test suite (GPU tests are skipped without CUDA)."""
-    _install_cpu(session, "test")
-    session.run("python", "-m", "pytest", "-q", "-m", "not gpu", *session.posargs)
+    """CPU test suite (tests/, benchmarks/, hub_kernels/; GPU tests are skipped without CUDA)."""
+    _install(session, "test")
+    session.run("python", "-m", "pytest", "-q", "-ra", "-m", "not gpu", *session.posargs)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff")
-    session.run("ruff", "check", "stem", "backends", "tests", "benchmarks", "hub_kernels", "noxfile.py")
+    """ruff over the whole tree."""
+    session.install(*CONSTRAINTS, "ruff")
+    session.run("ruff", "check", *LINT_PATHS)
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
     """The main job: `stem demo` on the built-in synthetic long-context workload."""
-    _install_cpu(session, "plot")
+    _install(session, "plot")
     session.run("stem", "info")
     session.run("stem", "demo", *session.posargs)
 
@@ -76,29 +77,20 @@ def gpu_tests(session: nox.Session, cuda: str) -> None:
 
 @nox.session(venv_params=["--system-site-packages"])
 def hub_build(session: nox.Session) -> None:
-    """Build the Hub kernel: the CUDA variant for the local torch/CUDA and the torch-universal one
-    (needs nvcc and a CUDA build of torch; `--universal` alone builds anywhere)."""
+    """Build the Hub kernel for the local torch/CUDA (needs nvcc and a CUDA build of torch)."""
     session.install("-e", ".", "--no-deps")
-    session.run("python", "hub_kernels/build.py", *(session.posargs or ["--all"]))
-
-
-@nox.session
-def hub_layout(session: nox.Session) -> None:
-    """CPU: build the torch-universal variant and check layout, metadata and offline loading."""
-    _install_cpu(session, "test")
-    session.run("python", "hub_kernels/build.py", "--universal")
-    session.run("python", "-m", "pytest", "-q", "tests/test_hub_layout.py")
+    session.run("python", "hub_kernels/build.py", *session.posargs)
 
 
 @nox.session(venv_params=["--system-site-packages"])
 def gpu_hub(session: nox.Session) -> None:
-    """GPU: build the CUDA variant, run tests/test_gpu_hub.py, compute-sanitizer and the hub benchmark
-    (hub_kernels/gpu_build_and_test.sh; on the offline GPU machines carry the `kernels` wheel)."""
-    session.run("bash", "hub_kernels/gpu_build_and_test.sh", external=True)
+    """GPU: build the Hub kernel, run its tests, compute-sanitizer and its benchmark
+    (benchmarks/gpu/gpu_build_and_test.sh; on offline GPU machines carry the `kernels` wheel)."""
+    session.run("bash", "benchmarks/gpu/gpu_build_and_test.sh", external=True)
 
 
 @nox.session(venv_params=["--system-site-packages"])
 def bench(session: nox.Session) -> None:
-    """`stem bench` on the local GPU; results under benchmarks/results/."""
+    """`stem bench` on the local GPU (JSON + PNG)."""
     session.install("-e", ".[bench]", "--no-deps")
     session.run("stem", "bench", *session.posargs)

@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
-# Install stem-attention into .venv and run the main job: `stem demo` on the built-in workload.
+# The README's first command: bootstrap nox into .venv-nox, then `nox -s demo` (installs stem into
+# its own environment and runs `stem info` and the main job `stem demo`). Extra arguments go to
+# `stem demo`, e.g. `bash ci/demo.sh --length 16384`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-. .venv/bin/activate
-python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -c ci/constraints.txt -e ".[plot]"
-stem info
-stem demo "$@"
+source ci/nox.sh
+run_nox -s demo -- "$@"
