@@ -126,6 +126,52 @@ class BlockPlan:
         mask.scatter_(-1, idx, True)
         return mask[..., : self.num_kv_blocks]
 
+    def to_flex_block_mask(self):
+        """The same plan as a FlexAttention ``torch.nn.attention.flex_attention.BlockMask``.
+
+        A selected key block strictly before its query block's diagonal is a *full* block (no
+        ``mask_mod``); a selected diagonal block is a *partial* block masked causally (query
+        position >= key position); unselected and non-causal blocks are absent. The mask covers
+        (B, Hq, q_len, kv_len) tokens with ``BLOCK_SIZE = block_size``: ``kv_num_blocks`` and
+        ``full_kv_num_blocks`` are int32 (B, Hq, nQ), ``kv_indices`` and ``full_kv_indices`` int32
+        (B, Hq, nQ, nK), on the plan's device. ``flex_attention(q, k, v, block_mask=...,
+        enable_gqa=True)`` then computes what ``stem.attention(q, k, v, plan=plan)`` does.
+
+        FlexAttention's query blocks start at query row 0, so the plan's query blocks line up with
+        them only when ``q_offset`` is a multiple of ``block_size`` (always so for ordinary prefill);
+        other offsets raise ValueError.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        bs, q_offset = self.block_size, self.q_offset
+        if q_offset % bs:
+            raise ValueError(
+                f"to_flex_block_mask needs q_offset ({q_offset}) to be a multiple of block_size ({bs}): "
+                f"FlexAttention's query blocks start at query row 0"
+            )
+        B, H, nQ, W = self.kv_indices.shape
+        nK, dev = self.num_kv_blocks, self.device
+        idx = self.kv_indices.long()
+        valid = torch.arange(W, device=dev) < self.kv_counts.unsqueeze(-1)
+        diag = (torch.arange(nQ, device=dev) + self.q_block_offset)[:, None]  # (nQ, 1): absolute diagonal block
+        # full blocks: selected and strictly causal, ascending, padded with 0 to nK columns
+        full = torch.sort(torch.where(valid & (idx < diag), idx, nK), dim=-1).values[..., :nK]
+        full_counts = (full < nK).sum(-1, dtype=torch.int32)
+        full_idx = torch.zeros(B, H, nQ, nK, dtype=torch.int32, device=dev)
+        full_idx[..., : full.shape[-1]] = torch.where(full < nK, full, 0).to(torch.int32)
+        # partial blocks: the diagonal block where the plan selects it
+        part_counts = (valid & (idx == diag)).any(-1).to(torch.int32)
+        part_idx = torch.zeros(B, H, nQ, nK, dtype=torch.int32, device=dev)
+        part_idx[..., 0] = diag[:, 0].to(torch.int32)
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx + q_offset >= kv_idx
+
+        return BlockMask.from_kv_blocks(
+            part_counts, part_idx, full_counts, full_idx, BLOCK_SIZE=bs, mask_mod=causal,
+            seq_lengths=(self.q_len, self.kv_len),
+        )
+
     @classmethod
     def from_dense_mask(
         cls,
