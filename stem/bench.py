@@ -1,53 +1,119 @@
 """``stem bench``: planner, executors and end-to-end Stem against dense SDPA and FlexAttention.
 
 Everything for one length runs in one process on one card: dense SDPA (cuDNN and flash backends,
-causal), FlexAttention executing the *identical* plan (``BlockMask.from_kv_blocks``, compiled,
-diagonal blocks partial and the rest full), the stem planner alone, each usable stem executor
-alone, and stem end-to-end (``backend="auto"``). Times are medians of CUDA-event timings after
-warm-up. Writes JSON and a PNG plot.
+causal), FlexAttention executing the *identical* plan (:meth:`stem.BlockPlan.to_flex_block_mask`,
+compiled: diagonal blocks partial, the rest full), the stem planner alone, each usable stem
+executor alone, and stem end-to-end (``backend="auto"``). Times are medians of CUDA-event timings
+after warm-up. Writes ``bench_attention_<card>.json`` and ``.png`` into ``--out`` (default
+``./stem_bench``).
+
+The two helpers every benchmark of this project uses live here too:
+
+* :func:`time_ms`: the median of CUDA-event timings of a callable (perf_counter on the CPU);
+* :func:`random_qkv`: seeded random q, k, v of a (batch, heads, kv heads, length, head dim) shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import sys
+import time
 
-__all__ = ["add_arguments", "main", "run_bench", "time_ms"]
+__all__ = ["add_arguments", "main", "random_qkv", "run_bench", "time_ms"]
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072],
+                   help="sequence lengths (tokens), one row each")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--heads", type=int, default=32, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads (GQA)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--alpha", type=float, default=0.7)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (median)")
-    p.add_argument("--skip", nargs="*", default=[], help="methods to skip: flash cudnn flex torch_planner ...")
-    p.add_argument("--out", default="benchmarks/results", help="folder for bench_attention.json/.png")
+    p.add_argument("--alpha", type=float, default=0.7, help="Stem Token Position-Decay alpha")
+    p.add_argument("--block-size", type=int, default=128, help="Stem block size")
+    p.add_argument("--reps", type=int, default=10,
+                   help="timed repetitions per measurement (median; half of them above 64K tokens, at least 3)")
+    p.add_argument("--skip", nargs="*", default=[], help="methods to skip: flash cudnn flex torch_planner")
+    p.add_argument("--out", default="stem_bench",
+                   help="folder for bench_attention_<tag>.json and .png (default: ./stem_bench)")
     p.add_argument("--tag", default=None, help="file name tag (default: the card's name)")
 
 
-def time_ms(fn, reps: int = 7, warmup: int = 2) -> float:
-    """Median of CUDA-event timings of ``fn()`` over ``reps`` runs after ``warmup`` runs (ms)."""
+def time_ms(fn, reps: int = 7, warmup: int = 2, *, device=None, before=None, samples=None) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` timed runs after ``warmup`` untimed runs.
+
+    On CUDA each run is timed with a pair of CUDA events on the current stream (no host sync inside
+    the timed region; one sync after each run); on the CPU with ``time.perf_counter``.
+
+    Args:
+        fn: the work to time; its result is discarded.
+        reps, warmup: timed and untimed runs.
+        device: where ``fn`` runs (``"cuda"``, ``"cuda:1"``, ``"cpu"``, a torch.device); default
+            CUDA when available, else the CPU.
+        before: called before every run (warm-up and timed), outside the timed region, e.g. a
+            barrier across ranks.
+        samples: a list; when given, every timed run's milliseconds are appended to it.
+    """
     import torch
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"time_ms: device {dev} requested but torch.cuda.is_available() is False")
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"time_ms needs reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
     times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    with torch.cuda.device(dev) if cuda else contextlib.nullcontext():
+        for i in range(warmup + reps):
+            if before is not None:
+                before()
+            if cuda:
+                torch.cuda.synchronize()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                ms = a.elapsed_time(b)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ms = (time.perf_counter() - t0) * 1e3
+            if i >= warmup:
+                times.append(ms)
+    if samples is not None:
+        samples.extend(times)
     return statistics.median(times)
+
+
+def random_qkv(batch: int, heads: int, kv_heads: int, length: int, head_dim: int, *, dtype=None, device=None,
+               seed: int = 0, v_scale: tuple[float, float] | None = None):
+    """Random q (batch, heads, length, head_dim) and k, v (batch, kv_heads, length, head_dim).
+
+    Standard normal entries drawn on ``device`` (default CUDA when available, else the CPU) from a
+    ``torch.Generator`` seeded with ``seed``, in the order q, k, v, then cast to ``dtype``
+    (default bfloat16). The same seed on the same kind of device gives the same tensors; draw on
+    ``device="cpu"`` and move them where every rank or card must see identical inputs.
+    ``v_scale=(lo, hi)`` multiplies each value vector by a factor uniform in [lo, hi), so value
+    norms vary as in real models (Stem's value bonus reads them).
+    """
+    import torch
+
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dtype is None else dtype
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q = torch.randn(batch, heads, length, head_dim, device=dev, dtype=dtype, generator=g)
+    k = torch.randn(batch, kv_heads, length, head_dim, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(batch, kv_heads, length, head_dim, device=dev, dtype=dtype, generator=g)
+    if v_scale is not None:
+        lo, hi = v_scale
+        scale = lo + (hi - lo) * torch.rand(batch, kv_heads, length, 1, device=dev, generator=g)
+        v = (v.float() * scale).to(dtype)
+    return q, k, v
 
 
 def _pair_count(plan) -> float:
@@ -56,34 +122,6 @@ def _pair_count(plan) -> float:
     diag = plan.batch_size * plan.num_heads * plan.num_q_blocks
     full = float(plan.kv_counts.sum()) - diag
     return full * bs * bs + diag * bs * (bs + 1) / 2
-
-
-def _flex_block_mask(plan, L: int):
-    """FlexAttention BlockMask of the same plan: diagonal blocks partial (causal), the rest full."""
-    import torch
-    from torch.nn.attention.flex_attention import BlockMask
-
-    B, H, nQ, W = plan.kv_indices.shape
-    nK = plan.num_kv_blocks
-    dev = plan.kv_indices.device
-    counts = plan.kv_counts
-    # plan rows are ascending and end at the diagonal block
-    slots = torch.arange(nK, device=dev)
-    idx = torch.zeros(B, H, nQ, nK, dtype=torch.int32, device=dev)
-    idx[..., :W] = plan.kv_indices
-    full_counts = (counts - 1).to(torch.int32)
-    full_idx = torch.where(slots < full_counts[..., None], idx, 0).to(torch.int32)
-    diag = torch.arange(nQ, device=dev, dtype=torch.int32) + plan.q_block_offset
-    part_idx = torch.zeros(B, H, nQ, nK, dtype=torch.int32, device=dev)
-    part_idx[..., 0] = diag
-    part_counts = torch.ones(B, H, nQ, dtype=torch.int32, device=dev)
-
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
-
-    return BlockMask.from_kv_blocks(
-        part_counts, part_idx, full_counts, full_idx, BLOCK_SIZE=plan.block_size, mask_mod=causal, seq_lengths=(L, L)
-    )
 
 
 def _bench_one(L, args, cfg, flex, sparse_execs) -> dict:
@@ -96,10 +134,7 @@ def _bench_one(L, args, cfg, flex, sparse_execs) -> dict:
     dev = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     B, Hq, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
-    g = torch.Generator(device=dev).manual_seed(L)
-    q = torch.randn(B, Hq, L, D, device=dev, dtype=dtype, generator=g)
-    k = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype, generator=g)
-    v = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype, generator=g)
+    q, k, v = random_qkv(B, Hq, Hkv, L, D, dtype=dtype, device=dev, seed=L)
     row = {"L": L}
     dense_pairs = B * Hq * L * (L + 1) / 2
     reps = max(3, args.reps if L <= 65536 else args.reps // 2)
@@ -145,7 +180,7 @@ def _bench_one(L, args, cfg, flex, sparse_execs) -> dict:
             row[f"exec_{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if flex is not None and not plan.dense:
         try:
-            bm = _flex_block_mask(plan, L)
+            bm = plan.to_flex_block_mask()
             row["flex_ms"] = time_ms(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), reps)
             row["flex_tflops"] = 4 * D * pairs / row["flex_ms"] / 1e9
             # the flex mask must be the same plan: compare with the reference executor's output
@@ -197,11 +232,30 @@ def run_bench(args, progress=True) -> dict:
         "card": card,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "versions": _versions(),
         "shape": {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": args.dtype},
         "config": cfg.to_dict(),
         "command": " ".join(["stem", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
         "rows": rows,
     }
+
+
+def _versions() -> dict:
+    import platform
+
+    import torch
+
+    import stem
+
+    out = {"stem": stem.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+           "python": platform.python_version()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
 
 
 def _plot(res: dict, path: str) -> None:
@@ -211,7 +265,7 @@ def _plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = res["rows"]
-    keys = [k for k in rows[0] if k.endswith("_ms") and k != "planner_torch_ms"]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k.endswith("_ms") and k != "planner_torch_ms"))
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     for key in keys:
         xs = [r["L"] for r in rows if key in r]
@@ -221,7 +275,8 @@ def _plot(res: dict, path: str) -> None:
     ax[0].set_xlabel("sequence length")
     ax[0].set_ylabel("ms (median)")
     ax[0].legend(fontsize=8)
-    ax[0].set_title(f"{res['card']}: B=1 Hq=32 Hkv=8 D=128 bf16")
+    sh = res["shape"]
+    ax[0].set_title(f"{res['card']}: B={sh['B']} Hq={sh['Hq']} Hkv={sh['Hkv']} D={sh['D']} {sh['dtype']}")
     for key in [k for k in keys if k.startswith(("exec_", "flex", "e2e"))]:
         xs = [r["L"] for r in rows if key in r and "dense_cudnn_ms" in r]
         ax[1].plot(xs, [r["dense_cudnn_ms"] / r[key] for r in rows if key in r and "dense_cudnn_ms" in r],
@@ -251,6 +306,12 @@ def _table(res: dict) -> str:
 
 
 def main(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("stem bench: needs a CUDA GPU (torch.cuda.is_available() is False); `stem info` says what this "
+              "machine has", file=sys.stderr)
+        return 1
     res = run_bench(args)
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or res["card"].replace(" ", "_").replace("/", "_")

@@ -1,11 +1,15 @@
-"""The ``stem`` command: ``stem info``, ``stem demo``, ``stem bench``, ``stem eval``."""
+"""The ``stem`` command: ``stem info``, ``stem demo``, ``stem bench``.
+
+``stem bench`` is the attention-level benchmark a user runs on their own GPU (stem/bench.py);
+the repository's other benchmarks (model prefill TTFT, retrieval quality, several GPUs) live in
+``benchmarks/`` of a source checkout.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 
 __all__ = ["main"]
 
@@ -53,6 +57,7 @@ def _demo(args) -> int:
     import torch.nn.functional as F
 
     import stem
+    from stem.bench import time_ms
     from stem.workloads import synthetic_qkv
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,24 +69,17 @@ def _demo(args) -> int:
           f"{str(dtype).replace('torch.', '')} on {dev}; needles at {info['needles']}")
     print(f"config: {cfg}")
 
-    def sync():
-        if dev == "cuda":
-            torch.cuda.synchronize()
+    def dense_fn():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-    def timed(fn, reps=3):
-        fn()
-        sync()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            r = fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return r, sorted(ts)[len(ts) // 2] * 1e3
+    def stem_fn():
+        return stem.attention(q, k, v, config=cfg, return_plan=True)
 
-    dense, t_dense = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-    (out, plan), t_stem = timed(lambda: stem.attention(q, k, v, config=cfg, return_plan=True))
-    _, t_plan = timed(lambda: stem.plan(q, k, v, cfg))
+    def plan_fn():
+        return stem.plan(q, k, v, cfg)
+
+    dense, (out, plan) = dense_fn(), stem_fn()  # the results; these runs are also the warm-up
+    t_dense, t_stem, t_plan = (time_ms(fn, reps=3, warmup=0, device=dev) for fn in (dense_fn, stem_fn, plan_fn))
     err = float((out.double() - dense.double()).norm() / dense.double().norm())
     masked = plan.to_dense_mask()
     hits = sum(bool(masked[0, :, :, n // cfg.block_size].any()) for n in info["needles"])
@@ -131,14 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", default="stem_demo_plan.png", help="PNG path for the plan heatmap ('' to skip)")
     s.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     s.set_defaults(fn=_demo)
-    try:
-        from stem.bench import add_arguments as bench_args
+    from stem.bench import add_arguments as bench_args
 
-        s = sub.add_parser("bench", help="benchmark planner/executors vs dense SDPA and FlexAttention (GPU)")
-        bench_args(s)
-        s.set_defaults(fn=_bench)
-    except ImportError:
-        pass
+    s = sub.add_parser("bench", help="GPU: planner, executors and end-to-end Stem vs dense SDPA and FlexAttention",
+                       description="Attention-level benchmark on this machine's GPU; writes JSON + PNG into --out.")
+    bench_args(s)
+    s.set_defaults(fn=_bench)
     return p
 
 
