@@ -163,7 +163,7 @@ def _bench_one(L, args, cfg, flex, sparse_execs) -> dict:
     row["planner_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     row["planner_ms"] = time_ms(lambda: stem.plan(q, k, v, cfg), reps)
     if "torch_planner" not in args.skip:
-        row["planner_torch_ms"] = time_ms(lambda: stem.plan(q, k, v, cfg, logits_impl="torch"), reps)
+        row["planner_torch_ms"] = time_ms(lambda: stem.plan(q, k, v, cfg, pooling="torch"), reps)
     row["density"] = plan.density
     row["plan_dense"] = plan.dense
     pairs = _pair_count(plan)

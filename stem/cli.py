@@ -34,11 +34,11 @@ def _info(args) -> int:
             mark = "yes" if row.usable else "no "
             text = row.description if row.usable else row.reason
             print(f"  [{mark}] {row.name:<10} prio {row.priority:>4}  {text}")
-    from stem.planner import logits_impls
+    from stem.planner import poolings
 
-    impls = logits_impls()
-    print("\nplanner block-logit kernels:", ", ".join(["torch", *impls]) or "torch")
-    from stem.api import AUTO_DENSE_DENSITY, auto_dense_reason
+    kernels = [f"{name} ({', '.join(devs)})" for name, (_, devs) in poolings().items()]
+    print("\nplanner pooling kernels:", ", ".join([*kernels, "torch (any device)"]))
+    from stem.api import auto_dense_reason
 
     cfg = stem.StemConfig()
     n_dense = stem.budget._DENSE_BELOW
@@ -48,7 +48,7 @@ def _info(args) -> int:
     while auto_dense_reason("cuda", n * cfg.block_size, n * cfg.block_size, cfg) is not None:
         n += 1
     print(f"  on CUDA, prefill shorter than {n * cfg.block_size} tokens runs dense SDPA without planning: the budgets "
-          f"keep >= {AUTO_DENSE_DENSITY} of the causal blocks there (STEM_AUTO_DENSE_DENSITY overrides)")
+          f"keep >= {cfg.auto_dense_above} of the causal blocks there (StemConfig.auto_dense_above)")
     return 0
 
 
