@@ -1,13 +1,12 @@
-#!/usr/bin/env python
 """Time-to-first-token of a Llama-3.1-8B-shaped model: transformers SDPA vs Stem, whole forward.
 
 The model is built from a LlamaConfig with random weights (hidden 4096, 32 heads, 8 kv heads,
 head dim 128, intermediate 14336, vocab 128256, llama3 RoPE, theta 500000) but only ``--layers``
 decoder layers (default 4). One prefill forward over a single sequence with ``logits_to_keep=1``
-(no vocab x L logits) and ``use_cache=False`` is timed with CUDA events (median of ``--iters``
-after ``--warmup``). Attention is timed per layer with CUDA events recorded around the attention
-function (no host sync inside the forward), so the JSON gives both the whole pass and the share
-of attention in it.
+(no vocab x L logits) and ``use_cache=False`` is timed with ``stem.bench.time_ms`` (CUDA events;
+median of ``--iters`` after ``--warmup``). Attention is timed per layer with CUDA events recorded
+around the attention function inside the same forwards (no host sync inside the forward), so the
+JSON gives both the whole pass and the share of attention in it.
 
 Scaling to 32 layers (reported separately as ``scaled``; the measured N-layer numbers are the
 primary result). With ``other = ttft - attention`` (embedding, norms, projections, RoPE, MLP, head)
@@ -24,8 +23,10 @@ Random weights: Stem's block count per query block is fixed by its budget (top-k
 does not depend on the data; the attention *pattern* of random weights is not that of a trained
 model, so this measures speed, not accuracy.
 
-    python benchmarks/bench_prefill.py --out benchmarks/results --lengths 32768 65536 131072 --layers 4
-    python benchmarks/bench_prefill.py --tiny          # CPU smoke test of the same code path
+Run from the repository root (writes bench_prefill.json and .png into --out):
+
+    python -m benchmarks.prefill --out benchmarks/results --lengths 32768 65536 131072 --layers 4
+    python -m benchmarks.prefill --tiny --out /tmp/prefill   # CPU run of the same code path (tiny model)
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import time
 
 import torch
 
+from stem.bench import random_qkv, time_ms
+
 FULL_LAYERS_8B = 32
 
 
@@ -51,8 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="prompt lengths (default 32768 65536 131072)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers to build (default 4)")
     p.add_argument("--full-layers", type=int, default=None, help="layers of the real model, for scaling (32)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed forwards per method and length (>= 1: the first also records plan densities "
+                        "and dispatch routes)")
+    p.add_argument("--iters", type=int, default=3, help="timed forwards per method and length (median)")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default bfloat16")
     p.add_argument("--block-size", type=int, default=None, help="Stem block size (default 128)")
@@ -63,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--allow-reference", action="store_true",
                    help="allow the (slow) reference executor on CUDA instead of failing")
     p.add_argument("--tiny", action="store_true", help="tiny model, short lengths, CPU: a quick code-path test")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     tiny = a.tiny
@@ -80,8 +85,8 @@ def parse_args(argv=None):
         a.iters = 1
     if a.layers <= len(a.dense_layers) or any(i >= a.layers for i in a.dense_layers):
         p.error(f"--layers {a.layers} must exceed the dense layers {a.dense_layers} so sparse layers get measured")
-    if a.iters < 1 or a.warmup < 0:
-        p.error("--iters must be >= 1 and --warmup >= 0")
+    if a.iters < 1 or a.warmup < 1:
+        p.error("--iters and --warmup must be >= 1")
     return a
 
 
@@ -109,8 +114,13 @@ def build_model(args, device, dtype):
     return model.eval()
 
 
-class Clock:
-    """CUDA events on CUDA (read after one synchronize), perf_counter elsewhere."""
+class LayerMarks:
+    """Start/end marks around each attention call inside a forward: CUDA events on CUDA (read after
+    the forward's end, which ``time_ms`` synchronises), perf_counter elsewhere.
+
+    This is the one timer of its own here: ``time_ms`` times a whole callable, while the attention
+    share needs marks *between* hooks inside one model forward, without a host sync per layer.
+    """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -125,15 +135,11 @@ class Clock:
     def ms(self, a, b) -> float:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
 
 class TimedAttention:
     """Registers "bench_sdpa" and "bench_stem": the real attention functions, timed per call."""
 
-    def __init__(self, clock: Clock):
+    def __init__(self, clock: LayerMarks):
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -168,9 +174,9 @@ class TimedAttention:
         if cfg is not None and not cfg.dense:
             self.density[module.layer_idx] = stem.plan(q, k, v, cfg).density
 
-    def per_layer_ms(self) -> dict[int, float]:
+    def per_layer_ms(self, marks) -> dict[int, float]:
         out: dict[int, float] = {}
-        for layer, a, b in self.marks:
+        for layer, a, b in marks:
             out[layer] = out.get(layer, 0.0) + self.clock.ms(a, b)
         return out
 
@@ -179,19 +185,18 @@ def probe_executor(args, device, dtype, stem_cfg) -> str:
     """Which executor backend="auto" picks for a sparse plan at the longest length (fail early on
     the slow reference executor on CUDA)."""
     import stem
-    from stem.dispatch import choose_executor
+    from stem.dispatch import DispatchKey, resolve
 
     cfg = model_config(args)
     L = max(args.lengths)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    q = torch.randn(1, cfg.num_attention_heads, L, cfg.head_dim, device=device, dtype=dtype, generator=g)
-    k = torch.randn(1, cfg.num_key_value_heads, L, cfg.head_dim, device=device, dtype=dtype, generator=g)
-    plan = stem.plan(q, k, k, stem_cfg)
+    q, k, v = random_qkv(1, cfg.num_attention_heads, cfg.num_key_value_heads, L, cfg.head_dim, dtype=dtype,
+                         device=device, seed=args.seed)
+    plan = stem.plan(q, k, v, stem_cfg)
     if plan.dense:
         return f"plan is dense at L={L} (budget covers every block): sdpa"
     if args.backend != "auto":
         return f"backend={args.backend}"
-    ex, why = choose_executor(q, k, k, plan)
+    ex, why = resolve("auto", DispatchKey.of(q, plan, need_lse=False))
     if device.type == "cuda" and ex.name == "reference" and not args.allow_reference:
         raise SystemExit(
             f"stem auto dispatch picked the reference executor on CUDA ({why}); it is an oracle, far too slow "
@@ -200,29 +205,33 @@ def probe_executor(args, device, dtype, stem_cfg) -> str:
     return why
 
 
-def measure(model, x, method, timer: TimedAttention, clock: Clock, args, bar) -> dict:
+def measure(model, x, method, timer: TimedAttention, device, args, bar) -> dict:
     sh = timer.sh
     model.set_attn_implementation(f"bench_{method}")
-    totals, attn_totals, layer_runs = [], [], []
-    for i in range(args.warmup + args.iters):
-        warm = i < args.warmup
-        timer.marks.clear()
-        timer.inspect = method == "stem" and i == 0
-        sh.reset_dispatch_counts()
-        t0 = clock.mark()
+
+    def forward():
         with torch.inference_mode():
             model(x, logits_to_keep=1, use_cache=False)
-        t1 = clock.mark()
-        clock.sync()
-        timer.inspect = False
-        if i == 0:
-            routes = sh.dispatch_counts()
-        if not warm:
-            layers = timer.per_layer_ms()
-            totals.append(clock.ms(t0, t1))
-            attn_totals.append(sum(layers.values()))
-            layer_runs.append(layers)
         bar.update(1)
+
+    # first warm-up forward: untimed, records the plans' densities and the dispatch routes
+    timer.marks = []
+    timer.inspect = method == "stem"
+    sh.reset_dispatch_counts()
+    forward()
+    timer.inspect = False
+    routes = sh.dispatch_counts()
+    runs: list[list] = []  # the attention marks of every forward time_ms runs, warm-up ones first
+
+    def timed_forward():
+        timer.marks = []
+        runs.append(timer.marks)
+        forward()
+
+    totals: list[float] = []
+    time_ms(timed_forward, reps=args.iters, warmup=args.warmup - 1, device=device, samples=totals)
+    layer_runs = [timer.per_layer_ms(marks) for marks in runs[args.warmup - 1:]]
+    attn_totals = [sum(layers.values()) for layers in layer_runs]
     n = len(layer_runs[0])
     per_layer = [statistics.median(run[j] for run in layer_runs) for j in range(n)]
     ttft, attn = statistics.median(totals), statistics.median(attn_totals)
@@ -243,7 +252,7 @@ def measure(model, x, method, timer: TimedAttention, clock: Clock, args, bar) ->
             sparse_layer_attn_ms=statistics.fmean(sparse),
             sparse_layer_density=[timer.density[j] for j in sorted(timer.density)],
         )
-    if clock.cuda:
+    if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
 
@@ -333,7 +342,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     stem_cfg = stem.StemConfig(block_size=args.block_size, stride=args.stride, alpha=args.alpha)
     schedule = sh.StemModelConfig(base=stem_cfg, dense_layers=args.dense_layers, backend=args.backend)
-    clock = Clock(device)
+    clock = LayerMarks(device)
     why = probe_executor(args, device, dtype, stem_cfg)
     model = build_model(args, device, dtype)
     sh.enable(model, schedule)  # stores the schedule on the attention modules
@@ -341,6 +350,7 @@ def main(argv=None) -> dict:
     cfg = model.config
     data = {
         "benchmark": "bench_prefill",
+        "command": " ".join(["python -m benchmarks.prefill", *(sys.argv[1:] if argv is None else argv)]),
         "model": {
             "name": "Llama-3.1-8B-shaped (random weights)" if not args.tiny else "tiny Llama (random weights)",
             "num_hidden_layers": args.layers,
@@ -359,9 +369,10 @@ def main(argv=None) -> dict:
                      "stem": stem.__version__, "python": platform.python_version()},
         "stem": {"schedule": schedule.to_dict(), "executor_probe": why},
         "timing": {"warmup": args.warmup, "iters": args.iters, "statistic": "median",
-                   "clock": "cuda events" if clock.cuda else "perf_counter",
+                   "clock": "stem.bench.time_ms: " + ("cuda events" if clock.cuda else "perf_counter"),
                    "forward": "model(input_ids, logits_to_keep=1, use_cache=False), batch 1, inference_mode",
-                   "attention": "per-layer events around the attention function (Stem: planning + execution)"},
+                   "attention": "per-layer marks around the attention function in the same forwards "
+                                "(Stem: planning + execution)"},
         "lengths": args.lengths,
         "scaled": {
             "to_layers": args.full_layers,
@@ -373,13 +384,7 @@ def main(argv=None) -> dict:
         "results": [],
     }
     json_path = os.path.join(args.out, "bench_prefill.json")
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(args.lengths) * 2 * (args.warmup + args.iters), disable=args.no_progress,
-                   desc="prefill", unit="fwd")
-    except ImportError:  # progress is optional
-        bar = _NoBar()
+    bar = _progress(len(args.lengths) * 2 * (args.warmup + args.iters), args.no_progress)
     for L in args.lengths:
         bar.set_postfix_str(f"L={L}")
         x = torch.randint(0, cfg.vocab_size, (1, L), device=device,
@@ -390,7 +395,7 @@ def main(argv=None) -> dict:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                row[method] = measure(model, x, method, timer, clock, args, bar)
+                row[method] = measure(model, x, method, timer, device, args, bar)
             except torch.cuda.OutOfMemoryError as e:
                 row[method] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
                 if clock.cuda:
@@ -404,9 +409,12 @@ def main(argv=None) -> dict:
             json.dump(data, f, indent=1)
     bar.close()
     sh.disable(model)
-    plot(data, os.path.join(args.out, "bench_prefill.png"))
     print(table(data))
-    print(f"wrote {json_path} and bench_prefill.png")
+    try:
+        plot(data, os.path.join(args.out, "bench_prefill.png"))
+        print(f"wrote {json_path} and bench_prefill.png")
+    except ImportError:
+        print(f"wrote {json_path} (matplotlib is not installed: no bench_prefill.png)")
     return json.loads(json.dumps(data))
 
 
@@ -419,6 +427,18 @@ class _NoBar:
 
     def close(self):
         pass
+
+
+def _progress(total: int, off: bool):
+    """A tqdm bar, or a silent stand-in when progress is off or tqdm is not installed."""
+    if off:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print("(tqdm is not installed: no progress bar; pip install tqdm)", file=sys.stderr)
+        return _NoBar()
+    return tqdm(total=total, desc="prefill", unit="fwd")
 
 
 if __name__ == "__main__":
