@@ -1,10 +1,13 @@
 """Equality of context-parallel Stem (stem.distributed) with single-GPU stem.attention.
 
-    torchrun --nproc-per-node=2 benchmarks/dist_check.py --seq 32768
+Run from the repository root with torchrun's module mode (no path set-up needed):
 
-Every rank builds the same full-sequence inputs (B=1, Hq=32, Hkv=8, D=128, bf16, seeded on the
-CPU), computes the single-GPU ``stem.attention`` result and plan on its own GPU, then runs
-``stem.distributed.attention`` on its shard for each layout and planner and compares:
+    torchrun --nproc-per-node=2 -m benchmarks.distributed.dist_check --seq 32768
+
+Every rank builds the same full-sequence inputs (B=1, Hq=32, Hkv=8, D=128, bf16;
+``stem.bench.random_qkv`` drawn on the CPU, so identical on every rank), computes the single-GPU
+``stem.attention`` result and plan on its own GPU, then runs ``stem.distributed.attention`` on its
+shard for each layout and planner and compares:
 
 * plan rows: each chunk plan against the single-GPU plan's rows (absolute block positions);
   the "stats" planner sums in another order than the Triton planner kernel, so a near-tie at the
@@ -13,7 +16,8 @@ CPU), computes the single-GPU ``stem.attention`` result and plan on its own GPU,
   bf16 rounding: the same executor on the same blocks);
 * the same with ``backend="reference"`` at a small size (the exact oracle on both sides).
 
-Rank 0 writes $OUT/dist_check.json and prints PASS/FAIL lines; exit status 1 on failure.
+Rank 0 writes dist_check.json into $OUT (or benchmarks/results/) and prints PASS/FAIL lines;
+exit status 1 on failure. Without CUDA the ranks use gloo on the CPU (a smoke run of the code).
 """
 
 from __future__ import annotations
@@ -31,18 +35,16 @@ import sys  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_distributed import ROOT, device_name, init_dist, setup_stem  # noqa: E402
+from benchmarks.distributed.bench_distributed import V_SCALE, device_name, init_dist, results_dir, versions  # noqa: E402
+from stem.bench import random_qkv  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 
 
 def full_inputs(L, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, HQ, L, D, generator=g, dtype=torch.bfloat16)
-    k = torch.randn(1, HKV, L, D, generator=g, dtype=torch.bfloat16)
-    v = torch.randn(1, HKV, L, D, generator=g) * (0.2 + 3 * torch.rand(1, HKV, L, 1, generator=g))
-    return q.to(device), k.to(device), v.to(torch.bfloat16).to(device)
+    """The whole sequence, drawn on the CPU (the same on every rank), then moved to ``device``."""
+    q, k, v = random_qkv(1, HQ, HKV, L, D, dtype=torch.bfloat16, device="cpu", seed=seed, v_scale=V_SCALE)
+    return q.to(device), k.to(device), v.to(device)
 
 
 def compare(sd, q, k, v, ref_out, ref_plan, layout, planner, backend, rank, world):
@@ -69,12 +71,12 @@ def compare(sd, q, k, v, ref_out, ref_plan, layout, planner, backend, rank, worl
     return res
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=32768)
     ap.add_argument("--ref-seq", type=int, default=8192, help="length of the reference-backend check")
-    args = ap.parse_args()
-    stem = setup_stem()
+    args = ap.parse_args(argv)
+    import stem
     import stem.distributed as sd
 
     rank, world, dev = init_dist()
@@ -104,10 +106,11 @@ def main():
                   f"rank {r['rank']}: plan rows differing {r['plan_rows_mismatched']}/{r['plan_rows']}, "
                   f"max err {r['max_err']:.3g} (same-plan rows {r['max_err_same_plan']:.3g}), density "
                   f"{r['density']:.3f}", flush=True)
-        out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "dist_check.json"), "w") as f:
-            json.dump({"world": world, "device": device_name(dev), "ok": ok, "rows": rows}, f, indent=1)
+        command = " ".join(["torchrun", f"--nproc-per-node={world}", "-m", "benchmarks.distributed.dist_check",
+                            *sys.argv[1:]])
+        with open(os.path.join(results_dir(), "dist_check.json"), "w") as f:
+            json.dump({"command": command, "world": world, "device": device_name(dev), "versions": versions(),
+                       "ok": ok, "rows": rows}, f, indent=1)
         print("dist_check:", "PASS" if ok else "FAIL", flush=True)
     flag = torch.tensor([ok], device=dev)
     dist.broadcast(flag, 0)

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# One device call on a machine with >= 2 GPUs (nvidia-h100-x2 / -x4, or H200s):
-#   1. benchmarks/dist_check.py   torchrun, all GPUs: context-parallel == single-GPU stem.attention
-#   2. benchmarks/bench_distributed.py   torchrun: 128K-512K per-rank time vs one GPU
-#   3. tests/test_gpu_multi.py    cuda:1 tensors with cuda:0 current; accelerate device_map split
+# Context parallelism on a machine with >= 2 GPUs (H100s or H200s), in one command:
+#   1. benchmarks.distributed.dist_check        torchrun, all GPUs: context-parallel == single-GPU stem.attention
+#   2. benchmarks.distributed.bench_distributed torchrun: 128K-512K per-rank time vs one GPU
+#   3. tests/test_gpu_multi.py                  cuda:1 tensors with cuda:0 current; accelerate device_map split
+#
+#   bash benchmarks/gpu/gpu_dist.sh       (it changes to the repository root itself)
+#
 # Results and logs go to $OUT (benchmarks/results without it). Each step has its own time limit so a
 # hang in one still returns the others. NVLink multicast stays off (it can take shared GPUs out of
 # service): the variables are exported here, inherited by torchrun's workers, and set again inside
-# the Python scripts.
+# the Python modules. torchrun runs them in module mode (-m) from the repository root.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -21,16 +24,16 @@ T_CHECK=${T_CHECK:-70} T_BENCH=${T_BENCH:-115} T_TEST=${T_TEST:-85}
 head -4 "$OUT/env.txt"
 # editable install registers the executors' entry points (no network needed: --no-deps)
 $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/env_pip.txt" 2>&1 \
-  || echo "pip install -e . failed (see env_pip.txt); the scripts alias backends/ and register executors"
+  || echo "pip install -e . failed (see env_pip.txt); running from the checkout (stem finds backends/ itself)"
 if [ "$NPROC" -lt 2 ]; then echo "need >= 2 GPUs, found $NGPU"; exit 1; fi
 TR="$PY -m torch.distributed.run --nproc-per-node=$NPROC --master-addr=127.0.0.1 --master-port"
 ENVS="NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1"
 
 echo "== dist_check ($NPROC GPUs)"
-timeout "$T_CHECK" env $ENVS $TR=29511 benchmarks/dist_check.py --seq ${SEQ_CHECK:-32768} 2>&1 \
+timeout "$T_CHECK" env $ENVS $TR=29511 -m benchmarks.distributed.dist_check --seq ${SEQ_CHECK:-32768} 2>&1 \
   | grep -v -i warn | tee "$OUT/dist_check.log" | grep -E "PASS|FAIL|Error|error" | tail -20
 echo "== bench_distributed ($NPROC GPUs)"
-timeout "$T_BENCH" env $ENVS $TR=29512 benchmarks/bench_distributed.py --seqs ${SEQS:-131072,262144,524288} \
+timeout "$T_BENCH" env $ENVS $TR=29512 -m benchmarks.distributed.bench_distributed --seqs ${SEQS:-131072,262144,524288} \
   --budget-s $(( T_BENCH - 45 )) 2>&1 | grep -v -i warn | tee "$OUT/bench.log" | tail -8
 echo "== tests/test_gpu_multi.py"
 # planner/executors that launch on the current device can fault the CUDA context: every test
