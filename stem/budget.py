@@ -1,4 +1,4 @@
-"""Token Position-Decay budgets (STEM_SPEC section 2). Pure host arithmetic on shapes."""
+"""Token Position-Decay budgets (docs/method.md, "Budget"). Pure host arithmetic on shapes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Stem planner: (q, k, v, config) -> BlockPlan (STEM_SPEC sections 1-3).
+"""The Stem planner: (q, k, v, config) -> BlockPlan (docs/method.md).
 
 Scoring without the (L/S)^2 score matrix
 ----------------------------------------
@@ -211,7 +211,7 @@ def block_logits(
 def select_blocks(
     logits: torch.Tensor, config: StemConfig, q_block_offset: int, n_total: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position-decayed top-k + sinks + window (STEM_SPEC sections 2-3), on the logits' device.
+    """Position-decayed top-k + sinks + window (docs/method.md, "Selection"), on the logits' device.
 
     logits: (B, Hq, nQ, nK) with -inf on non-causal blocks; query block i is absolute block
     ``q_block_offset + i`` of a sequence of ``n_total`` blocks. Returns int32 ``kv_counts``

@@ -1,6 +1,6 @@
-"""An independent, literal float64 implementation of STEM_SPEC (loops, no factorisation).
+"""An independent, literal float64 implementation of the method (loops, no factorisation).
 
-Written from the spec text alone, as plainly as possible, to check the package's planner and
+Written from the method's definition (docs/method.md) alone, as plainly as possible, to check the package's planner and
 executors. Slow; use at small sizes only.
 """
 

@@ -159,8 +159,10 @@ def test_explicit_backend_reported_and_checked(gen):
 def test_first_party_loader_falls_back_to_the_checkout(monkeypatch):
     """With no stem_backends on the path, the loader imports backends/ beside the stem package."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "stem_backends" else real(name, *a))
-    saved = {m: sys.modules.pop(m) for m in list(sys.modules) if m == "stem_backends" or m.startswith("stem_backends.")}
+    hidden = lambda name, *a: None if name == "stem_backends" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", hidden)
+    ours = [m for m in sys.modules if m == "stem_backends" or m.startswith("stem_backends.")]
+    saved = {m: sys.modules.pop(m) for m in ours}
     try:
         mod = dispatch.first_party()
         assert Path(mod.__file__).resolve() == ROOT / "backends" / "__init__.py"

@@ -1,9 +1,8 @@
-"""The planner against an independent literal float64 implementation of STEM_SPEC."""
+"""The planner against an independent literal float64 implementation of the method (tests/reference.py)."""
 
 import pytest
 import torch
-from reference import rand_qkv
-from reference import spec_logits, spec_selection
+from reference import rand_qkv, spec_logits, spec_selection
 
 import stem
 from stem.planner import block_logits

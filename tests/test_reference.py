@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from reference import rand_qkv
-from reference import dense_causal_attention64, masked_attention64
+from reference import dense_causal_attention64, masked_attention64, rand_qkv
 
 import stem
 
