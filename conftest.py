@@ -35,8 +35,14 @@ test_seed.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture
-def gen():
-    """A seeded torch.Generator (CPU); the seed is printed so that a failure names it."""
-    seed = test_seed()
-    print(f"seed={seed} (replay with STEM_TEST_SEED={seed})")
+def seed() -> int:
+    """This test's seed (see :func:`test_seed`), printed so that a failure names it."""
+    s = test_seed()
+    print(f"seed={s} (replay with STEM_TEST_SEED={s})")
+    return s
+
+
+@pytest.fixture
+def gen(seed):
+    """A torch.Generator (CPU) seeded with this test's seed."""
     return torch.Generator().manual_seed(seed)

@@ -114,16 +114,17 @@ def _check_pool(B, Hq, Hkv, Lq, Lk, D, bs, S, dtype, q_offset, seed):
 def _child_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.set_num_threads(1)
+    base = int(os.environ["STEM_TEST_SEED"])  # the parent test's seed (fresh per run unless fixed)
     results = {}
-    for seed, (name, args) in enumerate(ATTN_CASES.items()):
+    for i, (name, args) in enumerate(ATTN_CASES.items()):
         try:
-            _check_attention(*args, seed=seed)
+            _check_attention(*args, seed=base + i)
             results[name] = None
         except Exception:
             results[name] = traceback.format_exc(limit=4)
-    for seed, (name, args) in enumerate(POOL_CASES.items()):
+    for i, (name, args) in enumerate(POOL_CASES.items()):
         try:
-            _check_pool(*args, seed=100 + seed)
+            _check_pool(*args, seed=base + 100 + i)
             results[name] = None
         except Exception:
             results[name] = traceback.format_exc(limit=4)
@@ -132,9 +133,13 @@ def _child_main() -> None:
 
 @pytest.fixture(scope="module")
 def interpreted_results():
+    from conftest import test_seed
+
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install triton)")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    seed = test_seed()
+    print(f"seed={seed} (replay with STEM_TEST_SEED={seed})")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", STEM_TEST_SEED=str(seed))
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STEM_RESULTS ")]
     assert proc.returncode == 0 and lines, f"interpreter child failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
