@@ -1,11 +1,14 @@
-"""Offline quality benchmark for Stem: a small retrieval model trained here, and ``stem eval``.
+"""Retrieval quality benchmark for Stem: a small retrieval model trained here
+(``python -m benchmarks.retrieval.train``, weights committed in ``benchmarks/retrieval/weights/``)
+and a harness that scores it under dense attention, Stem and baselines at equal density
+(``python -m benchmarks.retrieval``). From the repository root:
 
-    from stem.eval import load_model, run_eval
-    model = load_model("benchmarks/models/retrieval")
+    from benchmarks.retrieval import load_model, run_eval
+    model = load_model("benchmarks/retrieval/weights")
     result = run_eval(model, lengths=(4096, 8192, 16384), methods=("dense", "stem", "uniform_topk"))
 
 Importing this package imports torch and stem only (matplotlib / tqdm when plotting / showing
-progress).
+progress; both optional).
 """
 
 from .data import DataConfig, answer_positions, eval_examples, markov_text, train_batch

@@ -205,11 +205,12 @@ def run_eval(
     progress: bool = True,
     out_dir: str | None = None,
     tag: str = "",
+    meta: dict | None = None,
 ) -> dict:
     """Run the benchmark; returns (and, with ``out_dir``, writes) a JSON-able result dict.
 
     Args:
-        model: a RetrievalLM (e.g. from :func:`stem.eval.load_model`).
+        model: a RetrievalLM (e.g. from :func:`benchmarks.retrieval.load_model`).
         lengths, depths, n_needles: the grid (prompt length in tokens, depth of the queried
             needle in [0, 1], needles in the haystack).
         methods: names, see the module docstring; ``uniform_topk`` needs ``stem`` (run first).
@@ -219,7 +220,10 @@ def run_eval(
         stem_config: base StemConfig (block_size is overridden per length); default the paper's.
         backend: stem executor ("auto" records which one ran).
         time_budget: seconds; cells not started by then are skipped (recorded as skipped).
-        out_dir: write ``eval{tag}.json`` and ``eval{tag}.png`` there.
+        progress: show a tqdm bar (skipped with a note when tqdm is not installed).
+        out_dir: write ``retrieval_eval{tag}.json`` and ``retrieval_eval{tag}.png`` there.
+        meta: extra JSON-able fields recorded in the result (e.g. ``untrained``, ``weights``,
+            ``command``, ``versions``); ``untrained`` defaults to False.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
@@ -250,6 +254,7 @@ def run_eval(
                       "dense_budget": stem.budget.is_dense_budget(n_blocks, c.k_rate, c.k_bias),
                       "auto_would_run_dense_on_cuda": _auto_dense(L, c)}
     result = {
+        "untrained": False, **(meta or {}),
         "tag": tag, "device": str(device),
         "card": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__, "stem": stem.__version__,
@@ -259,11 +264,7 @@ def run_eval(
         "stem_configs": {str(L): v for L, v in configs.items()},
         "data_config": dcfg.to_dict(), "cells": [], "skipped_cells": [],
     }
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(cells) * len(mlist), desc="stem eval", unit="run", dynamic_ncols=True)
+    bar = _progress_bar(len(cells) * len(mlist)) if progress else None
     t_start = time.perf_counter()
     dispatch: set[str] = set()
     for L, depth, n in cells:
@@ -306,10 +307,23 @@ def run_eval(
     result["summary"] = summarize(result)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, f"eval{tag}.json"), "w") as f:
+        with open(os.path.join(out_dir, f"retrieval_eval{tag}.json"), "w") as f:
             json.dump(result, f, indent=1)
-        plot_heatmaps(result, os.path.join(out_dir, f"eval{tag}.png"))
+        try:
+            plot_heatmaps(result, os.path.join(out_dir, f"retrieval_eval{tag}.png"))
+        except ImportError:
+            print("(matplotlib is not installed: no retrieval_eval PNG; pip install matplotlib)")
     return result
+
+
+def _progress_bar(total: int):
+    """A tqdm bar, or None (with a note) when tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print("(tqdm is not installed: no progress bar; pip install tqdm)")
+        return None
+    return tqdm(total=total, desc="retrieval", unit="run", dynamic_ncols=True)
 
 
 # ---- reporting ------------------------------------------------------------------------------
@@ -334,11 +348,13 @@ def format_table(result: dict) -> str:
     s = result["summary"]
     lengths = [L for L in result["lengths"] if any(f"{m}/{L}" in s for m in result["methods"])]
     head = f"{'method':<14}" + "".join(f"{'L=' + str(L):>22}" for L in lengths) + f"{'mean acc':>10}"
-    lines = [f"card: {result['card']}  dtype: {result['dtype']}  dense layers: {result['dense_layers']}  "
-             f"executor(s): {'; '.join(result.get('dispatch', [])) or '-'}",
-             "cell = accuracy (density of the sparse layers' plans); blocks per length: "
-             + ", ".join(f"{L}: bs={result['stem_configs'][str(L)]['config']['block_size']}" for L in lengths),
-             head, "-" * len(head)]
+    lines = ["UNTRAINED MODEL (smoke run of the pipeline): these accuracies mean nothing"] \
+        if result.get("untrained") else []
+    lines += [f"card: {result['card']}  dtype: {result['dtype']}  dense layers: {result['dense_layers']}  "
+              f"executor(s): {'; '.join(result.get('dispatch', [])) or '-'}",
+              "cell = accuracy (density of the sparse layers' plans); blocks per length: "
+              + ", ".join(f"{L}: bs={result['stem_configs'][str(L)]['config']['block_size']}" for L in lengths),
+              head, "-" * len(head)]
     for m in result["methods"]:
         row, accs = f"{m:<14}", []
         for L in lengths:
@@ -383,7 +399,10 @@ def plot_heatmaps(result: dict, path: str) -> str:
                 ax.set_ylabel(f"{n} needle(s)\ndepth", fontsize=8)
             if r == len(needles) - 1:
                 ax.set_xlabel("length", fontsize=8)
-    fig.suptitle(f"retrieval exact match, {result['card']}", fontsize=10)
+    title = f"retrieval exact match, {result['card']}"
+    if result.get("untrained"):
+        title += " (UNTRAINED model: smoke run, accuracies mean nothing)"
+    fig.suptitle(title, fontsize=10)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.6)
     fig.savefig(path, dpi=110)

@@ -231,12 +231,12 @@ def load_model(path: str, device: str | torch.device = "cpu") -> RetrievalLM:
         if not os.path.isfile(p):
             raise FileNotFoundError(
                 f"{p} not found: a model directory needs {CONFIG_FILE} and {WEIGHTS_FILE} "
-                f"(train one with benchmarks/train_retrieval.py)"
+                f"(train one with `python -m benchmarks.retrieval.train --out DIR`)"
             )
     with open(cfg_path) as f:
         meta = json.load(f)
     if "model" not in meta:
-        raise ValueError(f"{cfg_path} has no 'model' section; was it written by stem.eval.save_model?")
+        raise ValueError(f"{cfg_path} has no 'model' section; was it written by benchmarks.retrieval.save_model?")
     model = RetrievalLM(ModelConfig.from_dict(meta["model"]))
     state = load_file(w_path, device="cpu")
     own = model.state_dict()

@@ -1,4 +1,5 @@
-"""stem.eval: data generator, model save/load, uniform top-k baseline, and the harness end to end (CPU)."""
+"""benchmarks.retrieval: data generator, model save/load, uniform top-k baseline, the harness end to end, and
+the command line (CPU)."""
 
 import json
 import os
@@ -156,8 +157,8 @@ def test_harness_end_to_end_tiny(tmp_path, one_thread):
     methods = ("dense", "stem", "uniform_topk", "stem_novb", "stem_a0.5")
     res = run_eval(m, lengths=(1024,), depths=(0.5,), n_needles=(2,), methods=methods, samples=2,
                    block_size=16, dense_layers=(0,), progress=False, out_dir=str(tmp_path), tag="_t")
-    assert os.path.getsize(tmp_path / "eval_t.png") > 1000
-    with open(tmp_path / "eval_t.json") as f:
+    assert os.path.getsize(tmp_path / "retrieval_eval_t.png") > 1000
+    with open(tmp_path / "retrieval_eval_t.json") as f:
         saved = json.load(f)
     assert saved["summary"] == res["summary"]
     cells = {c["method"]: c for c in saved["cells"]}
@@ -189,3 +190,41 @@ def test_harness_rejects_bad_methods():
         run_eval(m, lengths=(1024,), methods=("dense", "stem_a2"), progress=False)
     with pytest.raises(ValueError, match="list 'stem' before"):
         run_eval(m, lengths=(1024,), methods=("uniform_topk", "stem"), progress=False)
+
+
+# ---- the command line: python -m benchmarks.retrieval ------------------------------------------
+def test_cli_missing_weights_exits_nonzero_with_the_fix(tmp_path, capsys):
+    from benchmarks.retrieval.__main__ import main
+
+    assert main(["--weights", str(tmp_path / "nope"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no model directory" in err and "Fix:" in err and "python -m benchmarks.retrieval.train" in err
+
+
+def test_cli_tiny_runs_the_committed_trained_model(tmp_path, one_thread):
+    from benchmarks.retrieval.__main__ import default_weights_dir, main
+
+    assert os.path.isfile(os.path.join(default_weights_dir(), "model.safetensors"))
+    rc = main(["--tiny", "--lengths", "512", "--depths", "0.5", "--needles", "1", "--samples", "4",
+               "--methods", "dense", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    with open(tmp_path / "retrieval_eval.json") as f:
+        res = json.load(f)
+    assert res["untrained"] is False and res["weights"] == os.path.abspath(default_weights_dir())
+    assert res["command"].startswith("python -m benchmarks.retrieval --tiny")
+    # a trained model retrieves; a random one scores 0 (the failure this guards against)
+    assert res["summary"]["dense/512"]["accuracy"] >= 0.75
+
+
+def test_cli_untrained_smoke_run_says_so(tmp_path, capsys, one_thread):
+    from benchmarks.retrieval.__main__ import main
+
+    rc = main(["--untrained", "--depths", "0.5", "--needles", "1", "--methods", "dense,stem", "--device", "cpu",
+               "--out", str(tmp_path), "--tag", "_smoke", "--no-progress"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "UNTRAINED" in captured.err and "mean nothing" in captured.err
+    assert "UNTRAINED MODEL" in captured.out  # the table says it too
+    with open(tmp_path / "retrieval_eval_smoke.json") as f:
+        res = json.load(f)
+    assert res["untrained"] is True and res["weights"] is None

@@ -1,12 +1,16 @@
-#!/usr/bin/env python3
-"""Train the small retrieval model used by ``stem eval`` (stem/eval/), reproducibly from a seed.
+"""Train the small retrieval model of the retrieval benchmark (benchmarks/retrieval/), reproducibly from a seed.
 
 A curriculum of stages: most steps at short lengths (the retrieval skill: find the needle with
 the queried key, copy its value), then a few steps at 4K, 8K and 16K (and 32K with --long32)
 so the skill holds at the lengths the benchmark uses. bf16 autocast, fused AdamW, SDPA flash.
 
-    python benchmarks/train_retrieval.py --out /tmp/model                 # the H100 recipe
-    python benchmarks/train_retrieval.py --out /tmp/m --preset tiny --device cpu   # a smoke run
+Run from the repository root:
+
+    python -m benchmarks.retrieval.train --out out/retrieval_model     # default "h100" preset (GPU)
+    python -m benchmarks.retrieval.train --out out/retrieval_tiny --preset tiny --device cpu   # smoke run
+
+The committed model (benchmarks/retrieval/weights/) is the GPU recipe with ``--long32
+--save-dtype bfloat16`` on an H200 (``bash benchmarks/gpu/gpu_eval.sh`` trains and evaluates it).
 
 Writes ``model.safetensors`` + ``config.json`` (model and data config, training summary) and
 ``train_log.json`` (loss / accuracy per stage) into --out. Every step is a function of the seed;
@@ -26,7 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without pip install too
 from benchmarks.retrieval.data import DataConfig, answer_positions, eval_examples, train_batch
 from benchmarks.retrieval.model import ModelConfig, RetrievalLM, save_model
 
