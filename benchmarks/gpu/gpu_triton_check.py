@@ -1,10 +1,14 @@
-"""One device call for the Triton backend: GPU tests, a tile sweep, and a timing table.
+"""The Triton backend on one GPU: its GPU tests, a tile sweep, and a timing table.
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_triton_check.py [--skip-tests] [--no-flex] [--lengths 16384,...]
+Run from the repository root (with stem installed, or from the checkout):
 
-Shapes: B=1, Hq=32, Hkv=8, D=128, bf16, default StemConfig, random data. Timings are medians of
-triton.testing.do_bench (CUDA events). Writes $OUT/gpu_triton_check.json (or
-benchmarks/results/ when $OUT is unset) and prints a table last.
+    PYTHONUNBUFFERED=1 python -m benchmarks.gpu.gpu_triton_check [--skip-tests] [--no-flex] [--lengths 16384,...]
+
+Shapes: B=1, Hq=32, Hkv=8, D=128, bf16, default StemConfig, random data (``stem.bench.random_qkv``).
+Timings are ``stem.bench.time_ms`` medians (CUDA events, warm L2: inputs stay cached between
+runs, as in ``stem bench``). FlexAttention runs the identical plan through
+``BlockPlan.to_flex_block_mask``. Writes gpu_triton_check.json into $OUT (or benchmarks/results/
+when $OUT is unset) and prints a table last.
 """
 
 from __future__ import annotations
@@ -17,34 +21,32 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import stem
+from stem.bench import random_qkv, time_ms
+from stem.dispatch import first_party
 
-
-import triton  # noqa: E402
+first_party()  # stem_backends: the installed package, or backends/ of this checkout
 from stem_backends.triton.executor import run_block_sparse_attention  # noqa: E402
-from stem_backends.triton.planner import triton_block_logits  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
-import stem  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+REPS = {"short": 20, "long": 10}  # timed runs per measurement at L <= 32K and above (set by --reps)
 
 
 def bench(fn, L):
-    rep = 200 if L <= 32768 else 600
-    return do_bench(fn, warmup=50, rep=rep, return_mode="median")
+    return time_ms(fn, reps=REPS["short"] if L <= 32768 else REPS["long"], warmup=3)
 
 
 def run_tests(out_dir):
     t0 = time.time()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "backends"),
-                                                       os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_gpu_triton.py"],
-        cwd=ROOT, capture_output=True, text=True, env=env,
+        cwd=ROOT, capture_output=True, text=True,
     )
     log = proc.stdout + proc.stderr
     with open(os.path.join(out_dir, "gpu_tests.log"), "w") as f:
@@ -56,33 +58,15 @@ def run_tests(out_dir):
     return {"rc": proc.returncode, "summary": tail, "seconds": time.time() - t0}
 
 
-def make_inputs(L, gen_seed):
-    torch.manual_seed(gen_seed)
-    B, Hq, Hkv, D = 1, 32, 8, 128
-    q = torch.randn(B, Hq, L, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
-    return q, k, v
+def make_inputs(L, seed):
+    return random_qkv(1, 32, 8, L, 128, dtype=torch.bfloat16, device="cuda", seed=seed)
 
 
 def flex_runner(q, k, v, plan, scale):
-    """FlexAttention on the identical plan: full blocks without mask_mod, the diagonal with it."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    """FlexAttention (compiled) on the identical plan: full blocks without mask_mod, the diagonal with it."""
+    from torch.nn.attention.flex_attention import flex_attention
 
-    bs, nK = plan.block_size, plan.num_kv_blocks
-    counts, idx = plan.kv_counts, plan.kv_indices
-    W = idx.shape[-1]
-    full_idx = F.pad(idx, (0, nK - W)) if W < nK else idx
-    nQ = counts.shape[-1]
-    diag = (torch.arange(nQ, device=q.device, dtype=torch.int32) + plan.q_block_offset).view(1, 1, nQ, 1)
-    part_idx = F.pad(diag.expand(*counts.shape, 1), (0, nK - 1)).contiguous()
-    part_cnt = torch.ones_like(counts)
-
-    def causal(b, h, qi, ki):
-        return qi >= ki
-
-    bm = BlockMask.from_kv_blocks(part_cnt, part_idx, counts - 1, full_idx.contiguous(), BLOCK_SIZE=bs,
-                                  mask_mod=causal, seq_lengths=(q.shape[2], k.shape[2]))
+    bm = plan.to_flex_block_mask()
     fa = torch.compile(flex_attention, dynamic=False)
     return lambda: fa(q, k, v, block_mask=bm, scale=scale, enable_gqa=True)
 
@@ -118,14 +102,14 @@ def measure_length(L, tiles, with_flex):
     scale = 1 / math.sqrt(128)
     cfg = stem.StemConfig()
     row = {"L": L}
-    row["planner_torch_ms"] = bench(lambda: stem.plan(q, k, v, cfg, logits_impl="torch"), L)
-    row["planner_triton_ms"] = bench(lambda: stem.plan(q, k, v, cfg, logits_impl="triton"), L)
+    row["planner_torch_ms"] = bench(lambda: stem.plan(q, k, v, cfg, pooling="torch"), L)
+    row["planner_triton_ms"] = bench(lambda: stem.plan(q, k, v, cfg, pooling="triton"), L)
     row["logits_torch_ms"] = bench(lambda: stem.planner.block_logits(q, k, v, cfg, impl="torch"), L)
-    row["logits_triton_ms"] = bench(lambda: triton_block_logits(q, k, v, cfg, 0), L)
+    row["logits_triton_ms"] = bench(lambda: stem.planner.block_logits(q, k, v, cfg, impl="triton"), L)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    plan = stem.plan(q, k, v, cfg, logits_impl="triton")
+    plan = stem.plan(q, k, v, cfg, pooling="triton")
     torch.cuda.synchronize()
     row["planner_triton_peak_extra_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     row["density"] = plan.density
@@ -174,20 +158,25 @@ def table(lengths, tiles, with_flex, results, t0, flex_deadline):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--lengths", default="16384,32768,65536,131072")
     ap.add_argument("--sweep-L", type=int, default=131072)
     ap.add_argument("--flex-deadline", type=float, default=420.0, help="skip FlexAttention after this many seconds")
+    ap.add_argument("--reps", type=int, default=20,
+                    help="timed runs per measurement up to 32K tokens (half of them above; median)")
     args = ap.parse_args()
-    out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
+    REPS.update(short=args.reps, long=max(3, args.reps // 2))
+    out_dir = os.environ.get("OUT") or str(ROOT / "benchmarks" / "results")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     results = {
         "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "stem": stem.__version__, "command": " ".join(["python -m benchmarks.gpu.gpu_triton_check", *sys.argv[1:]]),
         "shape": "B=1 Hq=32 Hkv=8 D=128 bf16, default StemConfig",
+        "timing": "stem.bench.time_ms: CUDA events, median, warm L2",
     }
     print(f"card: {results['card']}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     if not args.skip_tests:
