@@ -26,7 +26,7 @@ model, so this measures speed, not accuracy.
 Run from the repository root (writes bench_prefill.json and .png into --out):
 
     python -m benchmarks.prefill --out benchmarks/results --lengths 32768 65536 131072 --layers 4
-    python -m benchmarks.prefill --tiny --out /tmp/prefill   # CPU run of the same code path (tiny model)
+    python -m benchmarks.prefill --tiny --out out/prefill    # CPU run of the same code path (tiny model)
 """
 
 from __future__ import annotations

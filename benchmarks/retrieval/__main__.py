@@ -4,8 +4,8 @@ attention, Stem and baselines at equal density.
 Run from the repository root:
 
     python -m benchmarks.retrieval --out benchmarks/results                # 4K-16K grid, committed model
-    python -m benchmarks.retrieval --tiny --out /tmp/retrieval             # committed model, 1K tokens, CPU-quick
-    python -m benchmarks.retrieval --untrained --out /tmp/retrieval        # pipeline smoke run: numbers mean nothing
+    python -m benchmarks.retrieval --tiny --out out/retrieval              # committed model, 1K tokens, CPU-quick
+    python -m benchmarks.retrieval --untrained --out out/retrieval         # pipeline smoke run: numbers mean nothing
 
 The model is the one committed in ``benchmarks/retrieval/weights/`` (trained by
 ``python -m benchmarks.retrieval.train``) unless ``--weights DIR`` names another. Writes
