@@ -4,7 +4,7 @@ attention, Stem and baselines at equal density.
 Run from the repository root:
 
     python -m benchmarks.retrieval --out benchmarks/results                # 4K-16K grid, committed model
-    python -m benchmarks.retrieval --tiny --out out/retrieval              # committed model, 1K tokens, CPU-quick
+    python -m benchmarks.retrieval --tiny --out out/retrieval              # committed model, 1K tokens, ~1 min on CPU
     python -m benchmarks.retrieval --untrained --out out/retrieval         # pipeline smoke run: numbers mean nothing
 
 The model is the one committed in ``benchmarks/retrieval/weights/`` (trained by
