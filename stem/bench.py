@@ -46,8 +46,9 @@ def add_arguments(p) -> None:
 def time_ms(fn, reps: int = 7, warmup: int = 2, *, device=None, before=None, samples=None) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` timed runs after ``warmup`` untimed runs.
 
-    On CUDA each run is timed with a pair of CUDA events on the current stream (no host sync inside
-    the timed region; one sync after each run); on the CPU with ``time.perf_counter``.
+    On CUDA each run starts on an idle device (a sync before it) and is timed with a pair of CUDA
+    events on the current stream, read after the run (no host sync inside the timed region); on
+    the CPU with ``time.perf_counter``.
 
     Args:
         fn: the work to time; its result is discarded.
@@ -94,9 +95,9 @@ def random_qkv(batch: int, heads: int, kv_heads: int, length: int, head_dim: int
                seed: int = 0, v_scale: tuple[float, float] | None = None):
     """Random q (batch, heads, length, head_dim) and k, v (batch, kv_heads, length, head_dim).
 
-    Standard normal entries drawn on ``device`` (default CUDA when available, else the CPU) from a
-    ``torch.Generator`` seeded with ``seed``, in the order q, k, v, then cast to ``dtype``
-    (default bfloat16). The same seed on the same kind of device gives the same tensors; draw on
+    Standard normal entries of ``dtype`` (default bfloat16) drawn on ``device`` (default CUDA when
+    available, else the CPU) from one ``torch.Generator`` seeded with ``seed``, in the order q, k, v.
+    The same seed on the same kind of device gives the same tensors; draw on
     ``device="cpu"`` and move them where every rank or card must see identical inputs.
     ``v_scale=(lo, hi)`` multiplies each value vector by a factor uniform in [lo, hi), so value
     norms vary as in real models (Stem's value bonus reads them).
