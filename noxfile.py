@@ -93,4 +93,4 @@ def gpu_hub(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """`stem bench` on the local GPU (JSON + PNG)."""
     session.install("-e", ".[bench]", "--no-deps")
-    session.run("stem", "bench", *session.posargs)
+    session.run("stem", "bench", *(session.posargs or ["--out", "benchmarks/results"]))

@@ -349,7 +349,7 @@ def test_hub_string_path_routes_to_stem(monkeypatch):
     assert sh.dispatch_counts() == {"stem": 2}
 
 
-# ---- the end-to-end benchmark's code path, at a tiny size on CPU ----------------------------------
+# ---- fallback logging ------------------------------------------------------------------------------
 def test_fallback_reason_logged_once_at_debug(caplog):
     model = tiny_llama()
     sh.enable(model, all_dense())
