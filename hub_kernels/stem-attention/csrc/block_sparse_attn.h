@@ -27,23 +27,17 @@ struct Params {
   int q_offset;     // absolute position of query row 0
   float scale_log2; // softmax scale * log2(e)
   bool is_bf16;     // else float16
-  int tuning;       // 0: default tiles; 1: experimental register budget (see run_block_sparse_attn)
-  int sm;           // compute capability of the device, major * 10 + minor
-  bool allow_sm90;  // use the Hopper (wgmma + TMA) kernel where it applies (else always sm80)
-  int sm90_order;   // sm90 CTA order: 0 kv-head-major (default), 1 query-heads fastest (experiment)
-  int sm90_stages;  // sm90 K/V pipeline depth: 0 default, else 2 or 3 (experiment)
-  int sm90_overlap; // sm90 softmax / P V overlap inside a warpgroup: 1 on (default), 0 off (experiment)
-  int sm90_pingpong; // sm90 warpgroups take turns at the tensor cores: 0 off (default), 1 on (experiment)
-  int sm90_l2_hint;  // sm90 K/V loads with an L2 evict-last hint: 0 off (default), 1 on (experiment)
 };
 
 // Which kernel ran the last launch of this process: 90 (wgmma + TMA), 80 (mma.sync) or 0 (none).
 int last_kernel_path();
 
-// Launches the kernel on `stream`: the sm90 kernel on compute capability 9.0 for head dims 64 and
-// 128 with plan blocks of 128 or 256 tokens (when the build holds sm_90a code), else the sm80
-// kernel. Returns cudaErrorInvalidValue for unsupported shapes (head dim not 64/128/256, block
-// size not 64/128/256), else the launch status.
-cudaError_t block_sparse_attn_fwd_launch(const Params& p, cudaStream_t stream);
+// Launches the kernel that kernel_path (supported.h) names for these parameters on a device of
+// compute capability cc_major.cc_minor, on `stream`. `sm`: 0 (auto), 80 or 90 (see kernel_path).
+// Returns cudaErrorInvalidValue for a call kernel_path rules out; cudaErrorNotSupported when the
+// sm90 kernel was asked for (sm = 90) but cannot run (this build holds no sm_90a code for the
+// device, or the grid is too large); else the launch status. With sm = 0 the sm80 kernel runs
+// where the sm90 kernel cannot.
+cudaError_t block_sparse_attn_fwd_launch(const Params& p, int cc_major, int cc_minor, int sm, cudaStream_t stream);
 
 }  // namespace stem_attn

@@ -68,8 +68,8 @@ __device__ __forceinline__ void load_rows(T* s, const T* g, int64_t stride, int 
   }
 }
 
-template <typename T, int kD, int kBlockM, int kMinBlocks>
-__global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, kMinBlocks)
+template <typename T, int kD, int kBlockM>
+__global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, Cfg<T, kD, kBlockM>::kMinBlocks)
     block_sparse_attn_fwd_kernel(const Params p) {
   using C = Cfg<T, kD, kBlockM>;
   constexpr int kBlockN = C::kBlockN;
@@ -271,10 +271,10 @@ __global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, kMinBlocks)
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kD, int kBlockM, int kMinBlocks = Cfg<T, kD, kBlockM>::kMinBlocks>
+template <typename T, int kD, int kBlockM>
 cudaError_t launch_block_sparse_attn(const Params& p, cudaStream_t stream) {
   using C = Cfg<T, kD, kBlockM>;
-  auto kernel = block_sparse_attn_fwd_kernel<T, kD, kBlockM, kMinBlocks>;
+  auto kernel = block_sparse_attn_fwd_kernel<T, kD, kBlockM>;
   const int smem = C::kSmemBytes;
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -292,14 +292,7 @@ template <typename T, int kD>
 cudaError_t run_block_sparse_attn(const Params& p, cudaStream_t stream) {
   if (p.block_size % 64 != 0) return cudaErrorInvalidValue;
   if constexpr (kD <= 128) {
-    if (p.block_size % 128 == 0) {
-      if constexpr (kD == 128) {
-        // Experimental (Params::tuning == 1): one CTA per SM with up to 255 registers instead of
-        // two CTAs with 128 (which spill a little). Timed side by side by hub_kernels/bench_hub.py.
-        if (p.tuning == 1) return launch_block_sparse_attn<T, kD, 128, 1>(p, stream);
-      }
-      return launch_block_sparse_attn<T, kD, 128>(p, stream);
-    }
+    if (p.block_size % 128 == 0) return launch_block_sparse_attn<T, kD, 128>(p, stream);
   }
   return launch_block_sparse_attn<T, kD, 64>(p, stream);
 }

@@ -7,14 +7,14 @@
 //
 // Warp specialisation (384 threads, one CTA per SM):
 //   warpgroup 0  producer: one thread issues the TMA loads (Q once, then K and V tiles into a ring
-//                of kStages shared-memory stages); it gives up registers (setmaxnreg 24).
+//                of 3 shared-memory stages); it gives up registers (setmaxnreg 24).
 //   warpgroups 1, 2  consumers: rows [0, 64) and [64, 128) of the query tile (240 registers each).
 //                S = Q K^T with wgmma (A and B from shared memory), masking and softmax in
 //                registers, O += P V with wgmma (P from registers, V from shared memory,
 //                transposed). Each consumer thread arrives on the stage's "empty" barrier once its
-//                wgmmas have retired, which lets the producer refill the stage. By default the
-//                softmax of tile j runs while O += P V of tile j - 1 is on the tensor cores (two P
-//                register buffers; kOverlap = false is the plain sequence, kept for A/B timing).
+//                wgmmas have retired, which lets the producer refill the stage. The softmax of
+//                tile j runs while O += P V of tile j - 1 is on the tensor cores (two P register
+//                buffers).
 // Shared memory tiles are TMA boxes of 128 rows x 64 elements (128 bytes) with the 128-byte
 // swizzle, the layout wgmma reads directly (K-major for Q and K, MN-major for V).
 // TMA zero-fills rows outside the tensor (negative query rows of an unaligned q_offset, keys past
@@ -39,11 +39,12 @@
 namespace stem_attn {
 namespace sm90 {
 
-template <int kD, int kStages_>
+template <int kD>
 struct Cfg {
   static constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = kStages_;
+  // K/V ring depth: the most that fit for D = 128 (Q + 3 x (K + V) = 224 KB of shared memory).
+  static constexpr int kStages = 3;
   static constexpr int kThreads = 384;
   static constexpr int kBoxCols = 64;                  // elements in one 128-byte swizzled row
   static constexpr int kChunks = kD / kBoxCols;        // TMA boxes per tile
@@ -85,27 +86,6 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       "[%6];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
       : "memory");
-}
-// Named barriers 1 and 2 (0 is __syncthreads): the two consumer warpgroups' turns at the tensor cores.
-__device__ __forceinline__ void named_bar_sync(int id, int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void named_bar_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-// The same with an L2 eviction-priority hint (a createpolicy value).
-__device__ __forceinline__ void tma_load_4d_hint(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
-                                                 int c2, int c3, uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
-      "%3, %4, %5}], [%6], %7;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "l"(policy)
-      : "memory");
-}
-__device__ __forceinline__ uint64_t l2_policy_evict_last() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -174,12 +154,12 @@ __device__ __forceinline__ void softmax_tile(const float (&acc_s)[kN / 2], uint3
 // ---------------------------------------------------------------------------------------------
 // Kernel
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kD, int kStages_, bool kOverlap>
+template <typename T, int kD>
 __global__ void __launch_bounds__(384, 1)
     block_sparse_attn_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tm_q,
                                   const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = Cfg<kD, kStages_>;
+  using C = Cfg<kD>;
   constexpr int kBlockN = C::kBlockN;
   constexpr int kStages = C::kStages;
 
@@ -196,24 +176,15 @@ __global__ void __launch_bounds__(384, 1)
   const int sub = bs / C::kBlockM;
   const int n_tiles = p.nQ * sub;
   const int group = p.Hq / p.Hkv;
-  // CTA order (1-d grid). Default: the query heads of one kv head side by side, then query tiles
-  // latest (heaviest) first, then kv heads, then batch: the CTAs in flight share one kv head's K/V
-  // in L2. Order 1 (experiment): every query head at once, then tiles.
+  // CTA order (1-d grid): the query heads of one kv head side by side, then query tiles latest
+  // (heaviest) first, then kv heads, then batch: the CTAs in flight share one kv head's K/V in L2.
   int lin = static_cast<int>(blockIdx.x);
-  int h, b, tile_rev;
-  if (p.sm90_order == 1) {
-    h = lin % p.Hq;
-    lin /= p.Hq;
-    b = lin % p.B;
-    tile_rev = lin / p.B;
-  } else {
-    const int g = lin % group;
-    lin /= group;
-    tile_rev = lin % n_tiles;
-    lin /= n_tiles;
-    h = (lin % p.Hkv) * group + g;
-    b = lin / p.Hkv;
-  }
+  const int g = lin % group;
+  lin /= group;
+  const int tile_rev = lin % n_tiles;
+  lin /= n_tiles;
+  const int h = (lin % p.Hkv) * group + g;
+  const int b = lin / p.Hkv;
   const int tile = n_tiles - 1 - tile_rev;
   const int qi = tile / sub;
   const int hk = h / group;
@@ -241,27 +212,15 @@ __global__ void __launch_bounds__(384, 1)
       mbar_arrive_expect_tx(bar_q, C::kTileBytes);
 #pragma unroll
       for (int c = 0; c < C::kChunks; ++c) tma_load_4d(s_q + c * C::kBoxBytes, &tm_q, bar_q, c * 64, q_row0, h, b);
-      const bool l2_hint = p.sm90_l2_hint != 0;
-      const uint64_t policy = l2_hint ? l2_policy_evict_last() : 0;
       int it = 0;
       for (int kcur = walk.current(); kcur >= 0; walk.next(), kcur = walk.current(), ++it) {
         const int s = it % kStages;
         mbar_wait(bar_empty + 8 * s, ((it / kStages) & 1) ^ 1);
         mbar_arrive_expect_tx(bar_full + 8 * s, 2 * C::kTileBytes);
-        if (l2_hint) {  // experiment: keep K/V (shared by a GQA group and neighbouring tiles) in L2
 #pragma unroll
-          for (int c = 0; c < C::kChunks; ++c) {
-            tma_load_4d_hint(s_k + s * C::kTileBytes + c * C::kBoxBytes, &tm_k, bar_full + 8 * s, c * 64, kcur, hk, b,
-                             policy);
-            tma_load_4d_hint(s_v + s * C::kTileBytes + c * C::kBoxBytes, &tm_v, bar_full + 8 * s, c * 64, kcur, hk, b,
-                             policy);
-          }
-        } else {
-#pragma unroll
-          for (int c = 0; c < C::kChunks; ++c) {
-            tma_load_4d(s_k + s * C::kTileBytes + c * C::kBoxBytes, &tm_k, bar_full + 8 * s, c * 64, kcur, hk, b);
-            tma_load_4d(s_v + s * C::kTileBytes + c * C::kBoxBytes, &tm_v, bar_full + 8 * s, c * 64, kcur, hk, b);
-          }
+        for (int c = 0; c < C::kChunks; ++c) {
+          tma_load_4d(s_k + s * C::kTileBytes + c * C::kBoxBytes, &tm_k, bar_full + 8 * s, c * 64, kcur, hk, b);
+          tma_load_4d(s_v + s * C::kTileBytes + c * C::kBoxBytes, &tm_v, bar_full + 8 * s, c * 64, kcur, hk, b);
         }
       }
     }
@@ -343,89 +302,62 @@ __global__ void __launch_bounds__(384, 1)
     mbar_wait(bar_q, 0);
     int it = 0;
     float alpha[2];
-    if constexpr (kOverlap) {
-      // Softmax of tile j overlaps O += P V of tile j - 1 on the tensor cores: S_j and PV_{j-1}
-      // are issued back to back, S_j is waited for alone (wait_group 1), then PV_{j-1}.
-      // Two P buffers used alternately (the loop body is written out twice), so that the P of
-      // tile j is produced while the wgmma of tile j - 1 still reads its own P registers.
-      uint32_t pf2[kBlockN / 16][4];
-      int prev = 0;
-      const bool pingpong = p.sm90_pingpong != 0;
-      // One steady-state step: S_j and PV_{j-1} in flight together, softmax of S_j under PV_{j-1}.
-      auto step = [&](int kcur, uint32_t (&p_in)[kBlockN / 16][4], uint32_t (&p_out)[kBlockN / 16][4]) {
-        const int s = it % kStages;
-        uint64_t dv[kBlockN / 16];
-        v_descs(prev, dv);
-        mbar_wait(bar_full + 8 * s, (it / kStages) & 1);
-        if (pingpong) named_bar_sync(1 + cw, 256);  // my turn to issue
-        issue_s(s);
-        issue_pv(p_in, dv);
-        if (pingpong) named_bar_arrive(2 - cw, 256);  // the other warpgroup's turn
-        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-        fence_regs(acc_s);
-        softmax(kcur, p_out, alpha);
-        wgmma_wait_all();
-        fence_pv(p_in);
-        mbar_arrive(bar_empty + 8 * prev);  // this thread's reads of that stage have retired
-        rescale_o(alpha);
-        prev = s;
-        walk.next();
-        ++it;
-      };
-      auto last_pv = [&](uint32_t (&p_in)[kBlockN / 16][4]) {
-        uint64_t dv[kBlockN / 16];
-        v_descs(prev, dv);
-        issue_pv(p_in, dv);
-        wgmma_wait_all();
-        fence_pv(p_in);
-        mbar_arrive(bar_empty + 8 * prev);
-      };
-      // Ping-pong (experiment, p.sm90_pingpong): the warpgroups take turns issuing their wgmmas, so
-      // one's softmax runs under the other's GEMMs. Warpgroup 1 gives warpgroup 0 the first turn;
-      // both take the same number of steps, and warpgroup 0 consumes the one arrival left over
-      // at the end, so the barriers finish balanced.
-      if (pingpong && cw == 1) named_bar_arrive(1, 256);
-      // Prologue: S and P of the first tile.
-      int kcur = walk.current();
-      if (kcur >= 0) {
-        mbar_wait(bar_full, 0);
-        issue_s(0);
-        wgmma_wait_all();
-        fence_regs(acc_s);
-        softmax(kcur, pf, alpha);  // alpha multiplies an all-zero O: not needed
-        walk.next();
-        ++it;
-        while (true) {
-          kcur = walk.current();
-          if (kcur < 0) {
-            last_pv(pf);
-            break;
-          }
-          step(kcur, pf, pf2);
-          kcur = walk.current();
-          if (kcur < 0) {
-            last_pv(pf2);
-            break;
-          }
-          step(kcur, pf2, pf);
+    // Softmax of tile j overlaps O += P V of tile j - 1 on the tensor cores: S_j and PV_{j-1}
+    // are issued back to back, S_j is waited for alone (wait_group 1), then PV_{j-1}.
+    // Two P buffers used alternately (the loop body is written out twice), so that the P of
+    // tile j is produced while the wgmma of tile j - 1 still reads its own P registers.
+    uint32_t pf2[kBlockN / 16][4];
+    int prev = 0;
+    // One steady-state step: S_j and PV_{j-1} in flight together, softmax of S_j under PV_{j-1}.
+    auto step = [&](int kcur, uint32_t (&p_in)[kBlockN / 16][4], uint32_t (&p_out)[kBlockN / 16][4]) {
+      const int s = it % kStages;
+      uint64_t dv[kBlockN / 16];
+      v_descs(prev, dv);
+      mbar_wait(bar_full + 8 * s, (it / kStages) & 1);
+      issue_s(s);
+      issue_pv(p_in, dv);
+      asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+      fence_regs(acc_s);
+      softmax(kcur, p_out, alpha);
+      wgmma_wait_all();
+      fence_pv(p_in);
+      mbar_arrive(bar_empty + 8 * prev);  // this thread's reads of that stage have retired
+      rescale_o(alpha);
+      prev = s;
+      walk.next();
+      ++it;
+    };
+    auto last_pv = [&](uint32_t (&p_in)[kBlockN / 16][4]) {
+      uint64_t dv[kBlockN / 16];
+      v_descs(prev, dv);
+      issue_pv(p_in, dv);
+      wgmma_wait_all();
+      fence_pv(p_in);
+      mbar_arrive(bar_empty + 8 * prev);
+    };
+    // Prologue: S and P of the first tile.
+    int kcur = walk.current();
+    if (kcur >= 0) {
+      mbar_wait(bar_full, 0);
+      issue_s(0);
+      wgmma_wait_all();
+      fence_regs(acc_s);
+      softmax(kcur, pf, alpha);  // alpha multiplies an all-zero O: not needed
+      walk.next();
+      ++it;
+      while (true) {
+        kcur = walk.current();
+        if (kcur < 0) {
+          last_pv(pf);
+          break;
         }
-      }
-      if (pingpong && cw == 0) named_bar_sync(1, 256);
-    } else {
-      for (int kcur = walk.current(); kcur >= 0; walk.next(), kcur = walk.current(), ++it) {
-        const int s = it % kStages;
-        mbar_wait(bar_full + 8 * s, (it / kStages) & 1);
-        issue_s(s);
-        wgmma_wait_all();
-        fence_regs(acc_s);
-        softmax(kcur, pf, alpha);
-        rescale_o(alpha);
-        uint64_t dv[kBlockN / 16];
-        v_descs(s, dv);
-        issue_pv(pf, dv);
-        wgmma_wait_all();
-        fence_pv(pf);
-        mbar_arrive(bar_empty + 8 * s);  // this thread's reads of stage s have retired
+        step(kcur, pf, pf2);
+        kcur = walk.current();
+        if (kcur < 0) {
+          last_pv(pf2);
+          break;
+        }
+        step(kcur, pf2, pf);
       }
     }
 
@@ -506,11 +438,11 @@ inline bool make_tile_map(CUtensorMap* map, const void* base, bool is_bf16, int 
 }
 
 // True when this build holds an sm_90a binary of the kernel for the current device.
-template <typename T, int kD, int kStages, bool kOverlap>
+template <typename T, int kD>
 bool available() {
   static const bool ok = [] {
     cudaFuncAttributes attr{};
-    const cudaError_t e = cudaFuncGetAttributes(&attr, block_sparse_attn_sm90_kernel<T, kD, kStages, kOverlap>);
+    const cudaError_t e = cudaFuncGetAttributes(&attr, block_sparse_attn_sm90_kernel<T, kD>);
     if (e != cudaSuccess) {
       (void)cudaGetLastError();  // clear the (non-sticky) "no kernel image" error
       return false;
@@ -520,11 +452,13 @@ bool available() {
   return ok;
 }
 
-template <typename T, int kD, int kStages, bool kOverlap>
-cudaError_t launch(const Params& p, cudaStream_t stream) {
-  using C = Cfg<kD, kStages>;
+// Launches the sm90 kernel; cudaErrorNotSupported when this build or device cannot run it (the
+// dispatch then uses the sm80 kernel, unless the sm90 kernel was asked for by name).
+template <typename T, int kD>
+cudaError_t run(const Params& p, cudaStream_t stream) {
+  using C = Cfg<kD>;
   const int64_t ctas = static_cast<int64_t>(p.nQ) * (p.block_size / C::kBlockM) * p.Hq * p.B;
-  if (p.block_size % C::kBlockM != 0 || ctas > 0x7fffffff || !available<T, kD, kStages, kOverlap>()) {
+  if (p.block_size % C::kBlockM != 0 || ctas > 0x7fffffff || !available<T, kD>()) {
     return cudaErrorNotSupported;
   }
   CUtensorMap tm_q, tm_k, tm_v;
@@ -533,23 +467,12 @@ cudaError_t launch(const Params& p, cudaStream_t stream) {
       !make_tile_map(&tm_v, p.v, p.is_bf16, p.B, p.Hkv, p.Lk, kD, p.v_stride_b, p.v_stride_h, p.v_stride_l)) {
     return cudaErrorNotSupported;
   }
-  auto kernel = block_sparse_attn_sm90_kernel<T, kD, kStages, kOverlap>;
+  auto kernel = block_sparse_attn_sm90_kernel<T, kD>;
   // Per call: the attribute belongs to the current device's context (a host-side call, no sync).
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
   if (e != cudaSuccess) return e;
   kernel<<<static_cast<unsigned>(ctas), C::kThreads, C::kSmemBytes, stream>>>(p, tm_q, tm_k, tm_v);
   return cudaGetLastError();
-}
-
-// Launches the sm90 kernel; cudaErrorNotSupported when this build or device cannot run it (the
-// caller then uses the sm80 kernel). Pipeline depth: 3 stages by default (the most that fit for
-// D = 128: Q + 3 x (K + V) = 224 KB of shared memory).
-template <typename T, int kD>
-cudaError_t run(const Params& p, cudaStream_t stream) {
-  if (p.sm90_overlap == 0) {
-    return p.sm90_stages == 2 ? launch<T, kD, 2, false>(p, stream) : launch<T, kD, 3, false>(p, stream);
-  }
-  return p.sm90_stages == 2 ? launch<T, kD, 2, true>(p, stream) : launch<T, kD, 3, true>(p, stream);
 }
 
 }  // namespace sm90

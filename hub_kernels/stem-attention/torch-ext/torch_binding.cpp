@@ -7,11 +7,11 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <string>
 
 #include "block_sparse_attn.h"
+#include "supported.h"
 
 namespace {
 
@@ -30,20 +30,25 @@ void check_layout(const at::Tensor& t, const char* name) {
               " must be 16-byte aligned; pass ", name, ".contiguous()");
 }
 
+// An int64 op argument as an int: values outside int32 become INT32_MIN (never a supported value).
+int clamp_int(int64_t x) {
+  return x < std::numeric_limits<int32_t>::min() || x > std::numeric_limits<int32_t>::max()
+             ? std::numeric_limits<int32_t>::min()
+             : static_cast<int>(x);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const at::Tensor& kv_counts,
                                                          const at::Tensor& kv_indices, int64_t block_size,
-                                                         int64_t q_offset, double scale, bool return_lse) {
+                                                         int64_t q_offset, double scale, bool return_lse, int64_t sm) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && kv_counts.is_cuda() && kv_indices.is_cuda(), kPrefix,
               "q, k, v, kv_counts and kv_indices must be CUDA tensors");
   TORCH_CHECK(q.device() == k.device() && q.device() == v.device() && q.device() == kv_counts.device() &&
                   q.device() == kv_indices.device(),
               kPrefix, "all tensors must be on one device");
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, kPrefix,
-              "q, k, v must be float16 or bfloat16, got ", dtype, "; use the triton or reference executor for float32");
   TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, kPrefix, "q, k, v must share one dtype");
   check_layout(q, "q");
   check_layout(k, "k");
@@ -53,9 +58,18 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes(), kPrefix,
               "k and v must be (B, Hkv, Lk, D) matching q; got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, kPrefix, "query heads (", Hq, ") must be a multiple of kv heads (", Hkv, ")");
-  TORCH_CHECK(D == 64 || D == 128 || D == 256, kPrefix, "head dim must be 64, 128 or 256, got ", D);
-  TORCH_CHECK(block_size == 64 || block_size == 128 || block_size == 256, kPrefix,
-              "plan block size must be 64, 128 or 256, got ", block_size);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  int major = 0, minor = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()) == cudaSuccess,
+              kPrefix, "cannot read the device's compute capability");
+  // What is supported and which kernel runs it: supported.h (the op kernel_path says the same).
+  const int dtype_code = dtype == at::kHalf ? stem_attn::kFloat16 : dtype == at::kBFloat16 ? stem_attn::kBFloat16 : -1;
+  const int d = clamp_int(D), bs = clamp_int(block_size), req = clamp_int(sm);
+  TORCH_CHECK(stem_attn::kernel_path(dtype_code, d, bs, major, minor, req).path != stem_attn::kUnsupported, kPrefix,
+              stem_attn::kernel_path_reason(dtype_code, d, bs, major, minor, req), " (q is ", dtype, ")");
+
   TORCH_CHECK(Lq > 0 && Lq <= Lk && Lk < std::numeric_limits<int32_t>::max() / 2, kPrefix,
               "need 0 < Lq <= Lk < 2^30, got Lq=", Lq, ", Lk=", Lk);
   TORCH_CHECK(q_offset >= 0 && q_offset + Lq <= Lk, kPrefix, "q_offset (", q_offset, ") must lie in [0, Lk - Lq] = [0, ",
@@ -72,13 +86,6 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
                   kv_indices.size(2) == nQ && kv_indices.size(3) >= 1,
               kPrefix, "kv_indices must be (B, Hq, nQ, W>=1), got ", kv_indices.sizes());
   TORCH_CHECK(B < 65536 && Hq < 65536, kPrefix, "batch and heads must be < 65536");
-
-  const c10::cuda::CUDAGuard guard(q.device());
-  int major = 0, minor = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess &&
-                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()) == cudaSuccess,
-              kPrefix, "cannot read the device's compute capability");
-  TORCH_CHECK(major >= 8, kPrefix, "needs compute capability 8.0 or newer (bf16 mma.sync), device has major ", major);
 
   at::Tensor out = at::empty({B, Hq, Lq, D}, q.options());
   at::Tensor lse = return_lse ? at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat))
@@ -97,47 +104,45 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
   p.v_stride_b = v.stride(0), p.v_stride_h = v.stride(1), p.v_stride_l = v.stride(2);
   p.o_stride_b = out.stride(0), p.o_stride_h = out.stride(1), p.o_stride_l = out.stride(2);
   p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
-  p.Lq = static_cast<int>(Lq), p.Lk = static_cast<int>(Lk), p.D = static_cast<int>(D);
+  p.Lq = static_cast<int>(Lq), p.Lk = static_cast<int>(Lk), p.D = d;
   p.nQ = static_cast<int>(nQ), p.W = static_cast<int>(kv_indices.size(3));
-  p.block_size = static_cast<int>(block_size);
+  p.block_size = bs;
   p.q_offset = static_cast<int>(q_offset);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.is_bf16 = dtype == at::kBFloat16;
-  // Experimental tile tuning for benchmarks (STEM_ATTN_TUNING=1); read once per process.
-  static const int tuning = [] {
-    const char* env = std::getenv("STEM_ATTN_TUNING");
-    return env != nullptr ? std::atoi(env) : 0;
-  }();
-  p.tuning = tuning;
-  p.sm = major * 10 + minor;
-  // STEM_ATTN_SM90=0 forces the sm80 kernel on Hopper (A/B timing, tests of both paths); read on
-  // every call (a getenv, host only) so that a process can switch.
-  const char* sm90_env = std::getenv("STEM_ATTN_SM90");
-  p.allow_sm90 = sm90_env == nullptr || std::string(sm90_env) != "0";
-  // Experiments for hub_kernels/bench_hub.py (defaults when unset): CTA order and pipeline depth.
-  const char* order_env = std::getenv("STEM_ATTN_SM90_ORDER");
-  const char* stages_env = std::getenv("STEM_ATTN_SM90_STAGES");
-  p.sm90_order = order_env != nullptr ? std::atoi(order_env) : 0;
-  p.sm90_stages = stages_env != nullptr ? std::atoi(stages_env) : 0;
-  const char* overlap_env = std::getenv("STEM_ATTN_SM90_OVERLAP");
-  p.sm90_overlap = overlap_env != nullptr ? std::atoi(overlap_env) : 1;
-  const char* pingpong_env = std::getenv("STEM_ATTN_SM90_PINGPONG");
-  p.sm90_pingpong = pingpong_env != nullptr ? std::atoi(pingpong_env) : 0;
-  const char* l2_env = std::getenv("STEM_ATTN_SM90_L2HINT");
-  p.sm90_l2_hint = l2_env != nullptr ? std::atoi(l2_env) : 0;
 
-  const cudaError_t err = stem_attn::block_sparse_attn_fwd_launch(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
+  const cudaError_t err =
+      stem_attn::block_sparse_attn_fwd_launch(p, major, minor, req, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
+  TORCH_CHECK(!(err == cudaErrorNotSupported && req == stem_attn::kSm90), kPrefix,
+              "the sm90 kernel was asked for (sm=90) but cannot run: this build holds no sm_90a code for the device, "
+              "or the grid is too large");
   TORCH_CHECK(err == cudaSuccess, kPrefix, "kernel launch failed: ", cudaGetErrorString(err));
   return {out, lse};
 }
 
 int64_t last_kernel_path() { return stem_attn::last_kernel_path(); }
 
+int64_t kernel_path(int64_t dtype, int64_t head_dim, int64_t block_size, int64_t cc_major, int64_t cc_minor, int64_t sm) {
+  return stem_attn::kernel_path(clamp_int(dtype), clamp_int(head_dim), clamp_int(block_size), clamp_int(cc_major),
+                                clamp_int(cc_minor), clamp_int(sm))
+      .path;
+}
+
+std::string kernel_path_reason(int64_t dtype, int64_t head_dim, int64_t block_size, int64_t cc_major, int64_t cc_minor,
+                               int64_t sm) {
+  return stem_attn::kernel_path_reason(clamp_int(dtype), clamp_int(head_dim), clamp_int(block_size),
+                                       clamp_int(cc_major), clamp_int(cc_minor), clamp_int(sm));
+}
+
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_counts, Tensor kv_indices, int block_size, "
-      "int q_offset, float scale, bool return_lse) -> (Tensor, Tensor)");
+      "int q_offset, float scale, bool return_lse, int sm=0) -> (Tensor, Tensor)");
   ops.impl("block_sparse_attn_fwd", torch::kCUDA, &block_sparse_attn_fwd);
+  ops.def("kernel_path(int dtype, int head_dim, int block_size, int cc_major, int cc_minor, int sm=0) -> int",
+          &kernel_path);
+  ops.def("kernel_path_reason(int dtype, int head_dim, int block_size, int cc_major, int cc_minor, int sm=0) -> str",
+          &kernel_path_reason);
   ops.def("last_kernel_path() -> int", &last_kernel_path);
 }
 

@@ -3,6 +3,7 @@
 
 #include <torch/all.h>
 
+#include <string>
 #include <tuple>
 
 // Registration macros. kernel-builder ships its own "registration.h" with the same names; this
@@ -18,11 +19,20 @@
 //   q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D): float16 or bfloat16, CUDA, unit stride on D.
 //   kv_counts int32 (B, Hq, nQ), kv_indices int32 (B, Hq, nQ, W): contiguous, ascending indices.
 //   block_size: plan block size (64, 128 or 256); q_offset: absolute position of query row 0.
+//   sm: which kernel, 0 = auto (the sm90 kernel where it applies, else the sm80 kernel), 80 = the
+//   sm80 kernel, 90 = the sm90 kernel (an error where it cannot run). See csrc/supported.h.
 // Returns (out (B, Hq, Lq, D) like q, lse float32 (B, Hq, Lq), or an empty tensor without lse).
 std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const at::Tensor& kv_counts,
                                                          const at::Tensor& kv_indices, int64_t block_size,
-                                                         int64_t q_offset, double scale, bool return_lse);
+                                                         int64_t q_offset, double scale, bool return_lse, int64_t sm);
+
+// The kernel block_sparse_attn_fwd runs for (dtype code: 0 float16, 1 bfloat16; head dim; plan
+// block size) on a device of compute capability cc_major.cc_minor when asked for `sm`: 90, 80, or
+// 0 when the call is not supported; kernel_path_reason says why not ("" when supported).
+int64_t kernel_path(int64_t dtype, int64_t head_dim, int64_t block_size, int64_t cc_major, int64_t cc_minor, int64_t sm);
+std::string kernel_path_reason(int64_t dtype, int64_t head_dim, int64_t block_size, int64_t cc_major, int64_t cc_minor,
+                               int64_t sm);
 
 // Which kernel ran the last block_sparse_attn_fwd of this process: 90 (sm90 wgmma + TMA), 80
 // (sm80 mma.sync), 0 (none yet).

@@ -7,80 +7,102 @@ Loaded through the Hugging Face ``kernels`` package::
     out, lse = stem_attention.block_sparse_attn_fwd(q, k, v, plan.kv_counts, plan.kv_indices,
                                                     plan.block_size, plan.q_offset, scale, True)
 
-The op itself is ``ops.block_sparse_attn_fwd`` (registered in this build's own namespace).
+The ops live in this build's own namespace (``ops``): ``block_sparse_attn_fwd``, ``kernel_path``
+and ``kernel_path_reason`` (what is supported and which kernel runs it, from csrc/supported.h)
+and ``last_kernel_path``. ``supports`` and ``kernel_for`` below ask ``kernel_path``.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 
 from ._ops import add_op_namespace_prefix, ops
 
-__all__ = ["block_sparse_attn_fwd", "supports", "kernel_for", "ops", "add_op_namespace_prefix", "VARIANT"]
+__all__ = ["block_sparse_attn_fwd", "supports", "kernel_for", "ops", "add_op_namespace_prefix"]
 
-VARIANT = "cuda"  # the compiled sm80 + sm90a kernels (the torch-universal build says "universal")
-
-_DTYPES = (torch.float16, torch.bfloat16)
-_HEAD_DIMS = (64, 128, 256)
-_BLOCK_SIZES = (64, 128, 256)
-
-
-def supports(dtype: torch.dtype, head_dim: int, block_size: int) -> str | None:
-    """None when the kernel runs this (dtype, head dim, plan block size); else why not."""
-    if dtype not in _DTYPES:
-        return f"dtype {dtype} is not supported (float16, bfloat16)"
-    if head_dim not in _HEAD_DIMS:
-        return f"head dim {head_dim} is not supported ({', '.join(map(str, _HEAD_DIMS))})"
-    if block_size not in _BLOCK_SIZES:
-        return f"plan block size {block_size} is not supported ({', '.join(map(str, _BLOCK_SIZES))})"
-    return None
+# Codes of the kernel_path op's `dtype` argument (csrc/supported.h: DtypeCode); -1 for any other
+# dtype, which kernel_path rules out.
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+# kernel= names and the op's `sm` argument.
+_KERNELS = {"auto": 0, "sm80": 80, "sm90": 90}
+_PATH_NAMES = {80: "sm80", 90: "sm90"}
 
 
-def kernel_for(dtype: torch.dtype, head_dim: int, block_size: int, device) -> str:
+def _sm_code(kernel: str) -> int:
+    sm = _KERNELS.get(kernel) if isinstance(kernel, str) else None
+    if sm is None:
+        raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
+    return sm
+
+
+@functools.lru_cache(maxsize=512)
+def _kernel_path(dtype_code: int, head_dim: int, block_size: int, cc: tuple[int, int], sm: int) -> tuple[int, str]:
+    path = int(ops.kernel_path(dtype_code, head_dim, block_size, cc[0], cc[1], sm))
+    return path, "" if path else str(ops.kernel_path_reason(dtype_code, head_dim, block_size, cc[0], cc[1], sm))
+
+
+def _resolve(dtype: torch.dtype, head_dim: int, block_size: int, device, kernel: str) -> tuple[int, str]:
+    """(kernel path 90 / 80, "") or (0, why not), from the kernel_path op."""
+    sm = _sm_code(kernel)
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return 0, f"runs on CUDA devices, not {device.type}"
+    cc = tuple(torch.cuda.get_device_capability(device))
+    return _kernel_path(_DTYPE_CODES.get(dtype, -1), int(head_dim), int(block_size), cc, sm)
+
+
+def supports(dtype: torch.dtype, head_dim: int, block_size: int, device=None, kernel: str = "auto") -> str | None:
+    """None when ``block_sparse_attn_fwd`` runs (dtype, head dim, plan block size) on ``device``
+    (default: the current CUDA device) with ``kernel``; else why not."""
+    path, why = _resolve(dtype, head_dim, block_size, device, kernel)
+    return None if path else why
+
+
+def kernel_for(dtype: torch.dtype, head_dim: int, block_size: int, device=None, kernel: str = "auto") -> str:
     """Which compiled kernel ``block_sparse_attn_fwd`` runs for these inputs: ``"sm90"`` (wgmma +
-    TMA: compute capability 9.0, head dim 64/128, plan blocks of 128 or 256 tokens, unless the
-    environment sets STEM_ATTN_SM90=0) or ``"sm80"`` (mma.sync, every other supported case).
-    ``ops.last_kernel_path()`` reports what the last call actually ran (90 or 80)."""
-    if supports(dtype, head_dim, block_size) is not None:
-        raise ValueError(supports(dtype, head_dim, block_size))
-    hopper = torch.cuda.get_device_capability(torch.device(device)) == (9, 0)
-    if hopper and head_dim in (64, 128) and block_size % 128 == 0 and os.environ.get("STEM_ATTN_SM90") != "0":
-        return "sm90"
-    return "sm80"
+    TMA) or ``"sm80"`` (mma.sync); ValueError when it runs neither. ``kernel="auto"`` picks the sm90
+    kernel where it applies (compute capability 9.0, head dim 64/128, plan blocks of 128 or 256
+    tokens). ``ops.last_kernel_path()`` reports what the last call ran (90 or 80)."""
+    path, why = _resolve(dtype, head_dim, block_size, device, kernel)
+    if not path:
+        raise ValueError(why)
+    return _PATH_NAMES[path]
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    """Unit stride on the head dim and 16-byte rows: what the kernels read without a copy."""
+    return t.stride(-1) == 1 and all(s % 8 == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1]))
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    return (
-        t.stride(-1) == 1
-        and all(s % 8 == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1]))
-        and t.data_ptr() % 16 == 0
-    )
+    return _rows_ok(t) and t.data_ptr() % 16 == 0
 
 
-def _check(q, k, v, kv_counts, kv_indices, block_size) -> None:
-    """Clear Python errors for the common mistakes, before the op's own TORCH_CHECKs.
+def _check(q, k, v, kv_counts, kv_indices, block_size, kernel: str) -> None:
+    """Clear Python errors for the common mistakes, before the op's own checks.
 
-    (Known issue, seen on torch 2.11 + this build: a failing TORCH_CHECK inside the op crashed the
-    process instead of raising; until that is understood, reject bad input here.)"""
+    (A failing check inside an extension op crashed the process instead of raising under one
+    torch 2.11 build; so bad input is rejected here first.)"""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d (B, H, L, D) tensor")
         if not t.is_cuda:
             raise ValueError(f"{name} must be a CUDA tensor, got {t.device}")
-    why = supports(q.dtype, q.shape[-1], int(block_size))
-    if why is not None:
-        raise ValueError(f"stem_attention.block_sparse_attn_fwd: {why}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError("q, k, v must share one dtype")
+    path, why = _resolve(q.dtype, q.shape[-1], int(block_size), q.device, kernel)
+    if not path:
+        raise ValueError(f"stem_attention.block_sparse_attn_fwd: {why} (q is {q.dtype})")
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
         raise ValueError(f"k, v must be (B, Hkv, Lk, D) with Hq % Hkv == 0; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
         raise TypeError("kv_counts and kv_indices must be int32")
 
 
-def block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_offset, scale, return_lse=False):
+def block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_offset, scale, return_lse=False, *,
+                          kernel: str = "auto"):
     """Forward block-sparse causal attention over a stem plan.
 
     Args:
@@ -90,15 +112,37 @@ def block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_offset, 
             kv_counts entries (the rest is padding).
         block_size: plan block size (64, 128 or 256); q_offset: absolute position of query row 0.
         scale: softmax scale; return_lse: also return the float32 (B, Hq, Lq) log-sum-exp.
+        kernel: ``"auto"`` (the sm90 kernel where it applies, else the sm80 kernel), ``"sm80"``
+            or ``"sm90"`` (ValueError where the sm90 kernel cannot run these inputs).
 
     Returns:
         (out like q, lse or None). Tensors with a head-dim stride other than 1 or rows that are
-        not 16-byte aligned are copied to contiguous memory first.
+        not 16-byte aligned are copied to contiguous memory first. Under ``torch.compile`` the
+        Python checks are left to the op, which checks the same at run time.
     """
-    _check(q, k, v, kv_counts, kv_indices, block_size)
-    q, k, v = (t if _aligned(t) else t.contiguous() for t in (q, k, v))
+    sm = _sm_code(kernel)
+    if torch.compiler.is_compiling():
+        q, k, v = (t if _rows_ok(t) else t.contiguous() for t in (q, k, v))
+    else:
+        _check(q, k, v, kv_counts, kv_indices, block_size, kernel)
+        q, k, v = (t if _aligned(t) else t.contiguous() for t in (q, k, v))
     out, lse = ops.block_sparse_attn_fwd(
         q, k, v, kv_counts.contiguous(), kv_indices.contiguous(), int(block_size), int(q_offset), float(scale),
-        bool(return_lse),
+        bool(return_lse), sm,
     )
     return out, (lse if return_lse else None)
+
+
+def _fake_block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_offset, scale, return_lse, sm=0):
+    """Output shapes of the op for torch.compile / FakeTensor tracing: out like q (contiguous),
+    lse float32 (B, Hq, Lq), or (0,) without it."""
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(tuple(q.shape[:3]) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+try:
+    torch.library.register_fake(add_op_namespace_prefix("block_sparse_attn_fwd"))(_fake_block_sparse_attn_fwd)
+except RuntimeError as e:  # this build's namespace imported a second time in one process
+    if "already" not in str(e):
+        raise
