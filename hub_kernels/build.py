@@ -1,20 +1,17 @@
 #!/usr/bin/env python3
 """Build the stem-attention Hub kernel without nix or network, in the layout ``kernels`` loads.
 
-    python hub_kernels/build.py                  # CUDA variant for this torch/CUDA (needs nvcc)
-    python hub_kernels/build.py --universal      # torch-universal variant (Triton; no compiler)
-    python hub_kernels/build.py --all            # both
+    python hub_kernels/build.py                  # the CUDA variant for this torch/CUDA (needs nvcc)
     python hub_kernels/build.py --hf-cache DIR   # also install the built tree as an offline HF cache
 
 Output (``--out``, default ``hub_kernels/stem-attention/build``)::
 
     build/torch<XY>-cxx11-cu<ZZ>-x86_64-linux/   metadata.json, __init__.py, _ops.py, <ns>.so
-    build/torch-universal/                       metadata.json, __init__.py, _triton/ (Triton kernel copy)
 
 ``kernels`` 0.17 resolves a variant directory by name (``kernels.variants.parse_variant``), reads
 ``metadata.json`` from it and imports ``<variant>/__init__.py`` (or ``<variant>/<python
-name>/__init__.py``) as a package named after ``metadata["id"]``. The op namespace of the CUDA
-build is that id, ``_stem_attention_<source hash>``, so two builds load side by side.
+name>/__init__.py``) as a package named after ``metadata["id"]``. The op namespace of a build is
+that id, ``_stem_attention_<source hash>``, so two builds of different sources load side by side.
 
 Load a build with ``LOCAL_KERNELS=stem-attention/stem-attention=hub_kernels/stem-attention`` (see
 hub_kernels/README.md). The build is reproducible: the namespace comes from a hash of the sources
@@ -34,12 +31,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 KERNEL_DIR = HERE / "stem-attention"
-REPO_ROOT = HERE.parent
-TRITON_SOURCE = REPO_ROOT / "backends" / "triton_kernels" / "block_sparse_attn.py"
 DEFAULT_REPO_ID = "stem-attention/stem-attention"
 
 __all__ = ["read_build_toml", "source_hash", "op_namespace", "arch_variant_name", "metadata", "write_metadata",
-           "build_cuda", "build_universal", "triton_files", "install_to_hf_cache", "main"]
+           "build_cuda", "install_to_hf_cache", "main"]
 
 
 def read_build_toml(path: Path = KERNEL_DIR / "build.toml") -> dict:
@@ -72,13 +67,9 @@ def source_hash(kernel_dir: Path = KERNEL_DIR, length: int = 10) -> str:
     return _hash_files(_kernel_sources(kernel_dir), kernel_dir)[:length]
 
 
-def op_namespace(kind: str = "cuda", kernel_dir: Path = KERNEL_DIR) -> str:
-    """The torch op namespace and metadata id of a build: ``_stem_attention_<hash>`` (CUDA) or
-    ``_stem_attention_universal_<hash>`` (the Triton variant, hashed with the Triton source)."""
-    if kind == "cuda":
-        return f"_stem_attention_{source_hash(kernel_dir)}"
-    files = [kernel_dir / "universal" / "__init__.py"] + (triton_files() if TRITON_SOURCE.exists() else [])
-    return f"_stem_attention_universal_{_hash_files(files, REPO_ROOT)[:10]}"
+def op_namespace(kernel_dir: Path = KERNEL_DIR) -> str:
+    """The torch op namespace and metadata id of a build: ``_stem_attention_<source hash>``."""
+    return f"_stem_attention_{source_hash(kernel_dir)}"
 
 
 def arch_variant_name() -> str:
@@ -147,7 +138,7 @@ def build_cuda(out_root: Path, *, archs: list[str] | None = None, jobs: int | No
     toml = read_build_toml()
     kernel = toml["kernel"]["block_sparse_attn"]
     archs = archs or list(kernel["cuda-capabilities"])
-    ns = op_namespace("cuda")
+    ns = op_namespace()
     variant = arch_variant_name()
     sources = [str(KERNEL_DIR / s) for s in toml["torch"]["src"] + kernel["src"] if s.endswith((".cpp", ".cu"))]
     includes = [str(KERNEL_DIR / d) for d in kernel.get("include", [])] + [str(KERNEL_DIR / "torch-ext")]
@@ -179,59 +170,6 @@ def build_cuda(out_root: Path, *, archs: list[str] | None = None, jobs: int | No
     return vdir
 
 
-def triton_files(entry: Path = TRITON_SOURCE) -> list[Path]:
-    """The Triton kernel module, its package's ``__init__.py`` and the sibling modules they import
-    relatively (``from . import x``, ``from .x import y``), recursively: what the torch-universal
-    variant has to carry."""
-    import ast
-
-    seen: list[Path] = []
-    todo = [entry]
-    if (entry.parent / "__init__.py").exists():  # `from . import name` may read the package itself
-        todo.append(entry.parent / "__init__.py")
-    while todo:
-        f = todo.pop()
-        if f in seen:
-            continue
-        if not f.exists():
-            raise FileNotFoundError(f"{f} is imported by the Triton kernel but does not exist")
-        seen.append(f)
-        for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                names = [node.module] if node.module else [a.name for a in node.names]
-                for name in names:
-                    cand = f.parent / f"{name.split('.')[0]}.py"
-                    if cand.exists() or node.module:
-                        todo.append(cand)
-    return seen
-
-
-def build_universal(out_root: Path, *, triton_source: Path = TRITON_SOURCE) -> Path:
-    """Package the Triton executor's kernel as the torch-universal variant (no compiler needed).
-
-    The kernel file and its relatively imported siblings are copied (generated output, not kept in
-    git) into ``torch-universal/_triton/``; ``universal/__init__.py`` wraps it."""
-    if not triton_source.exists():
-        raise FileNotFoundError(
-            f"{triton_source} is missing: the torch-universal variant packages the stem Triton kernel "
-            f"(backends/triton/block_sparse_attn.py)"
-        )
-    files = triton_files(triton_source)
-    vdir = _fresh_dir(out_root / "torch-universal")
-    shutil.copy2(KERNEL_DIR / "universal" / "__init__.py", vdir / "__init__.py")
-    pkg = vdir / "_triton"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")  # replaced below by the package's own __init__.py, if any
-    for f in files:
-        rel = f.relative_to(REPO_ROOT).as_posix() if f.is_relative_to(REPO_ROOT) else f.name
-        header = f"# Copied by hub_kernels/build.py from {rel} (generated build output; edit the original).\n"
-        (pkg / f.name).write_text(header + f.read_text())
-    if triton_source.name != "block_sparse_attn.py":
-        shutil.copy2(pkg / triton_source.name, pkg / "block_sparse_attn.py")
-    write_metadata(vdir, metadata(op_id=op_namespace("universal"), archs=None))
-    return vdir
-
-
 def install_to_hf_cache(build_root: Path, cache_dir: Path, repo_id: str = DEFAULT_REPO_ID, version: int = 1) -> Path:
     """Lay the built variants out as a Hugging Face cache snapshot of ``repo_id`` (ref ``v<version>``),
     so that ``get_kernel(repo_id, version=version)`` resolves offline (HF_HUB_OFFLINE=1, with
@@ -260,9 +198,6 @@ def op_id_of(variant_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=KERNEL_DIR / "build", help="build root (default: %(default)s)")
-    which = ap.add_mutually_exclusive_group()
-    which.add_argument("--universal", action="store_true", help="build only the torch-universal (Triton) variant")
-    which.add_argument("--all", action="store_true", help="build the CUDA and the torch-universal variants")
     ap.add_argument("--archs", default=None, help="CUDA capabilities, e.g. '8.0,9.0' (default: build.toml)")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (MAX_JOBS)")
     ap.add_argument("--hf-cache", type=Path, default=None, help="also install the build as an offline HF cache here")
@@ -270,14 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    built = []
-    if not args.universal:
-        archs = args.archs.split(",") if args.archs else None
-        built.append(build_cuda(args.out, archs=archs, jobs=args.jobs, verbose=args.verbose))
-    if args.universal or args.all:
-        built.append(build_universal(args.out))
-    for vdir in built:
-        print(f"built {vdir}  (id {op_id_of(vdir)})")
+    archs = args.archs.split(",") if args.archs else None
+    vdir = build_cuda(args.out, archs=archs, jobs=args.jobs, verbose=args.verbose)
+    print(f"built {vdir}  (id {op_id_of(vdir)})")
     if args.hf_cache is not None:
         print(f"installed as an HF cache snapshot: {install_to_hf_cache(args.out, args.hf_cache, args.repo_id)}")
     return 0
