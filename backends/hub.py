@@ -1,8 +1,8 @@
 """The ``hub`` executor: the prebuilt stem-attention CUDA kernel, loaded with ``kernels.get_kernel``.
 
 Which repository: ``stem-attention/stem-attention`` unless the environment variable
-``STEM_HUB_REPO`` names another (``org/name``). The kernel is loaded once per process and repo
-with ``kernels.get_kernel(repo, version=1)``, which resolves, in this order:
+``STEM_HUB_REPO`` names another (``org/name``). The kernel is loaded once per executor, on first
+use, with ``kernels.get_kernel(repo, version=1)``, which resolves, in this order:
 
 1. ``LOCAL_KERNELS=<repo>=<path>`` (``:``-separated pairs): a local build tree, e.g. the output of
    ``python hub_kernels/build.py`` (path ``hub_kernels/stem-attention``). No network, no trust check.
@@ -11,11 +11,11 @@ with ``kernels.get_kernel(repo, version=1)``, which resolves, in this order:
 3. Otherwise the Hub itself (a download on first use). ``kernels`` only loads repositories of
    trusted publishers; set ``STEM_HUB_TRUST_REMOTE_CODE=1`` to allow this one repo anyway.
 
-The loaded module picks the variant that matches this torch/CUDA: the compiled sm80/sm90 kernel
-(``VARIANT == "cuda"``) or, where none matches, the torch-universal build of the Triton kernel
-(``VARIANT == "universal"``). ``stem info`` shows which, or why the executor is unavailable.
-``kernels`` is imported lazily (never at ``import stem``); install it with
-``pip install 'stem-attention[hub]'``.
+These environment variables are read when the kernel loads, once; ``reset()`` forgets the loaded
+kernel so that the next use loads it again. What the kernel supports and which of its kernels
+runs a call (sm90 or sm80) is the loaded module's own answer (``supports`` / ``kernel_for``, from
+the kernel's csrc/supported.h): this executor keeps no table of its own. ``kernels`` is imported
+lazily (never at ``import stem``); install it with ``pip install 'stem-attention[hub]'``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+from pathlib import Path
 
 import torch
 
@@ -65,10 +66,9 @@ def _explain_load_error(repo: str, e: BaseException) -> str:
 
 class HubExecutor(Executor):
     name = "hub"
-    # Above Triton (50) where the compiled kernel runs its sm90 (wgmma + TMA) path: 1.15-1.28x the
+    # Above Triton (50) where the compiled kernel runs its sm90 (wgmma + TMA) path: 1.19-1.28x the
     # Triton executor on an H200 (benchmarks/NOTES.md). Its sm80 (mma.sync) path ran at 0.58x
-    # Triton, so `auto` passes over the hub for shapes and devices without the sm90 path
-    # (auto_skip_reason), and over the torch-universal variant, which is the Triton kernel itself.
+    # Triton, so `auto` passes over the hub where the kernel would run that path (auto_skip_reason).
     priority = 60
     device_types = ("cuda",)
     returns_lse = True
@@ -76,41 +76,49 @@ class HubExecutor(Executor):
     def __init__(self, repo: str | None = None, version: int = KERNEL_VERSION):
         self._repo = repo
         self.version = version
-        self._cache: dict[tuple, tuple[object | None, str | None]] = {}
-        self._lock = threading.Lock()
+        self._loaded: tuple[object | None, str | None] | None = None  # (module, None) or (None, reason)
+        self._loaded_repo: str | None = None
+        self._lock = threading.Lock()  # taken only while the kernel loads
+        self._device_reasons: dict[torch.device, str | None] = {}
+        self._key_answers: dict[tuple, str | None] = {}
 
     @property
     def repo(self) -> str:
-        return self._repo or os.environ.get(REPO_ENV) or DEFAULT_REPO
+        """The repository loaded, or (before loading) the one that would be."""
+        return self._loaded_repo or self._repo or os.environ.get(REPO_ENV) or DEFAULT_REPO
 
     @property
     def description(self) -> str:  # type: ignore[override]
-        mod = self._cached_module()
-        variant = getattr(mod, "VARIANT", None) if mod is not None else None
-        where = f"; loaded variant: {variant}" if variant else ""
+        loaded = self._loaded
+        mod = loaded[0] if loaded is not None else None
+        where = ""
+        if mod is not None and getattr(mod, "__file__", None):
+            where = f"; loaded build: {Path(mod.__file__).parent.name}"
         return f"prebuilt block-sparse flash attention from the kernel hub ({self.repo}, kernels.get_kernel){where}"
 
     # ---- loading --------------------------------------------------------------------------
-    def _key(self) -> tuple:
-        return (self.repo, self.version, os.environ.get("LOCAL_KERNELS"), os.environ.get("HF_HUB_OFFLINE"),
-                os.environ.get(TRUST_ENV))
-
-    def _cached_module(self):
-        hit = self._cache.get(self._key())
-        return hit[0] if hit else None
-
     def load(self):
-        """(module, None) or (None, reason); the result is cached per repo and environment."""
-        key = self._key()
+        """(module, None) or (None, reason): loaded on the first call, then the same answer."""
+        loaded = self._loaded
+        if loaded is not None:
+            return loaded
         with self._lock:
-            if key in self._cache:
-                return self._cache[key]
-            result = self._load_uncached()
-            self._cache[key] = result
-            return result
+            if self._loaded is None:
+                self._loaded = self._load_uncached()
+            return self._loaded
+
+    def reset(self) -> None:
+        """Forget the loaded kernel and cached answers: the next use reads the environment and
+        loads again (the kernel's compiled library stays loaded in the process)."""
+        with self._lock:
+            self._loaded = None
+            self._loaded_repo = None
+            self._device_reasons = {}
+            self._key_answers = {}
 
     def _load_uncached(self):
-        repo = self.repo
+        repo = self._repo or os.environ.get(REPO_ENV) or DEFAULT_REPO
+        self._loaded_repo = repo
         try:
             from kernels import get_kernel
         except ImportError as e:
@@ -120,13 +128,25 @@ class HubExecutor(Executor):
             mod = get_kernel(repo, version=self.version, trust_remote_code=trust)
         except Exception as e:  # every failure becomes a reason shown by `stem info`
             return None, _explain_load_error(repo, e)
-        if not callable(getattr(mod, "block_sparse_attn_fwd", None)):
-            return None, f"the kernel loaded from {repo} has no block_sparse_attn_fwd (not a stem-attention build?)"
+        needed = ("block_sparse_attn_fwd", "supports", "kernel_for")
+        missing = [n for n in needed if not callable(getattr(mod, n, None))]
+        if missing:
+            return None, (f"the kernel loaded from {repo} has no {', '.join(missing)} "
+                          "(not a stem-attention build, or one older than this stem)")
         return mod, None
 
     # ---- Executor API ---------------------------------------------------------------------
     def unavailable_reason(self, device: torch.device) -> str | None:
         device = torch.device(device)
+        try:
+            return self._device_reasons[device]
+        except KeyError:
+            pass
+        reason = self._unavailable_reason(device)
+        self._device_reasons[device] = reason
+        return reason
+
+    def _unavailable_reason(self, device: torch.device) -> str | None:
         base = super().unavailable_reason(device)
         if base is not None:
             return base
@@ -141,32 +161,42 @@ class HubExecutor(Executor):
         _, reason = self.load()
         return reason
 
-    def unsupported_reason(self, q, k, v, plan) -> str | None:
+    def supports(self, key) -> str | None:
+        """None when the loaded kernel runs ``key`` (a ``stem.dispatch.DispatchKey``); else why not."""
+        answer_key = ("supports", key)
+        try:
+            return self._key_answers[answer_key]
+        except KeyError:
+            pass
         mod, reason = self.load()
         if mod is None:
             return reason
-        supports = getattr(mod, "supports", None)
-        if supports is not None:
-            why = supports(q.dtype, q.shape[-1], plan.block_size)
-            if why is not None:
-                return f"{why} by the {getattr(mod, 'VARIANT', 'loaded')} hub kernel"
-        return None
+        why = mod.supports(key.dtype, key.head_dim, key.block_size, key.device)
+        answer = None if why is None else f"{why} (hub kernel)"
+        self._key_answers[answer_key] = answer
+        return answer
 
-    def auto_skip_reason(self, q, k, v, plan) -> str | None:
+    def auto_skip_reason(self, key) -> str | None:
+        """Why ``backend="auto"`` passes over the hub for ``key``: the kernel would run its sm80
+        path there, which is slower than the triton executor."""
+        answer_key = ("auto_skip", key)
+        try:
+            return self._key_answers[answer_key]
+        except KeyError:
+            pass
         mod, reason = self.load()
         if mod is None:
             return reason
-        variant = getattr(mod, "VARIANT", None)
-        if variant != "cuda":
-            return f"the loaded hub variant is {variant!r} (the Triton kernel): the triton executor runs the same"
-        kernel_for = getattr(mod, "kernel_for", None)
-        if kernel_for is None:
-            return "the loaded hub build predates its sm90 path (no kernel_for): its sm80 path is slower than triton"
-        kernel = kernel_for(q.dtype, q.shape[-1], plan.block_size, q.device)
-        if kernel != "sm90":
-            return (f"the hub kernel would run its {kernel} path here (the sm90 path needs compute capability 9.0, "
-                    "head dim 64 or 128 and 128- or 256-token blocks), which is slower than triton")
-        return None
+        try:
+            kernel = mod.kernel_for(key.dtype, key.head_dim, key.block_size, key.device)
+        except ValueError as e:  # not supported at all (supports() says the same)
+            answer = f"{e} (hub kernel)"
+        else:
+            answer = None if kernel == "sm90" else (
+                f"the hub kernel would run its {kernel} path here (its sm90 path needs compute capability 9.0, "
+                "head dim 64 or 128 and 128- or 256-token blocks), which is slower than triton")
+        self._key_answers[answer_key] = answer
+        return answer
 
     def forward(self, q, k, v, plan, scale, return_lse):
         mod, reason = self.load()
