@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One device call after hub_kernels/gpu_build_and_test.sh has built the kernel (same machine):
+# One GPU call after benchmarks/gpu/gpu_build_and_test.sh has built the kernel (same machine):
 # `stem bench` with the hub executor loaded (LOCAL_KERNELS) beside Triton, FlexAttention on the
 # same plan, and dense cuDNN/flash SDPA. Results under $OUT.
+#
+#   bash benchmarks/gpu/gpu_final.sh        (it changes to the repository root itself)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/stem_hub_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Time the compiled stem-attention Hub kernel beside the Triton executor and dense cuDNN SDPA.
 
-    python hub_kernels/bench_hub.py --lengths 32768 131072 --json out.json
+    python benchmarks/hub/bench_hub.py --lengths 32768 131072 --json out.json
 
-Shapes: B=1, Hq=32, Hkv=8, D=128, bf16, random data, the default StemConfig plan. Timings are
-medians over CUDA-event-timed repeats after warm-up. Reports TFLOP/s of the sparse kernels on the
-selected blocks (causal pairs only) and of dense cuDNN on the causal triangle.
+Run from the repository root after `python hub_kernels/build.py`; the kernel is loaded with
+kernels.get_kernel from that build (LOCAL_KERNELS). Shapes: B=1, Hq=32, Hkv=8, D=128, bf16, random
+data, the default StemConfig plan. Timings are medians over CUDA-event-timed repeats after warm-up.
+The hub kernel is timed as `auto` picks (the sm90 kernel on Hopper) and with kernel="sm80" (the
+same op's sm80 kernel). Reports TFLOP/s of the sparse kernels on the selected blocks (causal pairs
+only) and of dense cuDNN on the causal triangle.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch
 
 from stem.bench import time_ms
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KERNEL_DIR = ROOT / "hub_kernels" / "stem-attention"
+REPO_ID = "stem-attention/stem-attention"
 
 
 def selected_pairs(plan) -> int:
@@ -33,24 +37,12 @@ def selected_pairs(plan) -> int:
     return total - plan.num_q_blocks * B * H * (bs * (bs - 1) // 2)
 
 
-# Experiment switches read by the op on every call (see torch_binding.cpp).
-SM90_VARIANTS = {
-    "no_overlap": {"STEM_ATTN_SM90_OVERLAP": "0"},  # softmax not overlapped with P V
-    "stages2": {"STEM_ATTN_SM90_STAGES": "2"},  # 2-deep K/V ring instead of 3
-    "order_heads": {"STEM_ATTN_SM90_ORDER": "1"},  # all query heads at once instead of kv-head-major
-    "pingpong_on": {"STEM_ATTN_SM90_PINGPONG": "1"},  # warpgroups take turns at the tensor cores (off by default)
-    "l2hint_on": {"STEM_ATTN_SM90_L2HINT": "1"},  # K/V TMA loads with an L2 evict-last hint (off by default)
-}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--hub-only", action="store_true", help="time only the hub kernel (e.g. under STEM_ATTN_TUNING)")
-    ap.add_argument("--sm90-variants", action="store_true", help="also time the sm90 kernel with each design "
-                    "choice flipped (SM90_VARIANTS)")
+    ap.add_argument("--hub-only", action="store_true", help="time only the hub kernel (both of its kernels)")
     args = ap.parse_args(argv)
 
     import kernels
@@ -59,8 +51,8 @@ def main(argv=None) -> int:
     import stem
     from stem.config import StemConfig
 
-    hub = kernels.get_local_kernel(KERNEL_DIR)
-    assert hub.VARIANT == "cuda", hub.VARIANT
+    os.environ["LOCAL_KERNELS"] = f"{REPO_ID}={KERNEL_DIR}"
+    hub = kernels.get_kernel(REPO_ID, version=1)
     triton_run = None
     if not args.hub_only:
         try:
@@ -81,34 +73,22 @@ def main(argv=None) -> int:
         pairs = selected_pairs(plan)
         sparse_flop = 4.0 * D * pairs
         dense_flop = 4.0 * D * B * Hq * L * (L + 1) / 2
-        row = {"L": L, "device": dev, "density": plan.density, "selected_pairs": pairs,
-               "tuning": os.environ.get("STEM_ATTN_TUNING", "0")}
+        row = {"L": L, "device": dev, "density": plan.density, "selected_pairs": pairs}
 
-        def run_hub(q=q, k=k, v=v, plan=plan):
+        def run_hub(q=q, k=k, v=v, plan=plan, kernel="auto"):
             return hub.block_sparse_attn_fwd(q, k, v, plan.kv_counts, plan.kv_indices, plan.block_size,
-                                             plan.q_offset, scale, False)
+                                             plan.q_offset, scale, False, kernel=kernel)
 
         out_hub = run_hub()[0]
         row["hub_ms"] = time_ms(run_hub, reps=args.reps)
         row["hub_kernel"] = f"sm{hub.ops.last_kernel_path()}"
         row["hub_tflops_selected"] = sparse_flop / row["hub_ms"] / 1e9
-        def timed_with_env(env, run_hub=run_hub, out_hub=out_hub):
-            """(ms, relative difference from the default output) of the op under extra env vars."""
-            os.environ.update(env)
-            try:
-                out = run_hub()[0]
-                rel = float((out.float() - out_hub.float()).norm() / out_hub.float().norm())
-                return time_ms(run_hub, reps=args.reps), rel
-            finally:
-                for key in env:
-                    del os.environ[key]
-
-        if row["hub_kernel"] == "sm90" and args.sm90_variants:
-            # sm90 design choices, each flipped alone (bf16 outputs compared with the default)
-            for name, env in SM90_VARIANTS.items():
-                row[f"sm90_{name}_ms"], row[f"sm90_{name}_rel_diff"] = timed_with_env(env)
-        if row["hub_kernel"] == "sm90":  # the same op with the Hopper kernel switched off
-            row["hub_sm80_ms"], row["sm90_vs_sm80_rel_diff"] = timed_with_env({"STEM_ATTN_SM90": "0"})
+        if row["hub_kernel"] == "sm90":  # the same op's sm80 kernel, asked for by name
+            out80 = run_hub(kernel="sm80")[0]
+            assert hub.ops.last_kernel_path() == 80
+            row["hub_sm80_ms"] = time_ms(lambda: run_hub(kernel="sm80"), reps=args.reps)
+            row["sm90_vs_sm80_rel_diff"] = float((out80.float() - out_hub.float()).norm() / out_hub.float().norm())
+            del out80
         if triton_run is not None:
             def run_triton(q=q, k=k, v=v, plan=plan):
                 return triton_run(q, k, v, plan, scale, False)
@@ -152,10 +132,6 @@ def main(argv=None) -> int:
               f"{r.get('speedup_vs_triton', float('nan')):>6.2f} {r.get('cudnn_dense_ms', float('nan')):>9.2f} "
               f"{r['hub_tflops_selected']:>8.1f} {r.get('cudnn_dense_tflops', float('nan')):>10.1f} "
               f"{r.get('hub_frac_of_cudnn_tflops', float('nan')):>9.2f}")
-    for r in rows:
-        var = {k[5:-3]: round(v, 2) for k, v in r.items() if k.startswith("sm90_") and k.endswith("_ms")}
-        if var:
-            print(f"{r['L']:>7} sm90 {r['hub_ms']:.2f} ms; with one choice flipped: {var}")
     return 0
 
 

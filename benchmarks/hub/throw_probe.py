@@ -7,7 +7,7 @@ a .cu source through nvcc like the stem-attention build, and pure C++ with -std=
 and calls each in a child process.
 Separates a fault of this toolchain/torch build from one of the stem-attention sources.
 
-    python hub_kernels/tools/throw_probe.py BUILD_DIR
+    python benchmarks/hub/throw_probe.py BUILD_DIR
 """
 
 from __future__ import annotations
