@@ -56,13 +56,25 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not o
 
 
 # ---- layout, build.toml, metadata -------------------------------------------------------------
+def _kernel_files() -> list[str]:
+    """The kernel directory's files relative to it: the ones git tracks (build output and caches
+    are ignored), or every file outside build/ and caches where this is no git checkout."""
+    r = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "."], cwd=KERNEL_DIR,
+                       capture_output=True, text=True)
+    if r.returncode == 0 and r.stdout.strip():
+        return r.stdout.split()
+    skip = {"build", "__pycache__", ".pytest_cache"}
+    return [f.relative_to(KERNEL_DIR).as_posix() for f in KERNEL_DIR.rglob("*")
+            if f.is_file() and not skip & set(f.relative_to(KERNEL_DIR).parts)]
+
+
 def test_kernel_directory_holds_the_kernel_builder_layout_only():
-    """build.toml, csrc/, torch-ext/, tests/ (and the git-ignored build output): nothing else."""
-    entries = {p.name for p in KERNEL_DIR.iterdir()} - {"build", "__pycache__", ".pytest_cache"}
-    assert entries == {"build.toml", "csrc", "torch-ext", "tests"}, entries
-    assert {p.name for p in (KERNEL_DIR / "torch-ext").iterdir()} - {"__pycache__"} == {
-        "torch_binding.cpp", "torch_binding.h", "stem_attention"}
-    assert (KERNEL_DIR / "tests" / "test_stem_attention.py").is_file()
+    """build.toml, csrc/, torch-ext/, tests/: nothing else (the build output is not part of it)."""
+    files = _kernel_files()
+    assert {f.split("/")[0] for f in files} == {"build.toml", "csrc", "torch-ext", "tests"}, files
+    assert {f for f in files if f.startswith("torch-ext/")} == {
+        "torch-ext/torch_binding.cpp", "torch-ext/torch_binding.h", "torch-ext/stem_attention/__init__.py"}
+    assert "tests/test_stem_attention.py" in files
 
 
 def test_build_toml_has_required_fields():
@@ -561,15 +573,21 @@ def loaded(variant_tree, monkeypatch):
     monkeypatch.delenv("STEM_HUB_REPO", raising=False)
     cc = {"value": (9, 0)}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: cc["value"])
     mod = kernels.get_kernel(REPO_ID, version=1)
-    mod._kernel_path.cache_clear()
-    return mod, cc
+
+    def set_cc(value):
+        cc["value"] = value
+        mod._CAPABILITY.clear()  # the wrapper reads a device's capability once
+
+    set_cc((9, 0))
+    return mod, set_cc
 
 
 def test_python_wrapper_asks_the_contract(loaded):
     """supports / kernel_for of the kernel's Python package answer from the op (supported.h)."""
-    mod, cc = loaded
+    mod, set_cc = loaded
     assert mod.supports(torch.bfloat16, 128, 128, "cuda") is None
     assert mod.kernel_for(torch.bfloat16, 128, 128, "cuda") == "sm90"
     assert mod.kernel_for(torch.float16, 64, 256, "cuda:0") == "sm90"
@@ -584,10 +602,10 @@ def test_python_wrapper_asks_the_contract(loaded):
         mod.kernel_for(torch.bfloat16, 128, 32, "cuda")
     with pytest.raises(ValueError, match="kernel must be one of"):
         mod.kernel_for(torch.bfloat16, 128, 128, "cuda", kernel="sm100")
-    cc["value"] = (8, 6)
+    set_cc((8, 6))
     assert mod.kernel_for(torch.bfloat16, 128, 128, "cuda") == "sm80"
     assert "compute capability 9.0" in mod.supports(torch.bfloat16, 128, 128, "cuda", kernel="sm90")
-    cc["value"] = (7, 5)
+    set_cc((7, 5))
     assert "8.0 or newer" in mod.supports(torch.bfloat16, 128, 128, "cuda")
 
 
@@ -647,7 +665,7 @@ def _key(dtype=torch.bfloat16, head_dim=128, block_size=128, device="cuda"):
 def test_hub_executor_with_the_loaded_variant(loaded):
     from stem_backends.hub import HubExecutor
 
-    _, cc = loaded
+    _, set_cc = loaded
     ex = HubExecutor()
     assert ex.unavailable_reason(torch.device("cuda")) is None
     assert "loaded build: " + _variant_here()[0] in ex.description
@@ -659,7 +677,7 @@ def test_hub_executor_with_the_loaded_variant(loaded):
     assert "sm80 path" in ex.auto_skip_reason(_key(block_size=64))
     assert "sm80 path" in ex.auto_skip_reason(_key(head_dim=256))
     assert "head dim 96" in ex.auto_skip_reason(_key(head_dim=96))
-    cc["value"] = (8, 9)
+    set_cc((8, 9))
     ex2 = HubExecutor()
     assert ex2.supports(_key()) is None and "sm80 path" in ex2.auto_skip_reason(_key())
     assert not hasattr(HubExecutor, "unsupported_reason")

@@ -43,14 +43,24 @@ def _kernel_path(dtype_code: int, head_dim: int, block_size: int, cc: tuple[int,
     return path, "" if path else str(ops.kernel_path_reason(dtype_code, head_dim, block_size, cc[0], cc[1], sm))
 
 
+_CAPABILITY: dict[int, tuple[int, int]] = {}  # CUDA device index -> compute capability
+
+
+def _capability(index: int) -> tuple[int, int]:
+    cc = _CAPABILITY.get(index)
+    if cc is None:
+        cc = _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return cc
+
+
 def _resolve(dtype: torch.dtype, head_dim: int, block_size: int, device, kernel: str) -> tuple[int, str]:
     """(kernel path 90 / 80, "") or (0, why not), from the kernel_path op."""
     sm = _sm_code(kernel)
     device = torch.device("cuda") if device is None else torch.device(device)
     if device.type != "cuda":
         return 0, f"runs on CUDA devices, not {device.type}"
-    cc = tuple(torch.cuda.get_device_capability(device))
-    return _kernel_path(_DTYPE_CODES.get(dtype, -1), int(head_dim), int(block_size), cc, sm)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _kernel_path(_DTYPE_CODES.get(dtype, -1), int(head_dim), int(block_size), _capability(index), sm)
 
 
 def supports(dtype: torch.dtype, head_dim: int, block_size: int, device=None, kernel: str = "auto") -> str | None:
@@ -92,7 +102,8 @@ def _check(q, k, v, kv_counts, kv_indices, block_size, kernel: str) -> None:
             raise ValueError(f"{name} must be a CUDA tensor, got {t.device}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError("q, k, v must share one dtype")
-    path, why = _resolve(q.dtype, q.shape[-1], int(block_size), q.device, kernel)
+    path, why = _kernel_path(_DTYPE_CODES.get(q.dtype, -1), q.shape[-1], int(block_size),
+                             _capability(q.get_device()), _sm_code(kernel))
     if not path:
         raise ValueError(f"stem_attention.block_sparse_attn_fwd: {why} (q is {q.dtype})")
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
