@@ -11,7 +11,7 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-KERNEL_DIR = Path(__file__).resolve().parent / "stem-attention"
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "hub_kernels" / "stem-attention"
 REPO_ID = "stem-attention/stem-attention"
 
 
