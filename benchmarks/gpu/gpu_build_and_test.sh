@@ -11,7 +11,7 @@
 # executor vs dense cuDNN SDPA) -> a short table last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/stem_hub_out}
+OUT=${OUT:-out/hub}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/hub_log.txt"
@@ -40,7 +40,7 @@ echo "build seconds: $(( $(date +%s) - t0 ))" | tee -a "$LOG"
 
 step "tests: the kernel (both kernels via kernel=), the hub executor"
 timeout ${TEST_TIMEOUT:-360} python3 -m pytest -q -p no:cacheprovider --maxfail=10 hub_kernels/stem-attention/tests \
-  hub_kernels/test_hub_executor_gpu.py 2>&1 | tee "$OUT/hub_pytest.txt" | tail -15
+  tests/test_gpu_hub_executor.py 2>&1 | tee "$OUT/hub_pytest.txt" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 grep -E "passed|failed" "$OUT/hub_pytest.txt" | tail -1 >> "$LOG"
 

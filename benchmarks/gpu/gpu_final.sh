@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu/gpu_final.sh        (it changes to the repository root itself)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/stem_hub_out}; mkdir -p "$OUT"
+OUT=${OUT:-out/hub}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 echo "=== stem info / bench with the hub kernel"

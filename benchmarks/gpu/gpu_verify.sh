@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu/gpu_verify.sh       (it changes to the repository root itself; carry .whl/)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/stem_hub_out}; mkdir -p "$OUT"
+OUT=${OUT:-out/hub}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 python3 hub_kernels/build.py --jobs 16 2>&1 | grep -E "built|rror" || exit 1
 export LOCAL_KERNELS=stem-attention/stem-attention=$PWD/hub_kernels/stem-attention
 python3 -m pytest -q -p no:cacheprovider hub_kernels/stem-attention/tests -k "graph or crashing or long_walk or strided or compile" 2>&1 | tail -4
-python3 -m pytest -q -p no:cacheprovider hub_kernels/test_hub_executor_gpu.py 2>&1 | tail -3
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu_hub_executor.py 2>&1 | tail -3
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_triton.py -k "dispatch" 2>&1 | tail -3
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_transformers.py 2>&1 | tail -3
 timeout 200 python3 -m benchmarks.prefill --out "$OUT" --lengths 32768 65536 131072 --layers 4 --no-progress 2>&1 | tail -10
