@@ -43,7 +43,7 @@ def _info(args) -> int:
     cfg = stem.StemConfig()
     n_dense = stem.budget._DENSE_BELOW
     print(f"\nauto decisions (default config, block_size={cfg.block_size}):")
-    print(f"  plans are dense (-> sdpa) below {n_dense} blocks ({n_dense * cfg.block_size} tokens)")
+    print(f"  plans are dense (-> sdpa) below {n_dense} blocks (up to {(n_dense - 1) * cfg.block_size} tokens)")
     n = n_dense
     while auto_dense_reason("cuda", n * cfg.block_size, n * cfg.block_size, cfg) is not None:
         n += 1
