@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from stem.dispatch import Executor
+from stem.dispatch import Executor, clear_cache
 
 __all__ = ["HubExecutor", "DEFAULT_REPO", "REPO_ENV", "TRUST_ENV"]
 
@@ -80,7 +80,6 @@ class HubExecutor(Executor):
         self._loaded_repo: str | None = None
         self._lock = threading.Lock()  # taken only while the kernel loads
         self._device_reasons: dict[torch.device, str | None] = {}
-        self._key_answers: dict[tuple, str | None] = {}
 
     @property
     def repo(self) -> str:
@@ -108,13 +107,13 @@ class HubExecutor(Executor):
             return self._loaded
 
     def reset(self) -> None:
-        """Forget the loaded kernel and cached answers: the next use reads the environment and
-        loads again (the kernel's compiled library stays loaded in the process)."""
+        """Forget the loaded kernel and the dispatch decisions made with it: the next use reads the
+        environment and loads again (the kernel's compiled library stays loaded in the process)."""
         with self._lock:
             self._loaded = None
             self._loaded_repo = None
             self._device_reasons = {}
-            self._key_answers = {}
+        clear_cache()
 
     def _load_uncached(self):
         repo = self._repo or os.environ.get(REPO_ENV) or DEFAULT_REPO
@@ -162,28 +161,17 @@ class HubExecutor(Executor):
         return reason
 
     def supports(self, key) -> str | None:
-        """None when the loaded kernel runs ``key`` (a ``stem.dispatch.DispatchKey``); else why not."""
-        answer_key = ("supports", key)
-        try:
-            return self._key_answers[answer_key]
-        except KeyError:
-            pass
+        """None when the loaded kernel runs ``key`` (a ``stem.dispatch.DispatchKey``); else why not.
+        (Asked once per key: stem.dispatch caches the decision.)"""
         mod, reason = self.load()
         if mod is None:
             return reason
         why = mod.supports(key.dtype, key.head_dim, key.block_size, key.device)
-        answer = None if why is None else f"{why} (hub kernel)"
-        self._key_answers[answer_key] = answer
-        return answer
+        return None if why is None else f"{why} (hub kernel)"
 
     def auto_skip_reason(self, key) -> str | None:
         """Why ``backend="auto"`` passes over the hub for ``key``: the kernel would run its sm80
         path there, which is slower than the triton executor."""
-        answer_key = ("auto_skip", key)
-        try:
-            return self._key_answers[answer_key]
-        except KeyError:
-            pass
         mod, reason = self.load()
         if mod is None:
             return reason
@@ -195,7 +183,6 @@ class HubExecutor(Executor):
             answer = None if kernel == "sm90" else (
                 f"the hub kernel would run its {kernel} path here (its sm90 path needs compute capability 9.0, "
                 "head dim 64 or 128 and 128- or 256-token blocks), which is slower than triton")
-        self._key_answers[answer_key] = answer
         return answer
 
     def forward(self, q, k, v, plan, scale, return_lse):
