@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from stem.bench import time_ms
+from stem.bench import random_qkv, time_ms
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL_DIR = ROOT / "hub_kernels" / "stem-attention"
@@ -65,10 +65,7 @@ def main(argv=None) -> int:
     scale = 1 / math.sqrt(D)
     rows = []
     for L in args.lengths:
-        g = torch.Generator(device="cuda").manual_seed(L)
-        q = torch.randn(B, Hq, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        q, k, v = random_qkv(B, Hq, Hkv, L, D, dtype=torch.bfloat16, device="cuda", seed=L)
         plan = stem.plan(q, k, v, StemConfig())
         pairs = selected_pairs(plan)
         sparse_flop = 4.0 * D * pairs
