@@ -19,7 +19,8 @@ def reference_attention(q, k, v, plan, scale: float, return_lse: bool = False):
     """out (B, Hq, Lq, D) in q.dtype and, if asked, lse float32/float64 (B, Hq, Lq).
 
     For each query block, gathers only its selected key blocks (so the work scales with the
-    plan's density) and runs a plain masked softmax over them.
+    plan's density) and runs a plain masked softmax over them. A query block with no selected
+    block (``kv_counts == 0``) gets output 0 and log-sum-exp -inf.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -41,8 +42,8 @@ def reference_attention(q, k, v, plan, scale: float, return_lse: bool = False):
         a0 = (qbo + i) * bs  # absolute start of this block
         r0, r1 = max(a0, off) - off, min(a0 + bs, off + Lq) - off  # its query rows
         w = min(slots.numel(), qbo + i + 1)  # a row never holds more than its causal blocks
-        idx = plan.kv_indices[:, :, i, :w].long()  # (B, Hq, w)
         valid = slots[:w] < plan.kv_counts[:, :, i, None]  # (B, Hq, w)
+        idx = torch.where(valid, plan.kv_indices[:, :, i, :w].long(), 0)  # padding may hold anything
         kg = kb[bi, hi, idx].to(acc).flatten(2, 3)  # (B, Hq, w*bs, D): only the selected blocks
         vg = vb[bi, hi, idx].to(acc).flatten(2, 3)
         s = torch.matmul(q[:, :, r0:r1].to(acc), kg.transpose(-1, -2)).mul_(scale)  # (B, Hq, rows, w*bs)
@@ -52,11 +53,12 @@ def reference_attention(q, k, v, plan, scale: float, return_lse: bool = False):
         allowed = kvalid[:, :, None, :] & (kpos[:, :, None, :] <= qpos[None, None, :, None])
         s.masked_fill_(~allowed, float("-inf"))
         m = s.amax(-1, keepdim=True)
+        m = torch.where(m == float("-inf"), 0.0, m)  # a row with no kept block: no key at all
         p = s.sub_(m).exp_()
         l = p.sum(-1, keepdim=True)
-        o = torch.matmul(p, vg).div_(l)
+        o = torch.matmul(p, vg).div_(torch.where(l == 0, 1.0, l))  # such a row's output is 0 ...
         out[:, :, r0:r1] = o.to(q.dtype)
-        if lse is not None:
+        if lse is not None:  # ... and its log-sum-exp -inf, as in the CUDA executors
             lse[:, :, r0:r1] = (m + torch.log(l)).squeeze(-1)
     return out, lse
 

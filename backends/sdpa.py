@@ -6,6 +6,7 @@ and dense layers are never slower than dense attention.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -23,14 +24,19 @@ class DenseSDPAExecutor(Executor):
     priority = 100  # above every sparse executor: for a dense plan nothing beats the dense kernel
     device_types = ("cpu", "cuda")
     description = "torch SDPA for plans that keep every causal block (dense layers, short inputs)"
-    returns_lse = False
+    returns_lse = True  # on CPU (see supports)
+    differentiable = True
 
     def supports(self, key):
         if not key.dense:
             return "plan is sparse (sdpa serves dense plans only)"
+        if key.need_lse and key.device.type != "cpu":
+            return "dense SDPA returns no log-sum-exp on CUDA (the sparse executors run dense plans with it)"
         return None
 
     def forward(self, q, k, v, plan, scale, return_lse):
+        if return_lse:
+            return _forward_with_lse_cpu(q, k, v, plan, scale)
         if q.is_cuda:
             # cuDNN first: on H200 (torch 2.11) the default order ran an 8K causal prefill in 1.40 ms
             # against cuDNN's 1.04 ms.
@@ -54,3 +60,23 @@ class DenseSDPAExecutor(Executor):
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
+
+
+def _forward_with_lse_cpu(q, k, v, plan, scale):
+    """Dense causal attention with its natural-log LSE on CPU, in one fused kernel
+    (``aten._scaled_dot_product_flash_attention_for_cpu``): out (B, Hq, Lq, D), lse (B, Hq, Lq)
+    float32 (float64 for float64 inputs)."""
+    Lq = q.shape[2]
+    end = plan.q_offset + Lq  # keys after the last query are never seen
+    k, v = k[:, :, :end], v[:, :, :end]
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    mask = None
+    if end != Lq:  # queries are the last Lq of `end` keys: bottom-right causal mask
+        allowed = torch.ones(Lq, end, dtype=torch.bool, device=q.device).tril(end - Lq)
+        mask = torch.zeros(Lq, end, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
+    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+

@@ -12,7 +12,7 @@ from .config import StemConfig
 from .dispatch import DispatchKey, resolve
 from .plan import BlockPlan
 from .planner import dense_plan, plan_validated
-from .validation import on_device, validate_plan, validate_qkv
+from .validation import on_device, validate_plan, validate_qkv, validate_scalars
 
 __all__ = ["attention"]
 
@@ -64,11 +64,14 @@ def attention(
         q: (B, Hq, Lq, D) queries; the last Lq of the Lk positions (Lq == Lk: prefill;
             Lq < Lk: chunked prefill). float16, bfloat16, float32 (float64 on CPU).
         k, v: (B, Hkv, Lk, D), same dtype and device; Hq % Hkv == 0 (GQA, K/V never repeated).
-        config: StemConfig (default: the paper's). Ignored when ``plan`` is given.
-        plan: a BlockPlan to execute instead of planning (e.g. from :func:`stem.plan`).
+        config: StemConfig (default: the paper's). With ``plan`` it must equal the plan's own
+            config (a plan runs as it was made); leave it out then.
+        plan: a BlockPlan to execute instead of planning (e.g. from :func:`stem.plan`); its
+            geometry must match the call (lengths, heads, device and ``q_offset``), else
+            ValueError naming both values.
         backend: "auto" (dense plans -> "sdpa"; CPU -> "reference"; CUDA -> the fastest usable
             executor), or an executor name ("reference", "triton", "hub", ...; see ``stem info``).
-        scale: softmax scale, default 1/sqrt(D).
+        scale: softmax scale, a finite number > 0; default 1/sqrt(D).
         return_plan: also return the BlockPlan.
         return_lse: also return the float32 log-sum-exp (B, Hq, Lq) of each row (natural log).
         q_offset: absolute position of query 0 (default Lk - Lq). Context parallelism uses it to
@@ -76,17 +79,40 @@ def attention(
 
     Returns:
         out (B, Hq, Lq, D) in q's dtype; ``(out, plan)``, ``(out, lse)`` or ``(out, lse, plan)``
-        as requested.
+        as requested. Empty inputs (B, Hq or Lq = 0) give empty outputs, as SDPA does.
+
+    Forward only: the sparse executors have no backward, so inputs that require grad (with grad
+    mode on) raise unless the plan is dense (dense SDPA, differentiable). For training, use
+    ``torch.nn.functional.scaled_dot_product_attention`` or FlexAttention with
+    ``plan.to_flex_block_mask()``.
     """
-    validate_qkv(q, k, v, config=config, q_offset=q_offset)
+    validate_qkv(q, k, v, config=config, q_offset=q_offset, allow_empty=True)
+    scale = validate_scalars(scale, return_lse, return_plan, backend)
+    if plan is not None:
+        if not isinstance(plan, BlockPlan):
+            raise TypeError(f"plan must be a stem.BlockPlan, got {type(plan).__name__}")
+        if config is not None and config != plan.config:
+            raise ValueError(f"config= and plan= disagree: the plan was made with {plan.config}, config= is {config}; "
+                             "a plan runs as it was made, so pass only plan=")
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:
+        return _empty(q, return_lse, return_plan)
     with on_device(q):
         return _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset)
 
 
+def _empty(q, return_lse, return_plan):
+    if return_plan:
+        raise ValueError(f"empty input (q shape {tuple(q.shape)}): there is no plan to return; call without "
+                         "return_plan=True")
+    out = q.new_empty(q.shape)
+    if not return_lse:
+        return out
+    return out, torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                            device=q.device)
+
+
 def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset):
     global _last
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     dense_why = None
     config = StemConfig() if config is None else config
     if plan is None and backend == "auto":
@@ -97,20 +123,24 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
     if plan is None:
         plan = plan_validated(q, k, v, config, q_offset=q_offset)
     else:
-        if not isinstance(plan, BlockPlan):
-            raise TypeError(f"plan must be a stem.BlockPlan, got {type(plan).__name__}")
         validate_plan(plan, q, k, q_offset)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     ex, why = resolve(backend, DispatchKey.of(q, plan, return_lse))
+    if not ex.differentiable and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError(
+            f"stem.attention is forward-only (inference prefill): the {ex.name!r} executor has no backward and "
+            "q/k/v require grad. Run it under torch.no_grad() or torch.inference_mode(); to train, use dense "
+            "torch.nn.functional.scaled_dot_product_attention or FlexAttention with plan.to_flex_block_mask()"
+        )
     if dense_why is not None:
         why = f"{why}: {dense_why}"
         if why not in _warned:
             # never switch to dense silently: a quality measurement must know it measured dense
             _warned.add(why)
-            log.warning("stem: %s; pass backend='triton' (or StemConfig(auto_dense_above=2)) to run the "
+            log.warning("%s; pass backend='triton' (or StemConfig(auto_dense_above=2)) to run the "
                         "Stem plan instead", why)
     elif _last != why:
-        log.info("stem: %s", why)
+        log.info("%s", why)
     _last = why
     out, lse = ex.forward(q, k, v, plan, scale, return_lse)
     result = (out,)

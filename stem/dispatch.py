@@ -52,6 +52,8 @@ class Executor:
     ``priority``: higher wins in ``backend="auto"`` among executors that can run a key.
     ``device_types``: torch device types the executor runs on.
     ``returns_lse``: whether ``forward`` can return the log-sum-exp.
+    ``differentiable``: whether autograd can differentiate ``forward`` (``stem.attention``
+    refuses inputs that require grad otherwise).
     """
 
     name: str = "?"
@@ -59,6 +61,7 @@ class Executor:
     device_types: tuple[str, ...] = ("cpu", "cuda")
     description: str = ""
     returns_lse: bool = True
+    differentiable: bool = False
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when usable on ``device``; else why not and how to fix it."""
@@ -157,7 +160,7 @@ def _load() -> None:
             register_executor(ex, replace=True)
         except Exception as e:  # surfaced by `stem info` and by explicit requests
             _LOAD_ERRORS[ep.name] = f"{type(e).__name__}: {e}"
-            log.debug("stem: executor plugin %r failed to load: %s", ep.name, e)
+            log.debug("executor plugin %r failed to load: %s", ep.name, e)
 
 
 def executors() -> dict[str, Executor]:

@@ -213,7 +213,7 @@ def _truncate_plan(p: BlockPlan, end: int) -> BlockPlan:
     """The same plan for K/V cut at token ``end`` (no selected block lies past the chunk's end)."""
     n_end = -(-end // p.block_size)
     idx = p.kv_indices[..., :n_end] if p.kv_indices.shape[-1] > n_end else p.kv_indices
-    return BlockPlan(p.kv_counts, idx, p.block_size, p.q_len, end, p.config, p.dense, p.q_offset)
+    return BlockPlan(p.kv_counts, idx, p.block_size, p.q_len, end, p.config, p.dense, p.q_offset, _trusted=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import operator
+from dataclasses import InitVar, dataclass
 
 import torch
 
@@ -46,6 +48,14 @@ class BlockPlan:
         config: the StemConfig that made the plan (None for hand-made plans).
         dense: True when the plan is known to keep every causal block (a dense layer or a
             budget that covers everything); executors may then take a dense path.
+
+    A query block whose count is 0 attends to nothing: its output rows are 0 and their
+    log-sum-exp is -inf (every executor agrees). The planner never makes such a row.
+
+    Checked on construction: shapes, dtypes and geometry always; the contents (``0 <= count <=
+    W``, indices in ``[0, nK)``, causal for the plan's ``q_offset``, strictly ascending) with
+    :meth:`check`, one host-device synchronisation, skipped for the planner's own plans.
+    ``stem.attention`` checks again only if the index tensors were modified in place since.
     """
 
     kv_counts: torch.Tensor
@@ -56,10 +66,27 @@ class BlockPlan:
     config: StemConfig | None = None
     dense: bool = False
     q_offset: int | None = None
+    _trusted: InitVar[bool] = False  # the planner's own plans: contents valid by construction
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, _trusted: bool = False) -> None:
+        for name in ("block_size", "q_len", "kv_len") + (("q_offset",) if self.q_offset is not None else ()):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int):
+                try:
+                    val = operator.index(val)  # numpy / torch integer scalars
+                except TypeError:
+                    raise TypeError(f"BlockPlan.{name} must be an int, got {type(val).__name__} ({val!r})") from None
+                setattr(self, name, int(val))
         if self.q_offset is None:
             self.q_offset = self.kv_len - self.q_len
+        if not isinstance(self.kv_counts, torch.Tensor) or not isinstance(self.kv_indices, torch.Tensor):
+            raise TypeError("BlockPlan.kv_counts and kv_indices must be torch tensors")
+        if self.block_size < 1:
+            raise ValueError(f"BlockPlan.block_size must be >= 1, got {self.block_size}")
+        if not isinstance(self.dense, bool):
+            raise TypeError(f"BlockPlan.dense must be a bool, got {self.dense!r}")
+        if self.config is not None and not isinstance(self.config, StemConfig):
+            raise TypeError(f"BlockPlan.config must be a stem.StemConfig or None, got {type(self.config).__name__}")
         if self.kv_counts.dtype != torch.int32 or self.kv_indices.dtype != torch.int32:
             raise TypeError("BlockPlan.kv_counts and kv_indices must be int32 tensors")
         if self.kv_counts.dim() != 3 or self.kv_indices.dim() != 4:
@@ -67,8 +94,14 @@ class BlockPlan:
                 f"BlockPlan expects kv_counts (B, Hq, nQ) and kv_indices (B, Hq, nQ, W), got "
                 f"{tuple(self.kv_counts.shape)} and {tuple(self.kv_indices.shape)}"
             )
-        if tuple(self.kv_indices.shape[:3]) != tuple(self.kv_counts.shape):
-            raise ValueError("BlockPlan.kv_indices leading dims must equal kv_counts' shape")
+        if tuple(self.kv_indices.shape[:3]) != tuple(self.kv_counts.shape) or self.kv_indices.shape[3] < 1:
+            raise ValueError(
+                f"BlockPlan.kv_indices must be (B, Hq, nQ, W >= 1) with (B, Hq, nQ) = kv_counts' shape "
+                f"{tuple(self.kv_counts.shape)}, got {tuple(self.kv_indices.shape)}"
+            )
+        if self.kv_counts.device != self.kv_indices.device:
+            raise ValueError(f"BlockPlan.kv_counts is on {self.kv_counts.device} but kv_indices on "
+                             f"{self.kv_indices.device}; move both with .to(device)")
         if not (0 < self.q_len and 0 <= self.q_offset and self.q_offset + self.q_len <= self.kv_len):
             raise ValueError(
                 f"BlockPlan needs 0 < q_len and q_offset + q_len <= kv_len, got q_len={self.q_len}, "
@@ -79,6 +112,72 @@ class BlockPlan:
                 f"BlockPlan has {self.kv_counts.shape[2]} query blocks but q_len={self.q_len}, "
                 f"kv_len={self.kv_len}, block_size={self.block_size} need {self.num_q_blocks}"
             )
+        self._checked: tuple | None = None
+        if _trusted:
+            self._checked = self._versions()
+        else:
+            self.check()
+
+    # ---- content checks -------------------------------------------------------------------
+    def _versions(self) -> tuple:
+        c, i = self.kv_counts, self.kv_indices
+        return (c.data_ptr(), c._version, i.data_ptr(), i._version)
+
+    def check(self) -> None:
+        """Raise ValueError naming the first malformed entry, else mark the contents checked.
+
+        Checks ``0 <= kv_counts <= W`` and, in the first ``kv_counts`` slots of each row, indices
+        in ``[0, nK)``, causal (at most the row's diagonal block, absolute block
+        ``q_block_offset + i``) and strictly ascending. One host-device synchronisation.
+        """
+        problem = self._problem()
+        if problem is not None:
+            raise ValueError(f"malformed BlockPlan: {problem}; build plans with stem.plan or "
+                             f"BlockPlan.from_dense_mask, or fix the tensors")
+        self._checked = self._versions()
+
+    def ensure_checked(self) -> None:
+        """:meth:`check`, unless the contents were checked (or made by the planner) and the index
+        tensors have not been modified in place since (no synchronisation in that case)."""
+        if self._checked != self._versions():
+            self.check()
+
+    def _problem(self) -> str | None:
+        counts, idx = self.kv_counts, self.kv_indices
+        if counts.numel() == 0:
+            return None
+        dev, W, nK = counts.device, idx.shape[-1], self.num_kv_blocks
+        valid = torch.arange(W, device=dev) < counts.unsqueeze(-1)
+        diag = (torch.arange(self.num_q_blocks, device=dev) + self.q_block_offset).view(1, 1, -1, 1)
+        bad = [
+            (counts < 0) | (counts > W),
+            valid & (idx < 0),
+            valid & (idx >= nK),
+            valid & (idx < nK) & (idx > diag),
+            torch.nn.functional.pad(valid[..., 1:] & (idx[..., 1:] <= idx[..., :-1]), (1, 0)),
+        ]
+        flags = torch.stack([b.any() for b in bad]).tolist()  # the check's one host sync
+        if not any(flags):
+            return None
+        kind = flags.index(True)
+        where = tuple(int(x) for x in bad[kind].nonzero()[0].tolist())  # error path only
+        if kind == 0:
+            at = ", ".join(map(str, where))
+            return f"kv_counts[{at}] = {int(counts[where])} is outside [0, W={W}] (W = kv_indices.shape[-1])"
+        val = int(idx[where])
+        at = f"kv_indices[{', '.join(map(str, where))}] = {val}"
+        if kind == 1:
+            return f"{at} is negative"
+        if kind == 2:
+            return (f"{at} is out of range: the plan has {nK} key blocks (kv_len={self.kv_len}, "
+                    f"block_size={self.block_size})")
+        if kind == 3:
+            d = where[2] + self.q_block_offset
+            return (f"{at} is not causal: query block {where[2]} is absolute block {d} (q_offset={self.q_offset}), "
+                    f"so its key blocks must be <= {d}")
+        row = idx[where[:3]][: int(counts[where[:3]])].tolist()
+        at = ", ".join(map(str, where[:3]))
+        return f"kv_indices[{at}] is not strictly ascending in its first {len(row)} slots: {row[:12]}"
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -201,17 +300,20 @@ class BlockPlan:
         indices = torch.where(
             torch.arange(width, device=mask.device) < counts.unsqueeze(-1), order[..., :width], 0
         ).to(torch.int32)
-        return cls(counts, indices.contiguous(), block_size, q_len, kv_len, config, dense, q_offset)
+        return cls(counts, indices.contiguous(), block_size, q_len, kv_len, config, dense, q_offset, _trusted=True)
 
     def to(self, device: torch.device | str) -> BlockPlan:
+        """The same plan with its tensors on ``device`` (checked if this one is)."""
         return BlockPlan(
             self.kv_counts.to(device), self.kv_indices.to(device), self.block_size,
             self.q_len, self.kv_len, self.config, self.dense, self.q_offset,
+            _trusted=self._checked == self._versions(),
         )
 
     # ---- persistence ----------------------------------------------------------------------
     def save(self, path: str) -> None:
-        """Write the plan to a safetensors file (geometry and config in the metadata)."""
+        """Write the plan to a safetensors file (geometry, config and a sha256 of the whole in the
+        metadata, so that :meth:`load` notices an edited or corrupted file)."""
         from safetensors.torch import save_file
 
         meta = {
@@ -224,53 +326,85 @@ class BlockPlan:
             "config": self.config.to_json() if self.config is not None else "null",
         }
         tensors = {"kv_counts": self.kv_counts.contiguous().cpu(), "kv_indices": self.kv_indices.contiguous().cpu()}
+        meta["sha256"] = _digest(meta, tensors)
         save_file(tensors, path, metadata=meta)
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> BlockPlan:
-        """Read a plan written by :meth:`save`."""
+        """Read a plan written by :meth:`save`; every error names the file."""
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "stem.BlockPlan/1":
-                raise ValueError(f"{path} is not a stem BlockPlan file (format={meta.get('format')!r})")
-            counts, indices = f.get_tensor("kv_counts"), f.get_tensor("kv_indices")
-        cfg_json = meta.get("config", "null")
-        config = None if cfg_json == "null" else StemConfig.from_json(cfg_json)
-        return cls(
-            counts.to(device), indices.to(device), int(meta["block_size"]), int(meta["q_len"]),
-            int(meta["kv_len"]), config, json.loads(meta.get("dense", "false")), int(meta["q_offset"]),
-        )
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "stem.BlockPlan/1":
+                    raise ValueError(f"not a stem BlockPlan file (format={meta.get('format')!r})")
+                missing = {"kv_counts", "kv_indices"} - set(f.keys())
+                if missing:
+                    raise ValueError(f"missing tensors {sorted(missing)}")
+                tensors = {name: f.get_tensor(name) for name in ("kv_counts", "kv_indices")}
+            unsummed = {key: val for key, val in meta.items() if key != "sha256"}
+            if "sha256" in meta and meta["sha256"] != _digest(unsummed, tensors):
+                raise ValueError("its contents do not match the sha256 that BlockPlan.save wrote (the file was "
+                                 "edited or corrupted); re-plan and save again")
+            cfg_json = meta.get("config", "null")
+            config = None if cfg_json == "null" else StemConfig.from_json(cfg_json)
+            return cls(
+                tensors["kv_counts"].to(device), tensors["kv_indices"].to(device), int(meta["block_size"]),
+                int(meta["q_len"]), int(meta["kv_len"]), config, json.loads(meta.get("dense", "false")),
+                int(meta["q_offset"]),
+            )
+        except FileNotFoundError:
+            raise FileNotFoundError(f"BlockPlan.load: no such file: {path}") from None
+        except Exception as e:  # safetensors' own errors, bad metadata, malformed contents
+            raise ValueError(f"BlockPlan.load({path!r}): {type(e).__name__}: {e}") from e
 
     # ---- display --------------------------------------------------------------------------
     def plot(self, path: str, *, batch: int = 0, heads: list[int] | None = None, max_heads: int = 8) -> str:
-        """Write a PNG heatmap of the block mask (one panel per head). Needs matplotlib."""
-        try:
-            import matplotlib
+        """Write a PNG heatmap of the block mask (one panel per head) and return ``path``.
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+        Three colours: blocks the plan keeps, causal blocks it skips, and non-causal blocks (after
+        the query block, never computed); a legend under the panels says which is which. The
+        y axis shows absolute query blocks. Needs matplotlib; does not touch pyplot's state.
+        """
+        try:
+            from matplotlib.colors import BoundaryNorm, ListedColormap
+            from matplotlib.figure import Figure
+            from matplotlib.patches import Patch
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("BlockPlan.plot needs matplotlib: pip install 'stem-attention[plot]'") from e
         mask = self.to_dense_mask()[batch].cpu()
+        nQ, nK, qbo = self.num_q_blocks, self.num_kv_blocks, self.q_block_offset
+        causal = torch.arange(nK)[None, :] <= (torch.arange(nQ) + qbo)[:, None]  # (nQ, nK)
         heads = list(range(min(self.num_heads, max_heads))) if heads is None else heads
+        names = ("not causal", "skipped (causal, not selected)", "kept")
+        colours = ("#ffffff", "#f2c894", "#1b3a6b")
+        cmap = ListedColormap(colours)
+        norm = BoundaryNorm([-0.5, 0.5, 1.5, 2.5], cmap.N)
         cols = min(4, len(heads))
         rows = -(-len(heads) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+        legend_in = 0.45  # inches under the panels for the legend
+        fig = Figure(figsize=(3.2 * cols, 3.2 * rows + legend_in))
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
+        n_causal = float(causal.sum())
         for ax, h in zip(axes.flat, heads):
-            ax.imshow(mask[h].numpy(), cmap="Greys", interpolation="nearest", aspect="auto")
-            d = float(mask[h].sum()) / float(self.causal_blocks_per_row().sum())
-            ax.set_title(f"head {h}: density {d:.2f}", fontsize=9)
+            code = causal.to(torch.int64) + (mask[h] & causal).to(torch.int64)  # 0, 1 or 2
+            ax.imshow(code.numpy(), cmap=cmap, norm=norm, interpolation="nearest", aspect="auto",
+                      extent=(-0.5, nK - 0.5, qbo + nQ - 0.5, qbo - 0.5))
+            ax.set_title(f"head {h}: density {float(mask[h].sum()) / n_causal:.2f}", fontsize=9)
             ax.set_xlabel("key block")
             ax.set_ylabel("query block")
             ax.axis("on")
-        fig.suptitle(f"Stem plan: Lq={self.q_len} Lk={self.kv_len} block={self.block_size}")
-        fig.tight_layout()
+            for side in ax.spines.values():
+                side.set_color("#888888")
+        fig.suptitle(f"Stem plan: Lq={self.q_len} Lk={self.kv_len} block={self.block_size}, "
+                     f"density {self.density:.2f}")
+        handles = [Patch(facecolor=c, edgecolor="#888888", label=n) for c, n in zip(colours[::-1], names[::-1])]
+        fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9)
+        fig.tight_layout(rect=(0, legend_in / (3.2 * rows + legend_in), 1, 1))
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         return path
 
     def __repr__(self) -> str:
@@ -283,3 +417,14 @@ class BlockPlan:
             f"block_size={self.block_size}, q_blocks={nQ}, kv_blocks={self.num_kv_blocks}, "
             f"width={W}, dense={self.dense}, device={self.device}, config=({cfg}))"
         )
+
+
+def _digest(meta: dict, tensors: dict) -> str:
+    """sha256 over the metadata (sorted) and the tensors' dtypes, shapes and bytes."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+

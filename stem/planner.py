@@ -100,7 +100,7 @@ def poolings() -> dict[str, tuple[PoolFn, tuple[str, ...]]]:
             try:  # an entry point names a callable that registers its kernels through register_pooling
                 (loader.load() if hasattr(loader, "load") else loader)()
             except Exception as e:  # a broken plugin must not break planning on other paths
-                log.warning("stem: planner plugin %r failed to load (%s); using the torch planner", name, e)
+                log.warning("planner plugin %r failed to load (%s); using the torch planner", name, e)
     return _POOLINGS
 
 
@@ -280,7 +280,8 @@ def dense_plan(
     counts = (rows + 1).to(torch.int32).expand(batch, heads, nQ).contiguous()
     idx = torch.where(cols[None, :] <= rows[:, None], cols[None, :], 0).to(torch.int32)
     indices = idx.expand(batch, heads, nQ, nK).contiguous()
-    return BlockPlan(counts, indices, block_size, q_len, kv_len, config, dense=True, q_offset=q_offset)
+    return BlockPlan(counts, indices, block_size, q_len, kv_len, config, dense=True, q_offset=q_offset,
+                     _trusted=True)
 
 
 def plan(
@@ -318,7 +319,8 @@ def plan_from_stats(stats: PooledStats, config: StemConfig, q_len: int, q_offset
     """Select blocks from pooled statistics: the plan for ``q_len`` queries at absolute
     ``q_offset`` against ``stats.kv_len`` keys, with budgets for a sequence of ``n_total`` blocks."""
     counts, indices = select_blocks(logits_from_stats(stats, config), config, stats.q_block_offset, n_total)
-    return BlockPlan(counts, indices, config.block_size, q_len, stats.kv_len, config, dense=False, q_offset=q_offset)
+    return BlockPlan(counts, indices, config.block_size, q_len, stats.kv_len, config, dense=False, q_offset=q_offset,
+                     _trusted=True)
 
 
 def plan_validated(q, k, v, config: StemConfig, *, q_offset: int | None = None, pooling: str = "auto") -> BlockPlan:

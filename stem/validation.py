@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
+import operator
 
 import torch
 
 from .config import StemConfig
 
-__all__ = ["validate_qkv", "validate_plan", "on_device"]
+__all__ = ["validate_qkv", "validate_plan", "validate_scalars", "on_device"]
 
 
 def on_device(t: torch.Tensor):
@@ -22,9 +25,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def validate_qkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: StemConfig | None = None, q_offset: int | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: StemConfig | None = None, q_offset: int | None = None,
+    allow_empty: bool = False,
 ) -> None:
-    """Raise a ValueError/TypeError naming the problem and the fix for malformed q, k, v."""
+    """Raise a ValueError/TypeError naming the problem and the fix for malformed q, k, v.
+
+    With ``allow_empty``, inputs with no batch, no query heads or no queries pass (the caller
+    returns empty outputs, as SDPA does); otherwise they raise."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -47,22 +54,50 @@ def validate_qkv(
         raise ValueError(f"batch size mismatch: q has B={B}, k/v have B={Bk}")
     if Dk != D:
         raise ValueError(f"head dim mismatch: q has D={D}, k/v have D={Dk}")
-    if Hkv == 0 or Hq % Hkv:
+    if D == 0:
+        raise ValueError(f"head dim is 0: q has shape {tuple(q.shape)}")
+    if Hkv == 0:
+        raise ValueError(f"k and v have no heads (Hkv=0, shape {tuple(k.shape)}); they need at least one")
+    if Hq % Hkv:
         raise ValueError(
             f"query heads ({Hq}) must be a multiple of kv heads ({Hkv}) for GQA; "
             f"check num_attention_heads / num_key_value_heads"
         )
-    if Lq == 0 or D == 0 or B == 0:
-        raise ValueError(f"empty input: q shape {tuple(q.shape)}")
     if Lq > Lk:
         raise ValueError(
             f"q_len ({Lq}) > kv_len ({Lk}): queries must be the last Lq of the Lk key positions "
             f"(prefill Lq == Lk, chunked prefill Lq < Lk)"
         )
-    if q_offset is not None and not (0 <= q_offset <= Lk - Lq):
-        raise ValueError(f"q_offset ({q_offset}) must lie in [0, Lk - Lq] = [0, {Lk - Lq}]")
+    if q_offset is not None:
+        if isinstance(q_offset, bool) or not isinstance(q_offset, (int, numbers.Integral)):
+            try:
+                operator.index(q_offset)
+            except TypeError:
+                raise TypeError(f"q_offset must be an int, got {type(q_offset).__name__} ({q_offset!r})") from None
+        if not (0 <= q_offset <= Lk - Lq):
+            raise ValueError(f"q_offset ({q_offset}) must lie in [0, Lk - Lq] = [0, {Lk - Lq}]")
     if config is not None and not isinstance(config, StemConfig):
         raise TypeError(f"config must be a stem.StemConfig, got {type(config).__name__}")
+    if not allow_empty and B * Hq * Lq == 0:
+        raise ValueError(f"empty input: q has shape {tuple(q.shape)}; there is nothing to plan")
+
+
+def validate_scalars(scale, return_lse, return_plan, backend) -> float | None:
+    """Check the scalar arguments of ``stem.attention``; returns ``scale`` as a float (or None)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string such as 'auto' or 'triton', got {type(backend).__name__}")
+    for name, val in (("return_lse", return_lse), ("return_plan", return_plan)):
+        if not isinstance(val, bool):
+            raise TypeError(f"{name} must be True or False, got {val!r}")
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number (default 1/sqrt(head dim)), got {type(scale).__name__} "
+                        f"({scale!r})")
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and > 0 (default 1/sqrt(head dim)), got {scale}")
+    return scale
 
 
 def validate_plan(plan, q: torch.Tensor, k: torch.Tensor, q_offset: int | None = None) -> None:
@@ -73,9 +108,16 @@ def validate_plan(plan, q: torch.Tensor, k: torch.Tensor, q_offset: int | None =
         raise ValueError(f"plan is for q_len={plan.q_len}, kv_len={plan.kv_len} but q/k have {Lq}, {Lk}; re-plan")
     if q_offset is not None and q_offset != plan.q_offset:
         raise ValueError(f"plan is for q_offset={plan.q_offset} but q_offset={q_offset} was given; re-plan")
+    if q_offset is None and plan.q_offset != Lk - Lq:
+        raise ValueError(
+            f"plan is for q_offset={plan.q_offset}, but without q_offset= the queries are the last {Lq} of {Lk} "
+            f"positions (q_offset={Lk - Lq}); pass q_offset={plan.q_offset} to run the plan where it was made, "
+            f"or re-plan"
+        )
     if (plan.batch_size, plan.num_heads) != (B, Hq):
         raise ValueError(
             f"plan is for batch={plan.batch_size}, heads={plan.num_heads} but q has B={B}, Hq={Hq}; re-plan"
         )
     if plan.device != q.device:
         raise ValueError(f"plan is on {plan.device} but q is on {q.device}; use plan.to(q.device)")
+    plan.ensure_checked()

@@ -63,10 +63,16 @@ def test_lse_matches_float64(gen):
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
 
 
-def test_auto_picks_lse_capable_executor(gen):
-    q, k, v = rand_qkv(gen, 1, 2, 1, 64, 64, 16)
+@pytest.mark.parametrize("Lq,Lk", [(64, 64), (40, 100)])
+def test_dense_plan_with_lse_takes_the_fused_dense_path_on_cpu(gen, Lq, Lk):
+    q, k, v = rand_qkv(gen, 1, 4, 2, Lq, Lk, 16)
     out, lse = stem.attention(q, k, v, config=DENSE, return_lse=True)
-    assert lse is not None and "reference" in stem.last_dispatch()
+    assert stem.last_dispatch() == "auto -> sdpa"
+    s = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) / 4.0
+    s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool).triu(Lk - Lq + 1), float("-inf"))
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+    assert _rel(out, dense_causal_attention64(q, k, v)) < 1e-5
 
 
 def test_every_output_element_written(gen, monkeypatch):

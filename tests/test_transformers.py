@@ -358,5 +358,5 @@ def test_fallback_reason_logged_once_at_debug(caplog):
         with torch.no_grad():
             model.generate(ids(20), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     msgs = [r.getMessage() for r in caplog.records if r.name == "stem.integrations.transformers"]
-    assert msgs.count("stem: attention routed to sdpa:decode (q_len == 1)") == 1, msgs
+    assert msgs.count("attention routed to sdpa:decode (q_len == 1)") == 1, msgs
     assert all(r.levelname == "DEBUG" for r in caplog.records if r.name == "stem.integrations.transformers")

@@ -257,7 +257,7 @@ def _note(route: str) -> None:
     _COUNTS[route] += 1
     if route not in _LOGGED:
         _LOGGED.add(route)
-        log.debug("stem: attention routed to %s", route)
+        log.debug("attention routed to %s", route)
 
 
 def stem_attention_forward(
