@@ -377,33 +377,44 @@ class BlockPlan:
         nQ, nK, qbo = self.num_q_blocks, self.num_kv_blocks, self.q_block_offset
         causal = torch.arange(nK)[None, :] <= (torch.arange(nQ) + qbo)[:, None]  # (nQ, nK)
         heads = list(range(min(self.num_heads, max_heads))) if heads is None else heads
-        names = ("not causal", "skipped (causal, not selected)", "kept")
-        colours = ("#ffffff", "#f2c894", "#1b3a6b")
+        names = ("kept", "skipped (causal, not selected)", "not causal")
+        colours = ("#ffffff", "#f2c894", "#1b3a6b")  # code 0 (not causal), 1 (skipped), 2 (kept)
         cmap = ListedColormap(colours)
         norm = BoundaryNorm([-0.5, 0.5, 1.5, 2.5], cmap.N)
         cols = min(4, len(heads))
         rows = -(-len(heads) // cols)
-        legend_in = 0.45  # inches under the panels for the legend
-        fig = Figure(figsize=(3.2 * cols, 3.2 * rows + legend_in))
-        axes = fig.subplots(rows, cols, squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
+        # fixed margins in inches (no tight_layout: it costs more than drawing the panels)
+        left, right, top, bottom, wgap, hgap, panel = 0.75, 0.2, 0.8, 1.05, 0.35, 0.5, 2.6
+        width = left + right + cols * panel + (cols - 1) * wgap
+        if width < 6.5:  # room for the title and the legend: centre narrow grids
+            left, right, width = left + (6.5 - width) / 2, right + (6.5 - width) / 2, 6.5
+        height = top + bottom + rows * panel + (rows - 1) * hgap
+        fig = Figure(figsize=(width, height))
+        fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height,
+                            bottom=bottom / height, wspace=wgap / panel, hspace=hgap / panel)
+        axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
         n_causal = float(causal.sum())
-        for ax, h in zip(axes.flat, heads):
+        for i, ax in enumerate(axes.flat):
+            if i >= len(heads):
+                ax.set_visible(False)
+                continue
+            h = heads[i]
             code = causal.to(torch.int64) + (mask[h] & causal).to(torch.int64)  # 0, 1 or 2
             ax.imshow(code.numpy(), cmap=cmap, norm=norm, interpolation="nearest", aspect="auto",
                       extent=(-0.5, nK - 0.5, qbo + nQ - 0.5, qbo - 0.5))
             ax.set_title(f"head {h}: density {float(mask[h].sum()) / n_causal:.2f}", fontsize=9)
-            ax.set_xlabel("key block")
-            ax.set_ylabel("query block")
-            ax.axis("on")
+            if i // cols == rows - 1 or i + cols >= len(heads):
+                ax.set_xlabel("key block")
+                ax.xaxis.set_tick_params(labelbottom=True)
+            if i % cols == 0:
+                ax.set_ylabel("query block")
             for side in ax.spines.values():
                 side.set_color("#888888")
         fig.suptitle(f"Stem plan: Lq={self.q_len} Lk={self.kv_len} block={self.block_size}, "
-                     f"density {self.density:.2f}")
-        handles = [Patch(facecolor=c, edgecolor="#888888", label=n) for c, n in zip(colours[::-1], names[::-1])]
-        fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9)
-        fig.tight_layout(rect=(0, legend_in / (3.2 * rows + legend_in), 1, 1))
+                     f"density {self.density:.2f}", y=1 - 0.25 / height)
+        handles = [Patch(facecolor=c, edgecolor="#888888", label=n) for c, n in zip(colours[::-1], names)]
+        fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9,
+                   bbox_to_anchor=(0.5, 0.1 / height))
         fig.savefig(path, dpi=110)
         return path
 
