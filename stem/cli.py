@@ -377,7 +377,8 @@ def _bench(args) -> int:
 
 # ---- entry point --------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    """Run the command line; returns the exit status (2 for bad input, 130 after Ctrl-C)."""
+    """Run the command line; returns the exit status (2 for bad input, 130 after Ctrl-C, 141 when the
+    reader of stdout goes away)."""
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -387,6 +388,8 @@ def main(argv=None) -> int:
             args.check(args.parser, args)
         try:
             return args.fn(args) or 0
+        except BrokenPipeError:
+            raise
         except (ValueError, TypeError, RuntimeError, OSError, MemoryError) as e:
             if os.environ.get("STEM_TRACEBACK"):
                 raise
@@ -396,8 +399,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("stem: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `stem info | head -1`
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout must stay valid until exit
+    except BrokenPipeError:  # the reader went away, e.g. `stem info | head -1`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail
         return 141
 
 

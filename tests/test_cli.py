@@ -195,3 +195,22 @@ def test_every_option_has_help_and_shows_its_default():
     demo = subs["demo"].format_help()
     assert "(default: 8192 on CUDA, 4096 on the CPU)" in " ".join(demo.split())
     assert "(default: stem_demo/plan.png)" in " ".join(demo.split())
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX pipes")
+def test_closed_pipe_stops_quietly():
+    """`stem demo | head -1`: the reader goes away; stem stops without a traceback (status 141)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    p = subprocess.Popen([sys.executable, "-m", "stem", "demo", "--length", "2048", "--plot", ""], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout.readline().startswith("stem demo:")
+        p.stdout.close()
+        err = p.stderr.read()
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 141, (p.returncode, err)
+    assert err == "", err
