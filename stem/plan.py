@@ -121,7 +121,7 @@ class BlockPlan:
     # ---- content checks -------------------------------------------------------------------
     def _versions(self) -> tuple:
         c, i = self.kv_counts, self.kv_indices
-        return (c.data_ptr(), c._version, i.data_ptr(), i._version)
+        return (c.data_ptr(), _version(c), i.data_ptr(), _version(i))
 
     def check(self) -> None:
         """Raise ValueError naming the first malformed entry, else mark the contents checked.
@@ -438,4 +438,13 @@ def _digest(meta: dict, tensors: dict) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place modification counter (-1 for inference tensors, which keep none: an
+    in-place edit of those inside ``torch.inference_mode`` is not noticed)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
