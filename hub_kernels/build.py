@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +35,20 @@ KERNEL_DIR = HERE / "stem-attention"
 DEFAULT_REPO_ID = "stem-attention/stem-attention"
 
 __all__ = ["read_build_toml", "source_hash", "op_namespace", "arch_variant_name", "metadata", "write_metadata",
-           "build_cuda", "install_to_hf_cache", "main"]
+           "LINK_FLAGS", "cxx_runtime_linkage", "build_cuda", "install_to_hf_cache", "main"]
+
+# Link the C++ runtime as the shared object torch uses, by its soname. torch.utils.cpp_extension
+# compiles and links with $CXX; where that compiler finds libstdc++.a but no libstdc++.so to link
+# against (seen: an image whose CXX points at a relocated GCC 13.3 holding only the archive), g++
+# silently links libstdc++ statically. The extension then carries its own copy of libstdc++ beside
+# the process's shared one, and a TORCH_CHECK whose message formats a number (std::ostream) calls
+# into the wrong locale facet and kills the process instead of raising (benchmarks/NOTES.md, "Op
+# errors"). With the shared library found first, the implicit
+# -lstdc++ that g++ appends pulls nothing; where g++ links it shared anyway, this changes nothing.
+LINK_FLAGS = ["-l:libstdc++.so.6"]
+# Defined by a library that carries its own copy of libstdc++ (none is a template that an
+# extension instantiates itself).
+_LIBSTDCXX_SYMBOLS = ("__cxa_throw", "__gxx_personality_v0", "_ZNSt6locale7classicEv")
 
 
 def read_build_toml(path: Path = KERNEL_DIR / "build.toml") -> dict:
@@ -155,12 +169,16 @@ def build_cuda(out_root: Path, *, archs: list[str] | None = None, jobs: int | No
         # 2.11); forcing C++17 changed the layout of torch types and crashed on a TORCH_CHECK throw.
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", "-lineinfo", "--ptxas-options=-warn-spills"],
+        extra_ldflags=LINK_FLAGS,
         build_directory=str(obj_dir),
         is_python_module=False,
         verbose=verbose,
     )
     if not hasattr(getattr(torch.ops, ns), "block_sparse_attn_fwd"):
         raise RuntimeError(f"the built library did not register {ns}::block_sparse_attn_fwd")
+    if cxx_runtime_linkage(obj_dir / f"{ns}.so") == "static":
+        raise RuntimeError(f"{ns}.so carries its own copy of libstdc++ (linked statically); a failing check in "
+                           "the op would crash the process. The link needs the shared libstdc++.so.6")
     vdir = _fresh_dir(out_root / variant)
     shutil.copy2(obj_dir / f"{ns}.so", vdir / f"{ns}.so")
     for f in (KERNEL_DIR / "torch-ext" / "stem_attention").glob("*.py"):
@@ -168,6 +186,20 @@ def build_cuda(out_root: Path, *, archs: list[str] | None = None, jobs: int | No
     (vdir / "_ops.py").write_text(_OPS_TEMPLATE.format(ns=ns))
     write_metadata(vdir, metadata(op_id=ns, archs=archs, toml=toml))
     return vdir
+
+
+def cxx_runtime_linkage(lib: Path) -> str:
+    """How a shared library gets the C++ runtime: ``"shared"`` (it needs libstdc++.so.6 and defines
+    none of its symbols), ``"static"`` (it carries a copy of libstdc++), ``"none"`` (neither), or
+    ``"unknown"`` without binutils (readelf, nm)."""
+    if not (shutil.which("readelf") and shutil.which("nm")):
+        return "unknown"
+    dyn = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True).stdout
+    defined = {ln.split()[-1].split("@")[0] for ln in syms.splitlines() if ln.strip()}
+    if defined.intersection(_LIBSTDCXX_SYMBOLS):
+        return "static"
+    return "shared" if "[libstdc++.so.6]" in dyn else "none"
 
 
 def install_to_hf_cache(build_root: Path, cache_dir: Path, repo_id: str = DEFAULT_REPO_ID, version: int = 1) -> Path:

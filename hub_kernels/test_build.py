@@ -436,6 +436,48 @@ def test_torch_binding_compiles(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
 
 
+_FMT_SRC = r"""
+#include <cstring>
+#include <sstream>
+extern "C" int fmt(long x, char* out, int n) {
+  std::ostringstream s;
+  s << "got " << x;
+  std::strncpy(out, s.str().c_str(), n);
+  return s.good();
+}
+"""
+_FMT_CHILD = r"""
+import ctypes, sys
+import torch  # the host process of an extension: torch has loaded the shared libstdc++
+lib = ctypes.CDLL(sys.argv[1])
+buf = ctypes.create_string_buffer(64)
+good = lib.fmt(42, buf, 64)
+print(buf.value.decode(), bool(good))
+"""
+
+
+@needs_cxx
+def test_link_flags_keep_one_cxx_runtime(tmp_path):
+    """build.py links libstdc++ as the shared object torch uses: a library linked with its flags
+    formats a number in a torch process (as a TORCH_CHECK message does), and the built library's
+    check tells that link from one that carries its own static copy of libstdc++ (which, beside
+    torch's, breaks that formatting; benchmarks/NOTES.md, "Op errors")."""
+    src = tmp_path / "fmt.cpp"
+    src.write_text(_FMT_SRC)
+    shared = tmp_path / "fmt_shared.so"
+    subprocess.run([CXX, "-O1", "-fPIC", "-shared", str(src), "-o", str(shared), *build.LINK_FLAGS], check=True,
+                   capture_output=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _FMT_CHILD, str(shared)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split("\n")[0] == "got 42 True", r.stdout + r.stderr[-2000:]
+    if not (shutil.which("readelf") and shutil.which("nm")):
+        pytest.skip("no binutils (readelf, nm): cxx_runtime_linkage cannot tell")
+    assert build.cxx_runtime_linkage(shared) == "shared"
+    static = tmp_path / "fmt_static.so"
+    if subprocess.run([CXX, "-O1", "-fPIC", "-shared", str(src), "-o", str(static), "-static-libstdc++"],
+                      capture_output=True, timeout=300).returncode == 0:
+        assert build.cxx_runtime_linkage(static) == "static"
+
+
 # ---- a variant made here, loaded through `kernels` -----------------------------------------------------
 def _op_schemas() -> list[str]:
     """The schemas torch_binding.cpp registers (``ops.def("...")``, adjacent literals joined)."""
