@@ -11,11 +11,12 @@ the sm80 kernel on Hopper too).
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
@@ -277,34 +278,130 @@ def test_bad_inputs_raise(hubmod, change, kernel, match):
         hubmod.block_sparse_attn_fwd(q, k, v, counts, idx, 128, 0, 0.1, False, kernel=kernel)
 
 
-def test_op_input_check_raises_instead_of_crashing(hubmod, tmp_path):
-    """A failing check inside the compiled op (past the Python wrapper) must surface as a Python
-    RuntimeError naming the reason. Run in a child process so that a crash fails this test only."""
-    script = textwrap.dedent(f"""
-        import torch, kernels
-        mod = kernels.get_kernel({REPO_ID!r}, version=1)
-        q = torch.randn(1, 2, 128, 96, device="cuda", dtype=torch.bfloat16)  # head dim 96: rejected by the op
-        counts = torch.ones(1, 2, 1, dtype=torch.int32, device="cuda")
-        idx = torch.zeros(1, 2, 1, 1, dtype=torch.int32, device="cuda")
-        try:
-            mod.ops.block_sparse_attn_fwd(q, q, q, counts, idx, 128, 0, 0.1, False, 0)
-        except RuntimeError as e:
-            print("RAISED", "head dim 96 is not supported" in str(e))
-    """)
-    env = {**os.environ, "LOCAL_KERNELS": LOCAL_KERNELS}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
-    probe = KERNEL_DIR.parents[1] / "benchmarks" / "hub" / "throw_probe.py"
-    if r.returncode != 0 and probe.exists():
-        # Is it this op, or does every extension op crash on a throw with this torch build? (On
-        # one torch 2.11.0+cu130 image a 5-line extension crashes the same way.)
-        sys.path.insert(0, str(probe.parent))
-        from throw_probe import raises_cleanly
+# ---- the op's own checks, past the Python wrapper ----------------------------------------
+# Every TORCH_CHECK of torch_binding.cpp that inputs can reach, provoked by calling the raw op
+# ops.block_sparse_attn_fwd (the wrapper's own checks bypassed): (name, call, what the message says).
+# In the child: q (1, 4, 256, 128) and k, v (1, 2, 256, 128) bf16, a valid plan of 128-token blocks
+# (counts (1, 4, 2), idx (1, 4, 2, 1)); call(**changes) runs the op with some arguments replaced.
+OP_CHECKS = [
+    ("q on the CPU", "call(q=q.cpu())", "q, k, v, kv_counts and kv_indices must be CUDA tensors"),
+    ("kv_counts on the CPU", "call(counts=counts.cpu())", "must be CUDA tensors"),
+    ("two devices", "call(k=k.to('cuda:1'), v=v.to('cuda:1'))", "all tensors must be on one device"),
+    ("mixed dtypes", "call(k=k.half(), v=v.half())", "q, k, v must share one dtype"),
+    ("3-d q", "call(q=q[0])", r"q must be 4-d \(B, H, L, D\), got \[4, 256, 128\]"),
+    ("head-dim stride", "call(q=q.transpose(2, 3).contiguous().transpose(2, 3))",
+     "q needs unit stride on the head dim"),
+    ("row stride not 16 bytes", "call(k=padded(k, 4), v=padded(v, 4))",
+     r"k strides must be multiples of 8 elements \(16-byte rows\); got \[67584, 33792, 132, 1\]"),
+    ("misaligned rows", "call(v=shifted(v))", "v must be 16-byte aligned"),
+    ("dtype float32", "call(q=q.float(), k=k.float(), v=v.float())", r"dtype is not supported \(float16, bfloat16\)"),
+    ("head dim 96", "call(q=q[..., :96].contiguous(), k=k[..., :96].contiguous(), v=v[..., :96].contiguous())",
+     r"head dim 96 is not supported \(64, 128, 256\)"),
+    ("block size 100", "call(bs=100)", r"plan block size 100 is not supported \(64, 128, 256\)"),
+    ("kernel request 70", "call(sm=70)", r"kernel request 70 is not one of 0 \(auto\), 80 \(sm80\), 90 \(sm90\)"),
+    ("sm90 for 64-token blocks", "call(bs=64, counts=ones(1, 4, 4), idx=zeros(1, 4, 4, 1), sm=90)",
+     "the sm90 kernel needs compute capability 9.0, head dim 64 or 128 and plan blocks of 128 or 256 tokens"),
+    ("v shape differs from k", "call(v=v[:, :, :128])", r"k and v must be \(B, Hkv, Lk, D\) matching q"),
+    ("batch of k differs", "call(k=k.expand(2, -1, -1, -1), v=v.expand(2, -1, -1, -1))",
+     r"k and v must be \(B, Hkv, Lk, D\) matching q; got q \[1, 4, 256, 128\], k \[2, 2, 256, 128\]"),
+    ("head ratio", "call(k=k[:, :1].expand(1, 3, -1, -1), v=v[:, :1].expand(1, 3, -1, -1))",
+     r"query heads \(4\) must be a multiple of kv heads \(3\)"),
+    ("Lq > Lk", "call(k=k[:, :, :128], v=v[:, :, :128])", r"need 0 < Lq <= Lk < 2\^30, got Lq=256, Lk=128"),
+    ("Lq = 0", "call(q=q[:, :, :0])", r"need 0 < Lq <= Lk < 2\^30, got Lq=0, Lk=256"),
+    ("q_offset past the end", "call(q=q[:, :, :128], counts=ones(1, 4, 1), idx=zeros(1, 4, 1, 1), q_offset=129)",
+     r"q_offset \(129\) must lie in \[0, Lk - Lq\] = \[0, 128\]"),
+    ("negative q_offset", "call(q_offset=-1)", r"q_offset \(-1\) must lie in \[0, Lk - Lq\] = \[0, 0\]"),
+    ("scale 0", "call(scale=0.0)", "scale must be finite and > 0, got 0"),
+    ("scale nan", "call(scale=float('nan'))", "scale must be finite and > 0, got nan"),
+    ("int64 kv_counts", "call(counts=counts.long())", "kv_counts and kv_indices must be int32"),
+    ("int64 kv_indices", "call(idx=idx.long())", "kv_counts and kv_indices must be int32"),
+    ("non-contiguous kv_counts", "call(counts=ones(1, 2, 4).transpose(1, 2))",
+     "kv_counts and kv_indices must be contiguous"),
+    ("kv_counts shape", "call(counts=ones(1, 4, 3))",
+     r"kv_counts must be \(B, Hq, nQ\) = \(1, 4, 2\), got \[1, 4, 3\]"),
+    ("kv_indices shape", "call(idx=zeros(1, 4, 2, 0))", r"kv_indices must be \(B, Hq, nQ, W>=1\), got \[1, 4, 2, 0\]"),
+    ("batch 65536", "call(**tiny(B=65536))", "batch and heads must be < 65536"),
+    ("heads 65536", "call(**tiny(H=65536))", "batch and heads must be < 65536"),
+]
 
-        if not raises_cleanly(tmp_path):
-            pytest.xfail(f"torch {torch.__version__} here crashes on any TORCH_CHECK thrown in an extension op "
-                         "(benchmarks/hub/throw_probe.py); the Python wrapper validates inputs first")
-    assert r.returncode == 0, f"the op crashed the process (rc {r.returncode}): {r.stderr[-2000:]}"
-    assert "RAISED True" in r.stdout, r.stdout + r.stderr[-2000:]
+_OP_CHECKS_CHILD = r"""
+import json, sys
+import kernels, torch
+mod = kernels.get_kernel(sys.argv[1], version=1)
+gen = torch.Generator(device="cuda").manual_seed(0)
+q = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+k = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+v = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+ones = lambda *s: torch.ones(*s, dtype=torch.int32, device="cuda")
+zeros = lambda *s: torch.zeros(*s, dtype=torch.int32, device="cuda")
+counts, idx = ones(1, 4, 2), zeros(1, 4, 2, 1)
+
+def call(q=q, k=k, v=v, counts=counts, idx=idx, bs=128, q_offset=0, scale=0.1, lse=True, sm=0):
+    return mod.ops.block_sparse_attn_fwd(q, k, v, counts, idx, bs, q_offset, scale, lse, sm)
+
+def padded(t, extra):  # rows of D + extra elements: strides not multiples of 8 elements
+    return torch.zeros(*t.shape[:-1], t.shape[-1] + extra, device="cuda", dtype=t.dtype)[..., :t.shape[-1]]
+
+def shifted(t):  # contiguous strides, data 2 bytes past a 16-byte boundary
+    return torch.zeros(t.numel() + 8, device="cuda", dtype=t.dtype)[1:t.numel() + 1].view(t.shape)
+
+def tiny(B=1, H=1):  # B x H rows of one token, head dim 64, everything else valid
+    t = torch.randn(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16).expand(B, H, 1, 64)
+    return dict(q=t, k=t[:, :1], v=t[:, :1], counts=ones(B, H, 1), idx=zeros(B, H, 1, 1))
+
+def run(name, expr):
+    if "cuda:1" in expr and torch.cuda.device_count() < 2:
+        return {"case": name, "skip": "needs two GPUs"}
+    try:
+        eval(expr)
+        torch.cuda.synchronize()
+        return {"case": name, "returned": True}
+    except Exception as e:
+        return {"case": name, "type": type(e).__name__, "message": str(e).splitlines()[0]}
+
+for name, expr in [("valid before", "call()")] + json.loads(sys.argv[2]) + [("valid after", "call()")]:
+    print(json.dumps(run(name, expr)), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def op_check_results(hubmod):
+    """Runs every OP_CHECKS call in one child process; {case: result}, plus the child's exit status."""
+    env = {**os.environ, "LOCAL_KERNELS": LOCAL_KERNELS}
+    cases = [[name, expr] for name, expr, _ in OP_CHECKS]
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _OP_CHECKS_CHILD, REPO_ID, json.dumps(cases)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    results = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            results[d["case"]] = d
+    return r, results
+
+
+def test_op_checks_leave_the_process_alive(op_check_results):
+    """No failing check crashes the process: the child exits cleanly and a valid call runs after
+    all of them."""
+    r, results = op_check_results
+    last = list(results)[-1] if results else "(none)"
+    assert r.returncode == 0, f"the child died (rc {r.returncode}) after case {last!r}: {r.stderr[-3000:]}"
+    assert results.get("valid before", {}).get("returned") and results.get("valid after", {}).get("returned"), results
+    assert set(results) == {"valid before", "valid after"} | {name for name, _, _ in OP_CHECKS}
+
+
+@pytest.mark.parametrize("name, expr, match", OP_CHECKS, ids=[c[0] for c in OP_CHECKS])
+def test_op_check_raises(op_check_results, name, expr, match):
+    """The raw op raises a RuntimeError whose message names the problem."""
+    r, results = op_check_results
+    res = results.get(name)
+    if res is None:
+        pytest.fail(f"{name!r} never ran: the child died before it (rc {r.returncode}): {r.stderr[-2000:]}")
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    assert not res.get("returned"), f"{expr} returned instead of raising"
+    assert res["type"] == "RuntimeError", res
+    assert res["message"].startswith("stem_attention.block_sparse_attn_fwd: "), res["message"]
+    assert re.search(match, res["message"]), res["message"]
 
 
 # ---- capture and compilation -------------------------------------------------------------

@@ -91,10 +91,8 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 def _check(q, k, v, kv_counts, kv_indices, block_size, kernel: str) -> None:
-    """Clear Python errors for the common mistakes, before the op's own checks.
-
-    (A failing check inside an extension op crashed the process instead of raising under one
-    torch 2.11 build; so bad input is rejected here first.)"""
+    """ValueError / TypeError for the common mistakes, before the op's own checks (which make
+    the same checks and more, and raise RuntimeError)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d (B, H, L, D) tensor")
