@@ -33,6 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.hub.throw_probe import FMT
+
 ROOT = Path(__file__).resolve().parents[1]
 HUB = ROOT / "hub_kernels"
 KERNEL_DIR = HUB / "stem-attention"
@@ -436,16 +438,7 @@ def test_torch_binding_compiles(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
 
 
-_FMT_SRC = r"""
-#include <cstring>
-#include <sstream>
-extern "C" int fmt(long x, char* out, int n) {
-  std::ostringstream s;
-  s << "got " << x;
-  std::strncpy(out, s.str().c_str(), n);
-  return s.good();
-}
-"""
+_FMT_SRC = FMT  # a number formatted with std::ostream, as a TORCH_CHECK message does (no torch)
 _FMT_CHILD = r"""
 import ctypes, sys
 import torch  # the host process of an extension: torch has loaded the shared libstdc++
