@@ -1,0 +1,197 @@
+"""CPU smoke tests of the quality study on a tiny random Llama (no download, no cache, no gguf).
+
+The metric is checked against an independent float64 computation: dense softmax over the full
+matrix, a token-level mask built from the block mask, and a plain sum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+import stem
+
+transformers = pytest.importorskip("transformers")
+
+from benchmarks.quality import __main__ as cli  # noqa: E402
+from benchmarks.quality.capture import build_document, capture_qkv  # noqa: E402
+from benchmarks.quality.fetch import GGUF_SHA256, check_sha256, sha256_file  # noqa: E402
+from benchmarks.quality.recall import (  # noqa: E402
+    METHODS,
+    block_mass,
+    fill_mask,
+    forced_and_causal,
+    method_masks,
+    row_recall,
+    uniform_counts,
+)
+
+L, BS = 1024, 16  # 64 blocks: above the dense threshold of 56, so Stem's plan is sparse
+CFG = stem.StemConfig(block_size=BS, stride=8)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, L), generator=torch.Generator().manual_seed(1))
+    qkv, logits = capture_qkv(model, ids)
+    return model, ids, qkv, logits
+
+
+def _dense_probs64(q, k):
+    """float64 causal softmax (Hq, L, L), written independently of block_mass."""
+    Hq, n, D = q.shape
+    kk = k.double().repeat_interleave(Hq // k.shape[0], dim=0)
+    s = q.double() @ kk.transpose(-1, -2) / D ** 0.5
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def _recall64(p, mask):
+    """float64 recall (H, L): token-level mask from the block mask, then a plain sum."""
+    tok = mask.repeat_interleave(BS, dim=1).repeat_interleave(BS, dim=2)[:, : p.shape[1], : p.shape[2]]
+    return (p * tok).sum(-1)
+
+
+def test_capture_is_transparent_and_post_rope(tiny):
+    model, ids, qkv, logits = tiny
+    assert model.config._attn_implementation == "sdpa"  # restored
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+    assert torch.equal(ref, logits)
+    assert len(qkv) == 2
+    q, k, v = qkv[0]
+    assert q.shape == (1, 4, L, 16) and k.shape == v.shape == (1, 2, L, 16)
+    # Layer 0 recomputed by hand: q/k projections of the normed embeddings, then RoPE.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        x = layer.input_layernorm(model.model.embed_tokens(ids))
+        cos, sin = model.model.rotary_emb(x, torch.arange(L)[None])
+        q0 = layer.self_attn.q_proj(x).view(1, L, 4, 16).transpose(1, 2)
+        k0 = layer.self_attn.k_proj(x).view(1, L, 2, 16).transpose(1, 2)
+        q0, k0 = apply_rotary_pos_emb(q0, k0, cos, sin)
+        v0 = layer.self_attn.v_proj(x).view(1, L, 2, 16).transpose(1, 2)
+    torch.testing.assert_close(q, q0)
+    torch.testing.assert_close(k, k0)
+    torch.testing.assert_close(v, v0)
+
+
+@pytest.mark.parametrize("chunk", [100, 256])
+def test_block_mass_matches_float64(tiny, chunk):
+    q, k, _ = (t[0] for t in tiny[2][1])
+    mass = block_mass(q, k, BS, chunk=chunk)
+    p = _dense_probs64(q, k)
+    ref = p.reshape(4, L, L // BS, BS).sum(-1)
+    torch.testing.assert_close(mass.double(), ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(4, L), atol=1e-5, rtol=0)
+
+
+def test_recall_every_method_matches_direct_sum(tiny):
+    q, k, v = (t[0] for t in tiny[2][1])
+    mass = block_mass(q, k, BS, chunk=128)
+    masks, diag = method_masks(q, k, v, CFG, mass)
+    assert diag["stem_refill_agreement"] == 1.0
+    p = _dense_probs64(q, k)
+    nQ = L // BS
+    forced, causal = forced_and_causal(nQ, nQ, CFG)
+    full = causal.expand(4, nQ, nQ)
+    torch.testing.assert_close(row_recall(mass, full, BS), torch.ones(4, L), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_recall64(p, full), torch.ones(4, L, dtype=torch.float64), atol=1e-12, rtol=0)
+    for m in METHODS:
+        got = row_recall(mass, masks[m], BS)
+        torch.testing.assert_close(got.double(), _recall64(p, masks[m]), atol=1e-5, rtol=0, msg=m)
+        assert bool((got < 1 - 1e-4).any()), f"{m}: the plan should be sparse"
+        assert bool((masks[m] <= causal).all()) and bool((masks[m] >= forced).all()), m
+
+
+def test_equal_budgets_and_oracle_dominates(tiny):
+    q, k, v = (t[0] for t in tiny[2][1])
+    mass = block_mass(q, k, BS)
+    masks, _ = method_masks(q, k, v, CFG, mass)
+    totals = {m: masks[m].sum((-1, -2)) for m in METHODS}
+    for m in ("uniform_topk", "oracle"):
+        assert torch.equal(totals[m], totals["stem"]), m
+    assert torch.equal(masks["oracle"].sum(-1), masks["stem"].sum(-1))
+    nQ = L // BS
+    forced, causal = forced_and_causal(nQ, nQ, CFG)
+    # uniform: one count c per head (capped by the causal blocks), c or c + 1
+    cnt = masks["uniform_topk"].sum(-1)
+    open_rows = cnt < causal.sum(-1)
+    for h in range(4):
+        vals = cnt[h][open_rows[h]]
+        assert int(vals.max() - vals.min()) <= 1
+    # Oracle with the counts of each method >= that method, per (head, query block), in float64.
+    p = _dense_probs64(q, k)
+    qblock = p.reshape(4, nQ, BS, L).sum(2).reshape(4, nQ, nQ, BS).sum(-1)  # (H, nQ, nK) float64
+    for m in METHODS:
+        best = fill_mask(qblock, masks[m].sum(-1), forced, causal)
+        gain = (qblock * best).sum(-1) - (qblock * masks[m]).sum(-1)
+        assert float(gain.min()) >= -1e-9, m
+        if m != "oracle":
+            assert float(gain.max()) > 1e-4, f"the oracle should beat {m} somewhere"
+
+
+def test_uniform_counts_exact_total():
+    nQ = 64
+    forced, causal = forced_and_causal(nQ, nQ, CFG)
+    totals = torch.tensor([700, 1234, int(causal.sum())])
+    c = uniform_counts(totals, forced, causal)
+    assert torch.equal(c.sum(-1), totals)
+    assert bool((c <= causal.sum(-1)).all()) and bool((c >= forced.sum(-1)).all())
+
+
+def test_study_writes_whole_model(tiny, tmp_path):
+    model, ids, _, _ = tiny
+    res = cli.run_study(model, ids, CFG, chunk=200, progress=False)
+    assert [r["layer"] for r in res["layers"]] == [0, 1]
+    w = res["whole_model"]
+    assert w["layers"] == [0, 1]  # no layer >= 2: all layers
+    for m in METHODS:
+        assert w[m]["mean"] == pytest.approx(sum(r[m]["mean"] for r in res["layers"]) / 2)
+        assert 0 < w[m]["p5"] <= w[m]["mean"] < 1
+    assert w["oracle"]["mean"] >= w["stem"]["mean"] - 1e-6
+    json.dumps(res)
+    res |= {"model": "tiny", "length": L, "config": {"block_size": BS, "stride": 8, "alpha": CFG.alpha}}
+    cli.plot(res, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_document_sources_recorded(tmp_path):
+    for name, text in (("Apache-2.0", "apache " * 50), ("BSD", "bsd " * 5), ("CC0-1.0", "cc zero " * 20)):
+        (tmp_path / name).write_text(text)
+
+    def tok(text, add_special_tokens=False):
+        return {"input_ids": list(text.encode())}
+
+    ids, used = build_document(tok, 500, license_dir=str(tmp_path))
+    assert ids.shape == (1, 500)
+    assert [u["source"] for u in used[:3]] == ["common-licenses/Apache-2.0", "common-licenses/BSD",
+                                               "common-licenses/CC0-1.0"]
+    assert used[0]["sha256"] == hashlib.sha256(("apache " * 50).encode()).hexdigest()
+    assert sum(u["tokens_used"] for u in used) == 500
+    assert used[1]["tokens_used"] == len("\n\n" + ("bsd " * 5).strip())
+    with pytest.raises(FileNotFoundError, match="BSD"):
+        (tmp_path / "BSD").unlink()
+        build_document(tok, 500, license_dir=str(tmp_path))
+
+
+def test_sha256_pin(tmp_path):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"not the model")
+    digest = sha256_file(f)
+    assert digest == hashlib.sha256(b"not the model").hexdigest()
+    with pytest.raises(RuntimeError) as e:
+        check_sha256(digest)
+    assert digest in str(e.value) and GGUF_SHA256 in str(e.value)
+    check_sha256(GGUF_SHA256)
