@@ -27,7 +27,7 @@ import stem
 
 from .capture import build_document, capture_qkv
 from .fetch import DEFAULT_CACHE, load_model
-from .recall import METHODS, layer_recall
+from .recall import DIAGNOSTICS, METHODS, layer_recall
 
 __all__ = ["build_parser", "run_study", "whole_model", "plot", "main"]
 
@@ -54,7 +54,7 @@ def whole_model(layers: list[dict], first: int = FIRST_SPARSE_LAYER) -> dict:
     """Per method, the mean over layers >= ``first`` of each layer's mean / p5 / density."""
     use = [r for r in layers if r["layer"] >= first] or layers
     keys = ("mean", "p5", "mean_sparse_rows", "p5_sparse_rows", "density")
-    return {m: {k: sum(r[m][k] for r in use) / len(use) for k in keys} for m in METHODS} | {
+    return {m: {k: sum(r[m][k] for r in use) / len(use) for k in keys} for m in METHODS + DIAGNOSTICS} | {
         "layers": [r["layer"] for r in use]}
 
 
@@ -89,9 +89,11 @@ def plot(res: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharex=True)
     xs = [r["layer"] for r in res["layers"]]
-    for m in METHODS:
+    for m in METHODS + DIAGNOSTICS:
+        style = dict(ls="--", lw=1, marker=".", ms=2) if m in DIAGNOSTICS else dict(marker="o", ms=3)
         for ax, key in zip(axes, ("mean", "p5")):
-            ax.plot(xs, [r[m][key] for r in res["layers"]], marker="o", ms=3, label=m)
+            ax.plot(xs, [r[m][key] for r in res["layers"]], label=m + (" (diagnostic)" if m in DIAGNOSTICS else ""),
+                    **style)
     for ax, title in zip(axes, ("mean recall over query rows", "5th percentile over query rows")):
         ax.set_title(title)
         ax.set_xlabel("layer")
@@ -142,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                                                 "sink_blocks", "window_blocks", "value_weight", "norm")},
         "budgets": stem.block_budgets(-(-args.length // cfg.block_size), cfg.alpha, cfg.k_rate, cfg.k_bias),
         "methods": list(METHODS),
+        "diagnostic_scores": list(DIAGNOSTICS),
         "metric": "recall = dense causal softmax mass (float32) of a query row inside the key blocks its "
                   "plan keeps; mean and 5th percentile over the rows (all heads pooled) per layer; "
                   "*_sparse_rows: only rows whose query block's budget is below its causal blocks; "
-                  "whole_model: mean over layers >= 2",
+                  "whole_model: mean over layers >= 2; diagnostic scores rank blocks by the exact block "
+                  "mean / max of scale*q.k over all token pairs (Stem's counts, sinks and window)",
         **res,
         "command": " ".join(["python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)]),
         "versions": _versions(),
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(out, str(Path(args.out) / f"{stemname}.png"))
     w = out["whole_model"]
     print(f"whole model (layers >= {FIRST_SPARSE_LAYER}), mean / p5 recall, density:")
-    for m in METHODS:
+    for m in METHODS + DIAGNOSTICS:
         print(f"  {m:13s} {w[m]['mean']:.4f} / {w[m]['p5']:.4f}  density {w[m]['density']:.3f}")
     print(f"document NLL {out['document_nll']:.3f}; {out['seconds']['total']:.0f} s; wrote {jpath} and .png")
     return 0

@@ -18,6 +18,13 @@ It is 1 for a plan that keeps every causal block. Methods, all at equal budgets 
   (summed over the rows of the query block), up to Stem's count of every row: the best any plan
   with Stem's counts and forced blocks can do for the mean recall of each query block.
 
+Diagnostic scores (:data:`DIAGNOSTICS`; Stem's counts, sinks and window, only the ranking changes;
+they need the full q.k matrix, so they say which kind of block score would work, not how to plan):
+
+- ``block_mean_qk``: the exact mean of scale * q.k over all token pairs of the block pair (what
+  Stem's stride-S antidiagonal estimate approximates, without the value bonus).
+- ``block_max_qk``: the largest causal scale * q.k over the token pairs of the block pair.
+
 Comparison plans are built with ``stem.BlockPlan.from_dense_mask``. The dense softmax is float32,
 computed in chunks of query rows so that memory stays O(chunk x L) per head.
 """
@@ -31,10 +38,11 @@ import torch
 import stem
 from stem.planner import block_logits
 
-__all__ = ["METHODS", "block_mass", "forced_and_causal", "fill_mask", "uniform_counts", "row_recall",
-           "method_masks", "layer_recall", "summarise"]
+__all__ = ["METHODS", "DIAGNOSTICS", "block_mass", "block_mean_qk", "forced_and_causal", "fill_mask", "uniform_counts",
+           "row_recall", "method_masks", "layer_recall", "summarise"]
 
 METHODS = ("stem", "stem_novb", "uniform_topk", "oracle")
+DIAGNOSTICS = ("block_mean_qk", "block_max_qk")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -43,8 +51,10 @@ def _cdiv(a: int, b: int) -> int:
 
 @torch.no_grad()
 def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, *, chunk: int = 256,
-               scale: float | None = None) -> torch.Tensor:
-    """Dense causal softmax mass of each query row on each key block, float32 (Hq, L, nK).
+               scale: float | None = None, return_max: bool = False):
+    """Dense causal softmax mass of each query row on each key block, float32 (Hq, L, nK); with
+    ``return_max``, also the largest causal scaled score of each row in each key block (-inf where
+    the block holds no causal key).
 
     q: (Hq, L, D), k: (Hkv, L, D) of one sequence (prefill: query row r sits at position r); query
     head h reads key head h // (Hq // Hkv). Rows are processed ``chunk`` at a time."""
@@ -54,6 +64,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, *, chunk: int 
     scale = D ** -0.5 if scale is None else scale
     nK = _cdiv(L, block_size)
     out = torch.zeros(Hq, L, nK, dtype=torch.float32)
+    smax = torch.full((Hq, L, nK), float("-inf")) if return_max else None
     qf, kf = q.float().reshape(Hkv, G, L, D), k.float()
     for r0 in range(0, L, chunk):
         r1 = min(L, r0 + chunk)
@@ -65,9 +76,12 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, *, chunk: int 
         p = torch.softmax(s, dim=-1)
         if kk.shape[1] < kend:
             p = torch.nn.functional.pad(p, (0, kend - kk.shape[1]))
+            s = torch.nn.functional.pad(s, (0, kend - kk.shape[1]), value=float("-inf"))
         nb = kend // block_size
         out[:, r0:r1, :nb] = p.reshape(Hkv, G, r1 - r0, nb, block_size).sum(-1).reshape(Hq, r1 - r0, nb)
-    return out
+        if return_max:
+            smax[:, r0:r1, :nb] = s.reshape(Hkv, G, r1 - r0, nb, block_size).amax(-1).reshape(Hq, r1 - r0, nb)
+    return (out, smax) if return_max else out
 
 
 def forced_and_causal(nQ: int, nK: int, cfg: stem.StemConfig, q_block_offset: int = 0):
@@ -132,16 +146,41 @@ def _query_block_mass(mass: torch.Tensor, block_size: int) -> torch.Tensor:
     return padded.reshape(H, nQ, block_size, nK).sum(2)
 
 
+def _query_block_max(smax: torch.Tensor, block_size: int) -> torch.Tensor:
+    H, L, nK = smax.shape
+    nQ = _cdiv(L, block_size)
+    padded = torch.nn.functional.pad(smax, (0, 0, 0, nQ * block_size - L), value=float("-inf"))
+    return padded.reshape(H, nQ, block_size, nK).amax(2)
+
+
+def block_mean_qk(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """float32 (Hq, nQ, nK): the mean of scale * q.k over all token pairs of each block pair (the
+    product of the block means of q and k; padding rows of a partial block do not count)."""
+    Hq, L, D = q.shape
+    n = _cdiv(L, block_size)
+
+    def means(x):
+        pad = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block_size - L)).reshape(x.shape[0], n, block_size, D)
+        sizes = torch.clamp(L - torch.arange(n) * block_size, max=block_size)
+        return pad.sum(2) / sizes[:, None]
+
+    qm, km = means(q), means(k).repeat_interleave(Hq // k.shape[0], dim=0)
+    return qm @ km.transpose(-1, -2) * D ** -0.5
+
+
 def _plan_mask(mask: torch.Tensor, L: int, cfg: stem.StemConfig) -> torch.Tensor:
     plan = stem.BlockPlan.from_dense_mask(mask[None], block_size=cfg.block_size, q_len=L, kv_len=L, config=cfg)
     return plan.to_dense_mask()[0]
 
 
 @torch.no_grad()
-def method_masks(q, k, v, cfg: stem.StemConfig, mass: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
-    """The kept-block mask (Hq, nQ, nK) of every method in :data:`METHODS`, and diagnostics.
+def method_masks(q, k, v, cfg: stem.StemConfig, mass: torch.Tensor,
+                 smax: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The kept-block mask (Hq, nQ, nK) of every method in :data:`METHODS` (and of
+    :data:`DIAGNOSTICS` when ``smax`` is given), and diagnostics.
 
-    q (Hq, L, D), k, v (Hkv, L, D); ``mass`` from :func:`block_mass` with ``cfg.block_size``."""
+    q (Hq, L, D), k, v (Hkv, L, D); ``mass`` and ``smax`` from :func:`block_mass` with
+    ``cfg.block_size``."""
     L = q.shape[1]
     qb, kb, vb = q[None], k[None], v[None]
     stem_mask = stem.plan(qb, kb, vb, cfg).to_dense_mask()[0]
@@ -157,6 +196,10 @@ def method_masks(q, k, v, cfg: stem.StemConfig, mass: torch.Tensor) -> tuple[dic
     diag = {"stem_refill_agreement": float((refill == stem_mask).float().mean())}
     masks = {"stem": stem_mask, "stem_novb": novb_mask, "uniform_topk": _plan_mask(uni, L, cfg),
              "oracle": _plan_mask(orc, L, cfg)}
+    if smax is not None:
+        for name, scores in (("block_mean_qk", block_mean_qk(q, k, cfg.block_size)),
+                             ("block_max_qk", _query_block_max(smax, cfg.block_size))):
+            masks[name] = _plan_mask(fill_mask(scores, counts, forced, causal), L, cfg)
     return masks, diag
 
 
@@ -177,16 +220,16 @@ def summarise(recall: torch.Tensor, mask: torch.Tensor, causal: torch.Tensor, sp
 
 @torch.no_grad()
 def layer_recall(q, k, v, cfg: stem.StemConfig, *, chunk: int = 256) -> dict:
-    """Per method, :func:`summarise` of one layer (q (Hq, L, D), k, v (Hkv, L, D), prefill)."""
+    """Per method and diagnostic score, :func:`summarise` of one layer (q (Hq, L, D), k, v (Hkv, L, D), prefill)."""
     L = q.shape[1]
-    mass = block_mass(q, k, cfg.block_size, chunk=chunk)
-    masks, diag = method_masks(q, k, v, cfg, mass)
+    mass, smax = block_mass(q, k, cfg.block_size, chunk=chunk, return_max=True)
+    masks, diag = method_masks(q, k, v, cfg, mass, smax)
     nQ, nK = next(iter(masks.values())).shape[-2:]
     _, causal = forced_and_causal(nQ, nK, cfg)
     budgets = torch.tensor(stem.block_budgets(nK, cfg.alpha, cfg.k_rate, cfg.k_bias))
     sparse_block = budgets[:nQ] < torch.arange(nQ) + 1
     sparse_rows = sparse_block[torch.arange(L) // cfg.block_size]
     out = {m: summarise(row_recall(mass, masks[m], cfg.block_size), masks[m], causal, sparse_rows)
-           for m in METHODS}
+           for m in METHODS + DIAGNOSTICS}
     out["diagnostics"] = {**diag, "sparse_rows": int(sparse_rows.sum()), "rows": L}
     return out

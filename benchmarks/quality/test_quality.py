@@ -20,8 +20,10 @@ from benchmarks.quality import __main__ as cli  # noqa: E402
 from benchmarks.quality.capture import build_document, capture_qkv  # noqa: E402
 from benchmarks.quality.fetch import GGUF_SHA256, check_sha256, sha256_file  # noqa: E402
 from benchmarks.quality.recall import (  # noqa: E402
+    DIAGNOSTICS,
     METHODS,
     block_mass,
+    block_mean_qk,
     fill_mask,
     forced_and_causal,
     method_masks,
@@ -37,22 +39,27 @@ CFG = stem.StemConfig(block_size=BS, stride=8)
 def tiny():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 256, (1, L), generator=torch.Generator().manual_seed(1))
     qkv, logits = capture_qkv(model, ids)
     return model, ids, qkv, logits
 
 
+def _scores64(q, k):
+    """float64 scaled scores (Hq, L, L), no mask."""
+    kk = k.double().repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    return q.double() @ kk.transpose(-1, -2) / q.shape[-1] ** 0.5
+
+
 def _dense_probs64(q, k):
     """float64 causal softmax (Hq, L, L), written independently of block_mass."""
-    Hq, n, D = q.shape
-    kk = k.double().repeat_interleave(Hq // k.shape[0], dim=0)
-    s = q.double() @ kk.transpose(-1, -2) / D ** 0.5
-    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    n = q.shape[1]
+    s = _scores64(q, k).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     return torch.softmax(s, dim=-1)
 
 
@@ -90,25 +97,49 @@ def test_capture_is_transparent_and_post_rope(tiny):
 @pytest.mark.parametrize("chunk", [100, 256])
 def test_block_mass_matches_float64(tiny, chunk):
     q, k, _ = (t[0] for t in tiny[2][1])
-    mass = block_mass(q, k, BS, chunk=chunk)
+    mass, smax = block_mass(q, k, BS, chunk=chunk, return_max=True)
+    torch.testing.assert_close(block_mass(q, k, BS, chunk=chunk), mass, atol=0, rtol=0)
     p = _dense_probs64(q, k)
     ref = p.reshape(4, L, L // BS, BS).sum(-1)
     torch.testing.assert_close(mass.double(), ref, atol=2e-6, rtol=0)
     torch.testing.assert_close(mass.sum(-1), torch.ones(4, L), atol=1e-5, rtol=0)
+    s = _scores64(q, k).masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(smax.double(), s.reshape(4, L, L // BS, BS).amax(-1), atol=1e-5, rtol=0)
+
+
+def test_block_mean_qk_matches_float64(tiny):
+    q, k, _ = (t[0] for t in tiny[2][0])
+    n = 1000  # a partial last block of 8 rows
+    got = block_mean_qk(q[:, :n], k[:, :n], BS)
+    s = _scores64(q[:, :n], k[:, :n])
+    nb = -(-n // BS)
+    ref = torch.empty(4, nb, nb, dtype=torch.float64)
+    for a in range(nb):
+        for j in range(nb):
+            ref[:, a, j] = s[:, a * BS:(a + 1) * BS, j * BS:(j + 1) * BS].mean((-1, -2))
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_recall_every_method_matches_direct_sum(tiny):
     q, k, v = (t[0] for t in tiny[2][1])
-    mass = block_mass(q, k, BS, chunk=128)
-    masks, diag = method_masks(q, k, v, CFG, mass)
+    mass, smax = block_mass(q, k, BS, chunk=128, return_max=True)
+    masks, diag = method_masks(q, k, v, CFG, mass, smax)
     assert diag["stem_refill_agreement"] == 1.0
+    assert set(masks) == set(METHODS + DIAGNOSTICS)
     p = _dense_probs64(q, k)
     nQ = L // BS
     forced, causal = forced_and_causal(nQ, nQ, CFG)
     full = causal.expand(4, nQ, nQ)
     torch.testing.assert_close(row_recall(mass, full, BS), torch.ones(4, L), atol=1e-5, rtol=0)
     torch.testing.assert_close(_recall64(p, full), torch.ones(4, L, dtype=torch.float64), atol=1e-12, rtol=0)
-    for m in METHODS:
+    # the diagnostic rankings against float64 block scores (same counts, sinks and window)
+    s = _scores64(q, k)
+    counts = masks["stem"].sum(-1)
+    ref_mean = s.reshape(4, nQ, BS, nQ, BS).mean((2, 4))
+    ref_max = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf")).reshape(4, nQ, BS, nQ, BS)
+    for m, ref in (("block_mean_qk", ref_mean), ("block_max_qk", ref_max.amax((2, 4)))):
+        assert torch.equal(masks[m], fill_mask(ref, counts, forced, causal)), m
+    for m in METHODS + DIAGNOSTICS:
         got = row_recall(mass, masks[m], BS)
         torch.testing.assert_close(got.double(), _recall64(p, masks[m]), atol=1e-5, rtol=0, msg=m)
         assert bool((got < 1 - 1e-4).any()), f"{m}: the plan should be sparse"
@@ -117,12 +148,12 @@ def test_recall_every_method_matches_direct_sum(tiny):
 
 def test_equal_budgets_and_oracle_dominates(tiny):
     q, k, v = (t[0] for t in tiny[2][1])
-    mass = block_mass(q, k, BS)
-    masks, _ = method_masks(q, k, v, CFG, mass)
-    totals = {m: masks[m].sum((-1, -2)) for m in METHODS}
-    for m in ("uniform_topk", "oracle"):
-        assert torch.equal(totals[m], totals["stem"]), m
-    assert torch.equal(masks["oracle"].sum(-1), masks["stem"].sum(-1))
+    mass, smax = block_mass(q, k, BS, return_max=True)
+    masks, _ = method_masks(q, k, v, CFG, mass, smax)
+    totals = {m: masks[m].sum((-1, -2)) for m in masks}
+    assert torch.equal(totals["uniform_topk"], totals["stem"])
+    for m in ("oracle", *DIAGNOSTICS):
+        assert torch.equal(masks[m].sum(-1), masks["stem"].sum(-1)), m
     nQ = L // BS
     forced, causal = forced_and_causal(nQ, nQ, CFG)
     # uniform: one count c per head (capped by the causal blocks), c or c + 1
@@ -134,11 +165,11 @@ def test_equal_budgets_and_oracle_dominates(tiny):
     # Oracle with the counts of each method >= that method, per (head, query block), in float64.
     p = _dense_probs64(q, k)
     qblock = p.reshape(4, nQ, BS, L).sum(2).reshape(4, nQ, nQ, BS).sum(-1)  # (H, nQ, nK) float64
-    for m in METHODS:
+    for m in METHODS + DIAGNOSTICS:
         best = fill_mask(qblock, masks[m].sum(-1), forced, causal)
         gain = (qblock * best).sum(-1) - (qblock * masks[m]).sum(-1)
         assert float(gain.min()) >= -1e-9, m
-        if m != "oracle":
+        if m in ("stem", "stem_novb", "uniform_topk"):  # the check is not vacuous
             assert float(gain.max()) > 1e-4, f"the oracle should beat {m} somewhere"
 
 
@@ -157,7 +188,7 @@ def test_study_writes_whole_model(tiny, tmp_path):
     assert [r["layer"] for r in res["layers"]] == [0, 1]
     w = res["whole_model"]
     assert w["layers"] == [0, 1]  # no layer >= 2: all layers
-    for m in METHODS:
+    for m in METHODS + DIAGNOSTICS:
         assert w[m]["mean"] == pytest.approx(sum(r[m]["mean"] for r in res["layers"]) / 2)
         assert 0 < w[m]["p5"] <= w[m]["mean"] < 1
     assert w["oracle"]["mean"] >= w["stem"]["mean"] - 1e-6
