@@ -312,16 +312,10 @@ def _demo(args) -> int:
     _phase(5, n, "checking the needles (dense attention of their reader rows)")
     rep = needle_report(q, k, plan, info)
 
-    if cuda:
+    if cuda or reps > 1:
         _phase(6, n, f"timing (median of {reps} runs each)")
-        t_dense = time_ms(dense_fn, reps=reps, warmup=1, device=dev)
-        t_plan = time_ms(lambda: stem.plan(q, k, v, cfg), reps=reps, warmup=1, device=dev)
-        t_exec = time_ms(lambda: stem.attention(q, k, v, plan=plan), reps=reps, warmup=1, device=dev)
-    elif reps > 1:
-        _phase(6, n, f"timing (median of {reps} runs each)")
-        t_dense = time_ms(dense_fn, reps=reps, warmup=0, device=dev)
-        t_plan = time_ms(lambda: stem.plan(q, k, v, cfg), reps=reps, warmup=0, device=dev)
-        t_exec = time_ms(lambda: stem.attention(q, k, v, plan=plan), reps=reps, warmup=0, device=dev)
+        timed = [dense_fn, lambda: stem.plan(q, k, v, cfg), lambda: stem.attention(q, k, v, plan=plan)]
+        t_dense, t_plan, t_exec = (time_ms(fn, reps=reps, warmup=int(cuda), device=dev) for fn in timed)
     else:
         _phase(6, n, "timing (CPU: the single runs above; --reps N for a median)")
         t_dense, t_plan, t_exec = t_dense_once, t_plan_once, t_exec_once

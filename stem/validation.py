@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import operator
 
 import torch
 
@@ -69,11 +68,8 @@ def validate_qkv(
             f"(prefill Lq == Lk, chunked prefill Lq < Lk)"
         )
     if q_offset is not None:
-        if isinstance(q_offset, bool) or not isinstance(q_offset, (int, numbers.Integral)):
-            try:
-                operator.index(q_offset)
-            except TypeError:
-                raise TypeError(f"q_offset must be an int, got {type(q_offset).__name__} ({q_offset!r})") from None
+        if isinstance(q_offset, bool) or not isinstance(q_offset, numbers.Integral):
+            raise TypeError(f"q_offset must be an int, got {type(q_offset).__name__} ({q_offset!r})")
         if not (0 <= q_offset <= Lk - Lq):
             raise ValueError(f"q_offset ({q_offset}) must lie in [0, Lk - Lq] = [0, {Lk - Lq}]")
     if config is not None and not isinstance(config, StemConfig):
