@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from stem.dispatch import Executor
 
-__all__ = ["ReferenceExecutor", "reference_attention"]
+__all__ = ["ReferenceExecutor", "reference_attention", "run_varlen_per_sequence"]
 
 
 def reference_attention(q, k, v, plan, scale: float, return_lse: bool = False):
@@ -63,11 +63,36 @@ def reference_attention(q, k, v, plan, scale: float, return_lse: bool = False):
     return out, lse
 
 
+def run_varlen_per_sequence(forward, q, k, v, plan, scale: float, return_lse: bool):
+    """Run a VarlenBlockPlan one sequence at a time through ``forward(q, k, v, plan, scale,
+    return_lse)`` of (1, H, L, D) views (no copies of the inputs): out (total_q, Hq, D), lse
+    (Hq, total_q) or None. Sequences without queries are skipped."""
+    Hq = q.shape[1]
+    out = q.new_empty(q.shape)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty(Hq, q.shape[0], dtype=acc, device=q.device) if return_lse else None
+    a_q = a_k = 0
+    for b, (lq, lk) in enumerate(plan.seqlens):
+        if lq:
+            qs = q[a_q : a_q + lq].transpose(0, 1)[None]
+            ks, vs = (t[a_k : a_k + lk].transpose(0, 1)[None] for t in (k, v))
+            o, l_ = forward(qs, ks, vs, plan.sequence(b), scale, return_lse)
+            out[a_q : a_q + lq] = o[0].transpose(0, 1)
+            if lse is not None:
+                lse[:, a_q : a_q + lq] = l_[0]
+        a_q, a_k = a_q + lq, a_k + lk
+    return out, lse
+
+
 class ReferenceExecutor(Executor):
     name = "reference"
     priority = 0
     device_types = ("cpu", "cuda")
     description = "exact tiled softmax over the selected blocks (torch ops; the oracle)"
+    varlen = True
 
     def forward(self, q, k, v, plan, scale, return_lse):
         return reference_attention(q, k, v, plan, scale, return_lse)
+
+    def forward_varlen(self, q, k, v, plan, scale, return_lse):
+        return run_varlen_per_sequence(reference_attention, q, k, v, plan, scale, return_lse)

@@ -26,6 +26,7 @@ class DenseSDPAExecutor(Executor):
     description = "torch SDPA for plans that keep every causal block (dense layers, short inputs)"
     returns_lse = True  # on CPU (see supports)
     differentiable = True
+    varlen = True  # one SDPA call per sequence (a packed batch whose every sequence is dense)
 
     def supports(self, key):
         if not key.dense:
@@ -43,6 +44,11 @@ class DenseSDPAExecutor(Executor):
             with sdpa_kernel(_CUDA_ORDER, set_priority=True):
                 return self._forward(q, k, v, plan, scale)
         return self._forward(q, k, v, plan, scale)
+
+    def forward_varlen(self, q, k, v, plan, scale, return_lse):
+        from stem_backends.reference import run_varlen_per_sequence
+
+        return run_varlen_per_sequence(self.forward, q, k, v, plan, scale, return_lse)
 
     def _forward(self, q, k, v, plan, scale):
         Lq, Lk = q.shape[2], k.shape[2]

@@ -40,10 +40,12 @@ class DispatchKey:
     block_size: int
     dense: bool
     need_lse: bool
+    varlen: bool = False  # a packed variable-length batch (stem.varlen_attention)
 
     @classmethod
-    def of(cls, q: torch.Tensor, plan, need_lse: bool) -> DispatchKey:
-        return cls(q.device, q.dtype, int(q.shape[-1]), int(plan.block_size), bool(plan.dense), bool(need_lse))
+    def of(cls, q: torch.Tensor, plan, need_lse: bool, varlen: bool = False) -> DispatchKey:
+        return cls(q.device, q.dtype, int(q.shape[-1]), int(plan.block_size), bool(plan.dense), bool(need_lse),
+                   bool(varlen))
 
 
 class Executor:
@@ -54,6 +56,7 @@ class Executor:
     ``returns_lse``: whether ``forward`` can return the log-sum-exp.
     ``differentiable``: whether autograd can differentiate ``forward`` (``stem.attention``
     refuses inputs that require grad otherwise).
+    ``varlen``: whether ``forward_varlen`` runs packed variable-length batches.
     """
 
     name: str = "?"
@@ -62,6 +65,7 @@ class Executor:
     description: str = ""
     returns_lse: bool = True
     differentiable: bool = False
+    varlen: bool = False
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when usable on ``device``; else why not and how to fix it."""
@@ -83,6 +87,11 @@ class Executor:
     def forward(self, q, k, v, plan, scale: float, return_lse: bool):
         """Run the plan. q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (out (B, Hq, Lq, D) in q.dtype,
         lse float32 (B, Hq, Lq) or None)."""
+        raise NotImplementedError
+
+    def forward_varlen(self, q, k, v, plan, scale: float, return_lse: bool):
+        """Run a :class:`stem.VarlenBlockPlan` on a packed batch. q (total_q, Hq, D), k/v
+        (total_k, Hkv, D) -> (out (total_q, Hq, D) in q.dtype, lse float32 (Hq, total_q) or None)."""
         raise NotImplementedError
 
 
@@ -203,7 +212,10 @@ def get_executor(name: str, device: torch.device) -> Executor:
 
 
 def _cannot_run(ex: Executor, key: DispatchKey) -> str | None:
-    why = ex.unavailable_reason(key.device) or ex.supports(key)
+    why = ex.unavailable_reason(key.device)
+    if why is None and key.varlen and not ex.varlen:
+        why = "it does not run packed variable-length batches"
+    why = why or ex.supports(key)
     if why is None and key.need_lse and not ex.returns_lse:
         why = "it does not return the log-sum-exp (return_lse=True)"
     return why

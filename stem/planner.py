@@ -37,7 +37,8 @@ from .validation import on_device, validate_qkv
 __all__ = [
     "plan", "PooledStats", "pool", "pool_torch", "register_pooling", "poolings", "block_logits",
     "logits_from_stats", "select_blocks", "plan_from_stats", "dense_plan", "block_row_sums",
-    "group_max_value_norms", "bonus_from_group_max",
+    "group_max_value_norms", "bonus_from_group_max", "register_varlen_pooling", "pool_varlen_torch",
+    "plan_varlen_batched",
 ]
 
 log = logging.getLogger("stem")
@@ -334,3 +335,147 @@ def plan_validated(q, k, v, config: StemConfig, *, q_offset: int | None = None, 
         return dense_plan(B, Hq, Lq, Lk, bs, q.device, config, q_offset)
     with torch.no_grad(), on_device(q):
         return plan_from_stats(pool(q, k, v, config, q_offset, pooling), config, Lq, q_offset, n_total)
+
+
+# ---- packed variable-length batches (stem.varlen) --------------------------------------------------
+VarlenPoolFn = Callable[..., tuple]  # fn(q, k, v, cu_q, cu_k, lens, nQ, nK, config) -> (q_sum, k_sum, v_max)
+_VARLEN_POOLINGS: dict[str, tuple[VarlenPoolFn, tuple[str, ...]]] = {}
+
+
+def register_varlen_pooling(name: str, fn: VarlenPoolFn, device_types: tuple[str, ...] = ("cuda",)) -> None:
+    """Register a pooling kernel for packed batches: ``fn(q, k, v, cu_q, cu_k, lens, nQ, nK, config)``
+    returns padded ``(q_sum (B, Hq, nQ, S, D), k_sum (B, Hkv, nK, S, D), v_max (B, Hkv, nK * bs/S))``,
+    each sequence's part equal to :func:`pool_torch` of that sequence alone and zero elsewhere."""
+    _VARLEN_POOLINGS[name] = (fn, tuple(device_types))
+
+
+def pool_varlen_torch(q, k, v, cu_q, cu_k, lens, nQ: int, nK: int, config: StemConfig):
+    """The varlen pooling with torch ops, one sequence at a time (the reference for kernels)."""
+    B, Hq, Hkv, D = len(lens), q.shape[1], k.shape[1], q.shape[2]
+    bs, S = config.block_size, config.stride
+    acc = _acc_dtype(q)
+    q_sum = torch.zeros(B, Hq, nQ, S, D, dtype=acc, device=q.device)
+    k_sum = torch.zeros(B, Hkv, nK, S, D, dtype=acc, device=q.device)
+    v_max = torch.zeros(B, Hkv, nK * (bs // S), dtype=acc, device=q.device)
+    a_q = a_k = 0
+    for b, (lq, lk) in enumerate(lens):
+        if lq:
+            st = pool_torch(q[a_q : a_q + lq].transpose(0, 1)[None], k[a_k : a_k + lk].transpose(0, 1)[None],
+                            v[a_k : a_k + lk].transpose(0, 1)[None], config)
+            q_sum[b, :, : st.q_sum.shape[2]] = st.q_sum[0]
+            k_sum[b, :, : st.k_sum.shape[2]] = st.k_sum[0]
+            v_max[b, :, : st.v_max.shape[2]] = st.v_max[0]
+        a_q, a_k = a_q + lq, a_k + lk
+    return q_sum, k_sum, v_max
+
+
+def _varlen_templates(config: StemConfig, lens, dense, nQ: int, nK: int, dev):
+    """Per (sequence, row) ``keep`` bool (B, nQ, kmax) and ``forced`` int64 (B, nQ, sinks + window)
+    (sentinel nK) and the top-k width ``kmax``: the single-sequence templates of each sequence,
+    padded. Host arithmetic, one host-to-device copy, cached per batch geometry."""
+    from .varlen import _seq_geometry
+
+    key = ("varlen", config, tuple(lens), tuple(dense), nQ, nK, str(dev))
+    hit = _TEMPLATE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    bs = config.block_size
+    F_ = config.sink_blocks + config.window_blocks
+    parts = []
+    for (lq, lk), dn in zip(lens, dense):
+        off, qbo, nq, nk = _seq_geometry(lq, lk, bs)
+        if nq == 0:
+            parts.append(None)
+            continue
+        rows = torch.arange(nq) + qbo
+        if dn:  # every causal block: rank r kept iff r <= row
+            kmax_b = nk
+            keep = torch.arange(kmax_b)[None, :] < (rows + 1)[:, None]
+            forced = torch.full((nq, F_), nK, dtype=torch.int64)
+        else:
+            keep, forced, kmax_b = _row_templates(config, nk, qbo, nq, nk, torch.device("cpu"))
+            forced = torch.where(forced >= nk, nK, forced)
+        parts.append((keep, forced, nq))
+    kmax = max([p[0].shape[1] for p in parts if p is not None], default=1)
+    B = len(lens)
+    keep_all = torch.zeros(B, nQ, kmax, dtype=torch.bool)
+    forced_all = torch.full((B, nQ, F_), nK, dtype=torch.int64)
+    for b, p in enumerate(parts):
+        if p is not None:
+            keep, forced, nq = p
+            keep_all[b, :nq, : keep.shape[1]] = keep
+            forced_all[b, :nq] = forced
+    if len(_TEMPLATE_CACHE) > 512:
+        _TEMPLATE_CACHE.clear()
+    hit = _TEMPLATE_CACHE[key] = (keep_all.to(dev), forced_all.to(dev), kmax)
+    return hit
+
+
+def _varlen_bonus(v_max: torch.Tensor, config: StemConfig, nK: int, kv_lens: torch.Tensor) -> torch.Tensor:
+    """:func:`bonus_from_group_max` per sequence: (B, Hkv, nK), standardised over each sequence's
+    own valid groups (``ceil(len_k / S)``)."""
+    S = config.stride
+    G = v_max.shape[-1]
+    n_valid = (kv_lens + S - 1) // S  # (B,)
+    m = (torch.arange(G, device=v_max.device)[None, :] < n_valid[:, None])[:, None, :]  # (B, 1, G)
+    z = torch.log(v_max + 1e-6)
+    n = n_valid.to(z.dtype)[:, None, None]
+    mean = torch.where(m, z, 0).sum(-1, keepdim=True) / n.clamp(min=1)
+    var = torch.where(m, (z - mean) ** 2, 0).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
+    std = torch.where(n > 1, var.sqrt(), 0)
+    bonus = torch.where(m, config.value_weight * torch.relu((z - mean) / (std + 1e-6)), 0)
+    return bonus.unflatten(-1, (nK, config.block_size // S)).mean(-1)
+
+
+def plan_varlen_batched(q, k, v, cu_q, lens, dense, nQ: int, W: int, config: StemConfig, pooling: str = "auto"):
+    """All sequences of a packed batch planned together: one pooling pass (a registered varlen
+    kernel on the device, else torch per sequence), one block-logit GEMM over the padded pooled
+    statistics, one selection with each sequence's own budgets, sinks and window. Returns int32
+    ``(kv_counts (B, Hq, nQ), kv_indices (B, Hq, nQ, W))``. Equal per sequence to :func:`plan`
+    up to float32 summation order (ties at the budget boundary may break differently)."""
+    from .varlen import _seq_geometry
+
+    B, Hq, D = len(lens), q.shape[1], q.shape[2]
+    Hkv = k.shape[1]
+    dev, bs, S = q.device, config.block_size, config.stride
+    geo = [_seq_geometry(lq, lk, bs) for lq, lk in lens]
+    nK = max((g[3] for g in geo), default=1)
+    counts = torch.zeros(B, Hq, nQ, dtype=torch.int32, device=dev)
+    indices = torch.zeros(B, Hq, nQ, W, dtype=torch.int32, device=dev)
+    if B == 0 or nQ == 0:
+        return counts, indices
+    cu_k = torch.tensor([0] + [sum(lk for _, lk in lens[: i + 1]) for i in range(B)], dtype=torch.int32, device=dev)
+    fn = None
+    if pooling == "auto" and q.dtype != torch.float64:
+        poolings()  # loads the first-party kernels (they register their varlen variants too)
+        fn = next((f for f, devs in _VARLEN_POOLINGS.values() if dev.type in devs), None)
+    elif pooling not in ("auto", "torch"):
+        poolings()
+        if pooling not in _VARLEN_POOLINGS:
+            raise ValueError(f"unknown varlen planner pooling {pooling!r}; available: "
+                             f"{['auto', 'torch', *_VARLEN_POOLINGS]}")
+        fn = _VARLEN_POOLINGS[pooling][0]
+    fn = fn or pool_varlen_torch
+    q_sum, k_sum, v_max = fn(q, k, v, cu_q, cu_k, lens, nQ, nK, config)
+    G = Hq // Hkv
+    kv_lens = torch.tensor([lk for _, lk in lens], device=dev)
+    bonus = _varlen_bonus(v_max, config, nK, kv_lens)  # (B, Hkv, nK)
+    scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
+    logits = torch.matmul(q_sum.reshape(B, Hkv, G * nQ, S * D), k_sum.reshape(B, Hkv, nK, S * D).transpose(-1, -2))
+    logits.mul_(scale).view(B, Hkv, G, nQ, nK).add_(bonus[:, :, None, None, :].to(logits.dtype))
+    logits = logits.view(B, Hq, nQ, nK)
+    qbo = torch.tensor([g[1] for g in geo], device=dev)
+    rows = torch.arange(nQ, device=dev)[None, :] + qbo[:, None]  # (B, nQ) absolute block
+    noncausal = torch.arange(nK, device=dev)[None, None, :] > rows[:, :, None]  # (B, nQ, nK)
+    logits.masked_fill_(noncausal[:, None], float("-inf"))
+    keep, forced, kmax = _varlen_templates(config, lens, dense, nQ, nK, dev)
+    top = torch.topk(logits, min(kmax, nK), dim=-1, sorted=True).indices
+    keep = keep[..., : top.shape[-1]]
+    cand = torch.cat([torch.where(keep[:, None], top, nK), forced[:, None].expand(B, Hq, nQ, -1)], dim=-1)
+    cand = torch.sort(cand, dim=-1).values
+    cand[..., 1:].masked_fill_(cand[..., 1:] == cand[..., :-1], nK)
+    cand = torch.sort(cand, dim=-1).values[..., :W]
+    valid = cand < nK
+    counts.copy_(valid.sum(-1, dtype=torch.int32))
+    indices[..., : cand.shape[-1]] = torch.where(valid, cand, 0).to(torch.int32)
+    return counts, indices

@@ -34,6 +34,11 @@ ATTN_CASES = {
     "fp32_tma_descriptors": (2, 4, 2, 50, 120, 16, 32, "float32", None, {"use_tma": True, "block_n": 16}),
     "bf16_tma_descriptors": (1, 2, 1, 33, 99, 16, 16, "bfloat16", 40, {"use_tma": True}),
 }
+# packed batches: name -> (per-sequence (len_q, len_k), Hq, Hkv, D, block_size, dtype)
+VARLEN_CASES = {
+    "varlen_fp32_mixed": ([(50, 50), (0, 20), (30, 90), (77, 77)], 4, 2, 16, 16, "float32"),
+    "varlen_bf16_gqa4": ([(40, 40), (17, 60), (1, 33)], 4, 1, 16, 32, "bfloat16"),
+}
 # name -> (B, Hq, Hkv, Lq, Lk, D, block_size, stride, dtype, q_offset)
 POOL_CASES = {
     "pool_fp32_prefill": (1, 4, 2, 200, 200, 16, 32, 8, "float32", None),
@@ -85,6 +90,56 @@ def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, extra, seed):
     assert none is None and torch.equal(out2, out), "return_lse=False changed the output"
 
 
+def _random_varlen(lens, Hq, Hkv, D, bs, dt, gen):
+    from stem.varlen import VarlenBlockPlan
+
+    q = torch.randn(sum(a for a, _ in lens), Hq, D, generator=gen).to(dt)
+    k = torch.randn(sum(b for _, b in lens), Hkv, D, generator=gen).to(dt)
+    v = (torch.randn(k.shape, generator=gen) * 3 * torch.rand(k.shape[0], Hkv, 1, generator=gen)).to(dt)
+    plans = [_random_plan(1, Hq, lq, lk, bs, lk - lq, False, gen) if lq else None for lq, lk in lens]
+    nQ = max(p.num_q_blocks for p in plans if p is not None)
+    W = max(p.kv_indices.shape[-1] for p in plans if p is not None)
+    counts = torch.zeros(len(lens), Hq, nQ, dtype=torch.int32)
+    indices = torch.zeros(len(lens), Hq, nQ, W, dtype=torch.int32)
+    for b, p in enumerate(plans):
+        if p is not None:
+            counts[b, :, : p.num_q_blocks] = p.kv_counts[0]
+            indices[b, :, : p.num_q_blocks, : p.kv_indices.shape[-1]] = p.kv_indices[0]
+    cu = [torch.tensor([0] + [sum(x[j] for x in lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32)
+          for j in (0, 1)]
+    plan = VarlenBlockPlan(counts, indices, bs, cu[0], cu[1], max(a for a, _ in lens), max(b for _, b in lens))
+    return q, k, v, plan
+
+
+def _check_varlen(lens, Hq, Hkv, D, bs, dtype, seed):
+    from stem_backends.reference import reference_attention, run_varlen_per_sequence
+    from stem_backends.triton.executor import run_block_sparse_attention_varlen
+    from stem_backends.triton.planner import pool_triton_varlen
+
+    from stem.config import StemConfig
+    from stem.planner import pool_varlen_torch
+
+    gen = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    q, k, v, plan = _random_varlen(lens, Hq, Hkv, D, bs, dt, gen)
+    scale = 1.0 / math.sqrt(D)
+    out = torch.full_like(q, float("nan"))  # poisoned: unwritten rows stay NaN
+    lse = torch.full((Hq, q.shape[0]), float("nan"))
+    out, lse = run_block_sparse_attention_varlen(q, k, v, plan, scale, True, out=out, lse_out=lse)
+    ref, ref_lse = run_varlen_per_sequence(reference_attention, q, k, v, plan, scale, True)
+    assert torch.isfinite(out).all(), "non-finite output (a row was not written)"
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    tol = 1e-5 if dt == torch.float32 else 2e-2
+    assert err <= tol, f"relative error {err:.3e} > {tol}"
+    assert (lse.double() - ref_lse.double()).abs().max().item() <= 1e-4, "lse differs"
+    cfg = StemConfig(block_size=bs, stride=8)
+    nQ, nK = plan.num_q_blocks, max(-(-b // bs) for _, b in lens)
+    got = pool_triton_varlen(q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.seqlens, nQ, nK, cfg)
+    want = pool_varlen_torch(q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.seqlens, nQ, nK, cfg)
+    for name, a, b in zip(("q_sum", "k_sum", "v_max"), got, want):
+        assert a.shape == b.shape and torch.allclose(a, b.float(), rtol=1e-5, atol=1e-4), name
+
+
 def _check_pool(B, Hq, Hkv, Lq, Lk, D, bs, S, dtype, q_offset, seed):
     from stem_backends.triton.planner import pool_triton
 
@@ -122,6 +177,12 @@ def _child_main() -> None:
             results[name] = None
         except Exception:
             results[name] = traceback.format_exc(limit=4)
+    for i, (name, args) in enumerate(VARLEN_CASES.items()):
+        try:
+            _check_varlen(*args, seed=base + 50 + i)
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc(limit=4)
     for i, (name, args) in enumerate(POOL_CASES.items()):
         try:
             _check_pool(*args, seed=base + 100 + i)
@@ -146,7 +207,7 @@ def interpreted_results():
     return json.loads(lines[-1][len("STEM_RESULTS "):])
 
 
-@pytest.mark.parametrize("case", list(ATTN_CASES) + list(POOL_CASES))
+@pytest.mark.parametrize("case", list(ATTN_CASES) + list(VARLEN_CASES) + list(POOL_CASES))
 def test_interpreted_kernel(interpreted_results, case):
     assert case in interpreted_results, f"case {case} did not run"
     assert interpreted_results[case] is None, interpreted_results[case]

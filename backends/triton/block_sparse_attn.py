@@ -30,7 +30,7 @@ from triton import knobs
 
 from . import interpreter_compat
 
-__all__ = ["block_sparse_attention", "pick_tiles", "work_order"]
+__all__ = ["block_sparse_attention", "block_sparse_attention_varlen", "pick_tiles", "work_order"]
 
 _LOG2E = 1.4426950408889634
 
@@ -75,7 +75,7 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, kd, vd, kv_row0, ks, qpos, Lk, 
 
 @triton.jit
 def _stem_sparse_attn_fwd(
-    Q, K, V, O, LSE, COUNTS, INDICES, ORDER, KD, VD,
+    Q, K, V, O, LSE, COUNTS, INDICES, ORDER, KD, VD, CU_Q, CU_K,
     qk_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -83,11 +83,12 @@ def _stem_sparse_attn_fwd(
     stride_ob, stride_oh, stride_om,
     stride_cb, stride_ch, stride_ci,
     stride_ib, stride_ih, stride_ii,
+    stride_lb, stride_lh,
     B, HQ, NQ, Lq, Lk, q_offset, q_block_offset, GROUP,
     BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, W_P2: tl.constexpr,
     USE_ORDER: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     item = pid // SUB_M
@@ -103,21 +104,35 @@ def _stem_sparse_attn_fwd(
     hk = h // GROUP
     b64 = b.to(tl.int64)
 
-    ia = q_block_offset + i  # absolute query block
+    if VARLEN:  # packed batch: b is a sequence; its rows start at cu_seqlens[b] (strides over b are 0)
+        q_start = tl.load(CU_Q + b)
+        seq_lq = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seq_lk = tl.load(CU_K + b + 1) - k_start
+        seq_off = seq_lk - seq_lq  # the sequence's queries are its last seq_lq positions
+        seq_qbo = seq_off // BS
+    else:
+        q_start = tl.zeros([], dtype=tl.int32)
+        k_start = tl.zeros([], dtype=tl.int32)
+        seq_lq = Lq
+        seq_lk = Lk
+        seq_off = q_offset
+        seq_qbo = q_block_offset
+    ia = seq_qbo + i  # absolute query block
     qs = ia * BS + sm * BLOCK_M  # absolute position of the tile's first row
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qpos = qs + offs_m
-    rows = qpos - q_offset
-    row_ok = (rows >= 0) & (rows < Lq)
+    rows = qpos - seq_off
+    row_ok = (rows >= 0) & (rows < seq_lq)
 
-    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
     q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
     kv_row0 = (b * (HQ // GROUP) + hk) * Lk  # first row of this kv head in the (B*Hkv*Lk, D) view
 
     n = tl.load(COUNTS + b64 * stride_cb + h * stride_ch + i * stride_ci)
@@ -133,21 +148,21 @@ def _stem_sparse_attn_fwd(
     for t in range(0, n_full * SUB_N):
         blk = tl.load(idx_base + t // SUB_N)
         ks = blk * BS + (t % SUB_N) * BLOCK_N
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, kv_row0, ks, qpos, Lk,
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, kv_row0, ks, qpos, seq_lk,
                                    stride_kn, stride_vn, qk_scale, offs_n, offs_d, False, DOT_PREC, UPCAST, USE_TMA)
     for t in range(n_full * SUB_N, n * SUB_N):
         blk = tl.load(idx_base + t // SUB_N)
         ks = blk * BS + (t % SUB_N) * BLOCK_N
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, kv_row0, ks, qpos, Lk,
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, kv_row0, ks, qpos, seq_lk,
                                    stride_kn, stride_vn, qk_scale, offs_n, offs_d, True, DOT_PREC, UPCAST, USE_TMA)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh
+    o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
     tl.store(o_base + rows[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     if RETURN_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        tl.store(LSE + (b64 * HQ + h) * Lq + rows, lse, mask=row_ok)
+        tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows, lse, mask=row_ok)
 
 
 # Measured on one NVIDIA H200, B=1 Hq=32 Hkv=8 D=128 bf16, Stem plan at 128K (benchmarks/gpu_triton_check.py):
@@ -227,8 +242,19 @@ def block_sparse_attention(q, k, v, kv_counts, kv_indices, *, block_size: int, q
     else:
         use_tma, kd, vd = False, k, v
     grid = (nQ * B * Hq * (bs // bm),)
+    _launch(q, k, v, out, lse, kv_counts, kv_indices, order, kd, vd, None, None, scale, grid,
+            (Hq * Lq, Lq), B, Hq, nQ, Lq, Lk, q_offset, bs, bm, bn, nw, ns, W, schedule, return_lse, use_tma)
+    return out, (lse if return_lse else None)
+
+
+def _launch(q, k, v, out, lse, kv_counts, kv_indices, order, kd, vd, cu_q, cu_k, scale, grid, lse_strides,
+            B, Hq, nQ, Lq, Lk, q_offset, bs, bm, bn, nw, ns, W, schedule, return_lse, use_tma):
+    """The kernel launch shared by the batched (B, H, L, D) and the packed varlen layouts."""
+    varlen = cu_q is not None
+    D, Hkv = q.shape[-1], k.shape[1]
     _stem_sparse_attn_fwd[grid](
         q, k, v, out, lse, kv_counts, kv_indices, order, kd, vd,
+        cu_q if varlen else kv_counts, cu_k if varlen else kv_counts,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -236,11 +262,37 @@ def block_sparse_attention(q, k, v, kv_counts, kv_indices, *, block_size: int, q
         out.stride(0), out.stride(1), out.stride(2),
         kv_counts.stride(0), kv_counts.stride(1), kv_counts.stride(2),
         kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2),
+        *lse_strides,
         B, Hq, nQ, Lq, Lk, q_offset, q_offset // bs, Hq // Hkv,
         BS=bs, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, SUB_M=bs // bm, SUB_N=bs // bn,
         W_P2=max(16, triton.next_power_of_2(W)), USE_ORDER=schedule == "sorted", RETURN_LSE=return_lse,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=bool(knobs.runtime.interpret) and q.dtype == torch.bfloat16, USE_TMA=use_tma,
+        UPCAST=bool(knobs.runtime.interpret) and q.dtype == torch.bfloat16, USE_TMA=use_tma, VARLEN=varlen,
         num_warps=nw, num_stages=ns,
     )
+
+
+def block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_counts, kv_indices, *, block_size: int,
+                                  scale: float, return_lse: bool = False, out=None, lse_out=None,
+                                  block_m: int | None = None, block_n: int | None = None,
+                                  num_warps: int | None = None, num_stages: int | None = None):
+    """Launch the kernel on a packed batch: q (total_q, Hq, D), k/v (total_k, Hkv, D) (unit stride
+    on D), int32 cumulative lengths (B + 1,), kv_counts (B, Hq, nQ), kv_indices (B, Hq, nQ, W).
+    One launch for every sequence; each program reads its sequence's offsets and lengths from the
+    cumulative lengths (no padding, no host sync). Returns (out like q, lse float32 (Hq, total_q)
+    or None). K/V are read with plain loads (their rows are Hkv * D apart, not a TMA tile)."""
+    interpreter_compat()
+    Tq, Hq, D = q.shape
+    B, _, nQ, W = kv_indices.shape
+    bs = block_size
+    bm, bn, nw, ns = pick_tiles(bs, D, q.dtype, block_m, block_n, num_warps, num_stages)
+    out = torch.empty_like(q) if out is None else out
+    lse = (torch.empty(Hq, Tq, dtype=torch.float32, device=q.device) if lse_out is None else lse_out) \
+        if return_lse else out
+    q4, k4, v4, o4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v, out))  # (1, H, T, D) views
+    q4, k4, v4, o4 = (t.expand(B, -1, -1, -1) if B else t for t in (q4, k4, v4, o4))  # stride 0 over sequences
+    grid = (nQ * B * Hq * (bs // bm),)
+    if grid[0]:
+        _launch(q4, k4, v4, o4, lse, kv_counts, kv_indices, kv_counts, k4, v4, cu_seqlens_q, cu_seqlens_k, scale,
+                grid, (0, Tq), B, Hq, nQ, 0, 0, 0, bs, bm, bn, nw, ns, W, "reversed", return_lse, False)
     return out, (lse if return_lse else None)

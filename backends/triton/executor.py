@@ -14,7 +14,7 @@ import torch
 
 from stem.dispatch import Executor
 
-__all__ = ["TritonExecutor", "run_block_sparse_attention", "supports", "check_inputs", "DEFAULT_SCHEDULE"]
+__all__ = ["TritonExecutor", "run_block_sparse_attention", "run_block_sparse_attention_varlen", "supports", "check_inputs", "DEFAULT_SCHEDULE"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # "reversed" (late query blocks first, no sort) won on one NVIDIA H200 at 32K-128K by 1-4 % over
@@ -93,6 +93,28 @@ def run_block_sparse_attention(q, k, v, plan, scale: float, return_lse: bool = F
     )
 
 
+def run_block_sparse_attention_varlen(q, k, v, plan, scale: float, return_lse: bool = False, *, out=None,
+                                      lse_out=None, **tiles):
+    """Run a ``stem.VarlenBlockPlan`` on a packed batch in one launch: q (total_q, Hq, D), k/v
+    (total_k, Hkv, D) -> (out like q, lse float32 (Hq, total_q) or None). No host sync. Works on
+    CUDA, and on CPU tensors under TRITON_INTERPRET=1."""
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"triton executor: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    why = supports(q.dtype, q.shape[-1], plan.block_size)
+    if why is not None:
+        raise ValueError(f"triton executor cannot run these inputs: {why}")
+    if not (q.device == k.device == v.device == plan.device):
+        raise ValueError(f"triton executor: q, k, v and the plan must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}, {plan.device}")
+    from stem_backends.triton.block_sparse_attn import block_sparse_attention_varlen
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    indices = plan.kv_indices if plan.kv_indices.stride(-1) == 1 else plan.kv_indices.contiguous()
+    return block_sparse_attention_varlen(q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.kv_counts, indices,
+                                         block_size=plan.block_size, scale=scale, return_lse=return_lse, out=out,
+                                         lse_out=lse_out, **tiles)
+
+
 class TritonExecutor(Executor):
     name = "triton"
     priority = 50
@@ -113,8 +135,13 @@ class TritonExecutor(Executor):
             return f"compute capability {major}.{minor} < 8.0 (the kernel needs Ampere or newer)"
         return None
 
+    varlen = True
+
     def supports(self, key) -> str | None:
         return supports(key.dtype, key.head_dim, key.block_size)
 
     def forward(self, q, k, v, plan, scale, return_lse):
         return run_block_sparse_attention(q, k, v, plan, scale, return_lse)
+
+    def forward_varlen(self, q, k, v, plan, scale, return_lse):
+        return run_block_sparse_attention_varlen(q, k, v, plan, scale, return_lse)

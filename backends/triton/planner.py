@@ -11,9 +11,9 @@ import warnings
 
 import torch
 
-from stem.planner import PooledStats, pool_torch, register_pooling
+from stem.planner import PooledStats, pool_torch, register_pooling, register_varlen_pooling
 
-__all__ = ["register", "pool_triton"]
+__all__ = ["register", "pool_triton", "pool_triton_varlen"]
 
 
 def pool_triton(q, k, v, config, q_offset) -> PooledStats:
@@ -29,6 +29,13 @@ def pool_triton(q, k, v, config, q_offset) -> PooledStats:
     return PooledStats(q_sum, k_sum, v_max, q_offset // bs, k.shape[2])
 
 
+def pool_triton_varlen(q, k, v, cu_q, cu_k, lens, nQ, nK, config):
+    """``stem.planner.pool_varlen_torch`` of a packed batch in two Triton launches (float32)."""
+    from stem_backends.triton.block_pool import pooled_block_sums_varlen
+
+    return pooled_block_sums_varlen(q, k, v, lens, nQ, nK, config.block_size, config.stride)
+
+
 def register() -> None:
     """Register ``pool_triton`` for CUDA tensors, or warn why not."""
     if importlib.util.find_spec("triton") is None:
@@ -41,3 +48,4 @@ def register() -> None:
             )
         return
     register_pooling("triton", pool_triton, ("cuda",))
+    register_varlen_pooling("triton", pool_triton_varlen, ("cuda",))
