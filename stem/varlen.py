@@ -300,18 +300,21 @@ class VarlenBlockPlan:
             kind = flags.index(True)
             where = tuple(int(x) for x in bad[kind].nonzero()[0].tolist())
             b = where[0]
-            what = [
-                f"kv_counts[{', '.join(map(str, where))}] is outside [0, W={W}]",
-                f"kv_counts[{', '.join(map(str, where))}] is not 0 although sequence {b} has only {geo[b][2]} query "
-                f"blocks",
-                f"kv_indices[{', '.join(map(str, where))}] is negative",
-                f"kv_indices[{', '.join(map(str, where))}] = {int(idx[where])} is out of range: sequence {b} has "
-                f"{geo[b][3]} key blocks",
-                f"kv_indices[{', '.join(map(str, where))}] = {int(idx[where])} is not causal: that row is absolute "
-                f"block {geo[b][1] + where[2]} of sequence {b}",
-                f"kv_indices[{', '.join(map(str, where[:3]))}] is not strictly ascending in its first "
-                f"{int(counts[where[:3]])} slots",
-            ][kind]
+            at = ", ".join(map(str, where))
+            if kind == 0:
+                what = f"kv_counts[{at}] is outside [0, W={W}]"
+            elif kind == 1:
+                what = f"kv_counts[{at}] is not 0 although sequence {b} has only {geo[b][2]} query blocks"
+            elif kind == 2:
+                what = f"kv_indices[{at}] is negative"
+            elif kind == 3:
+                what = f"kv_indices[{at}] = {int(idx[where])} is out of range: sequence {b} has {geo[b][3]} key blocks"
+            elif kind == 4:
+                what = (f"kv_indices[{at}] = {int(idx[where])} is not causal: that row is absolute block "
+                        f"{geo[b][1] + where[2]} of sequence {b}")
+            else:
+                what = (f"kv_indices[{', '.join(map(str, where[:3]))}] is not strictly ascending in its first "
+                        f"{int(counts[where[:3]])} slots")
             raise ValueError(f"malformed VarlenBlockPlan: {what}; build plans with stem.plan_varlen or fix the "
                              f"tensors")
         self._checked = self._versions()
