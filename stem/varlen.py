@@ -543,10 +543,20 @@ def varlen_attention(
     Reads the cumulative lengths on the host once per call (the per-sequence block grid and
     budgets are host arithmetic). Forward only, like :func:`stem.attention`.
     """
-    from .dispatch import DispatchKey, resolve
-
     _check_packed(q, k, v)
     _check_cu(cu_seqlens_q, cu_seqlens_k, q.device)
+    lens = _read_lengths(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    mq, mk = _max_lengths(lens, max_seqlen_q, max_seqlen_k)
+    return _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, lens, mq, mk, config, plan, backend, scale,
+                             return_lse, return_plan)
+
+
+def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, lens, mq, mk, config, plan, backend, scale, return_lse,
+                      return_plan):
+    """:func:`varlen_attention` once the lengths are known on the host (the transformers integration
+    knows them from the padding mask and skips the read)."""
+    from .dispatch import DispatchKey, resolve
+
     scale = validate_scalars(scale, return_lse, return_plan, backend)
     if config is not None and not isinstance(config, StemConfig):
         raise TypeError(f"config must be a stem.StemConfig, got {type(config).__name__}")
@@ -556,8 +566,6 @@ def varlen_attention(
         if config is not None and config != plan.config:
             raise ValueError(f"config= and plan= disagree: the plan was made with {plan.config}, config= is {config}; "
                              "a plan runs as it was made, so pass only plan=")
-    lens = _read_lengths(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    mq, mk = _max_lengths(lens, max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     with on_device(q):
         if plan is None:

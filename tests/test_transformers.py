@@ -24,6 +24,8 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -162,21 +164,84 @@ def test_generate_dense_matches_sdpa(arch):
     assert counts["stem"] == 2 and counts["sdpa:decode (q_len == 1)"] == 2 * 7, counts
 
 
-# ---- (d) padded batch falls back --------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_padded_batch_falls_back_to_sdpa(arch):
-    model = BUILDERS[arch]()
+# ---- (d) padded batches run Stem, each row as if alone ------------------------------------------------
+def tiny_qwen2(**kw):
+    torch.manual_seed(3)
+    return Qwen2ForCausalLM(Qwen2Config(**_common(**kw))).eval()
+
+
+def tiny_mistral(**kw):
+    torch.manual_seed(4)
+    return MistralForCausalLM(MistralConfig(**_common(sliding_window=None, **kw))).eval()
+
+
+PADDED_BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3, "mistral": tiny_mistral}
+
+
+def padded_batch(lengths, side, seed):
+    """(input_ids, attention_mask, position_ids) of prompts of ``lengths`` padded on ``side``."""
+    L = max(lengths)
+    x = torch.zeros(len(lengths), L, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, n in enumerate(lengths):
+        sl = slice(L - n, L) if side == "left" else slice(0, n)
+        x[i, sl] = ids(n, seed=seed + i)[0]
+        mask[i, sl] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return x, mask, pos
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", list(PADDED_BUILDERS))
+def test_padded_batch_runs_stem_and_matches_each_prompt_alone(arch, side):
+    model = PADDED_BUILDERS[arch]()
+    lengths = [SPARSE_LEN + 37, 200, SPARSE_LEN + 130]  # sparse, dense (short) and sparse rows
+    x, mask, pos = padded_batch(lengths, side, seed=20)
+    sh.enable(model, sparse_schedule())
+    out = logits(model, x, "stem", attention_mask=mask, position_ids=pos)
+    assert sh.dispatch_counts() == {"stem:padded": 2}, sh.dispatch_counts()
+    dense = logits(model, x, "sdpa", attention_mask=mask, position_ids=pos)
+    L = x.shape[1]
+    for i, n in enumerate(lengths):
+        sl = slice(L - n, L) if side == "left" else slice(0, n)
+        sh.reset_dispatch_counts()
+        alone = logits(model, x[i : i + 1, sl], "stem")
+        assert sh.dispatch_counts() == {"stem": 2}
+        torch.testing.assert_close(out[i, sl], alone[0], rtol=1e-5, atol=1e-5)
+        if n > SPARSE_LEN:  # the sparse rows really ran sparse
+            assert (out[i, sl] - dense[i, sl]).abs().max() > 1e-4
+
+
+def test_generate_on_a_padded_batch_matches_one_prompt_at_a_time():
+    model = tiny_llama()
+    lengths = [SPARSE_LEN + 20, 150]
+    x, mask, _ = padded_batch(lengths, "left", seed=30)
+    sh.enable(model, sparse_schedule())
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        batch = model.generate(x, attention_mask=mask, **kw)
+    counts = sh.dispatch_counts()
+    assert counts["stem:padded"] == 2 and counts["sdpa:decode (q_len == 1)"] == 2 * 4, counts
+    L = x.shape[1]
+    for i, n in enumerate(lengths):
+        with torch.no_grad():
+            one = model.generate(x[i : i + 1, L - n :], **kw)
+        assert torch.equal(batch[i, L:], one[0, n:]), (i, batch[i, L:], one[0, n:])
+
+
+def test_padding_with_holes_is_not_padding():
+    """A row whose valid tokens are not contiguous is a custom mask: SDPA serves it, exactly."""
+    model = tiny_llama()
     x = ids(96, batch=2, seed=6)
     mask = torch.ones_like(x)
-    mask[1, :9] = 0  # left padding on row 1
+    mask[1, 40:45] = 0
     ref = logits(model, x, "sdpa", attention_mask=mask)
     sh.enable(model, sparse_schedule())
     out = logits(model, x, "stem", attention_mask=mask)
-    torch.testing.assert_close(out[:, 9:], ref[:, 9:], rtol=0, atol=0)
-    assert sh.dispatch_counts() == {"sdpa:padding or custom attention mask": 2}
-    # an all-ones mask is no padding: Stem serves it
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert sh.dispatch_counts() == {"sdpa:custom attention mask (not causal + padding)": 2}
     sh.reset_dispatch_counts()
-    logits(model, x, "stem", attention_mask=torch.ones_like(x))
+    logits(model, x, "stem", attention_mask=torch.ones_like(x))  # an all-ones mask is no padding
     assert sh.dispatch_counts() == {"stem": 2}
 
 
@@ -189,7 +254,7 @@ def test_packed_sequences_fall_back():
     sh.enable(model, all_dense())
     out = logits(model, x, "stem", position_ids=pos, use_cache=False)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    assert sh.dispatch_counts() == {"sdpa:padding or custom attention mask": 2}
+    assert sh.dispatch_counts() == {"sdpa:custom attention mask (not causal + padding)": 2}
 
 
 def test_sliding_window_layer_falls_back():

@@ -14,7 +14,8 @@ import torch
 
 from stem.dispatch import Executor
 
-__all__ = ["TritonExecutor", "run_block_sparse_attention", "run_block_sparse_attention_varlen", "supports", "check_inputs", "DEFAULT_SCHEDULE"]
+__all__ = ["TritonExecutor", "run_block_sparse_attention", "run_block_sparse_attention_varlen", "supports",
+           "check_inputs", "DEFAULT_SCHEDULE"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # "reversed" (late query blocks first, no sort) won on one NVIDIA H200 at 32K-128K by 1-4 % over

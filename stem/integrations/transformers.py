@@ -14,10 +14,16 @@ Routing (per attention call; nothing per architecture):
 * chunked prefill (q_len < kv_len, dynamic cache,
   no padding)                                       -> ``stem.attention`` with Lq < Lk (queries
                                                        are the last Lq positions)
-* decode (q_len == 1), padded batches, static-cache
-  prefill, sliding-window layers longer than the
-  window, dropout/autograd, attention bias/sinks/
-  softcap, unsupported dtypes, schedule disabled    -> transformers' own SDPA function, unchanged;
+* padded batches (left or right padding, as
+  ``generate`` and pipelines make them)              -> unpadded to ``stem.varlen_attention``: each
+                                                       row's tokens are one sequence, served as if
+                                                       it ran alone; padded query rows get 0
+* decode (q_len == 1), masks other than causal +
+  padding (packed sequences, custom masks), static-
+  cache prefill, sliding-window layers longer than
+  the window, dropout/autograd, attention bias/
+  sinks/softcap, unsupported dtypes, schedule
+  disabled                                          -> transformers' own SDPA function, unchanged;
                                                        the reason is logged once at DEBUG level
                                                        (logger ``stem.integrations.transformers``)
                                                        and counted in :func:`dispatch_counts`.
@@ -27,7 +33,10 @@ prefill and decode (so the attention function knows no mask is needed) and a boo
 when there is padding. For chunked prefill transformers always materialises a mask; when that
 mask is a plain bottom-right causal mask (no padding, dynamic cache, no custom mask pattern) the
 mask function marks the tensor (attribute ``_stem_causal_suffix``) so the attention function can
-serve it with Stem without reading the mask; any other mask goes to SDPA as is.
+serve it with Stem without reading the mask. When the mask is causal + padding and every row's
+valid tokens are contiguous, the mask function attaches the unpadding layout (attribute
+``_stem_padding``: cumulative lengths and gather indices, computed once per forward pass with one
+host synchronisation) and every layer unpads q/k/v with it; any other mask goes to SDPA as is.
 
 Per-layer schedule: :class:`StemModelConfig` (base :class:`stem.StemConfig`, dense layers, per-layer
 alpha, enabled flag, executor). :func:`enable` stores it on the model and on every attention module
@@ -82,6 +91,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 from ..api import attention as stem_attention
 from ..config import StemConfig
+from ..varlen import _varlen_attention
 
 __all__ = [
     "NAME",
@@ -100,6 +110,7 @@ NAME = "stem"
 log = logging.getLogger(__name__)
 
 _SUFFIX_TAG = "_stem_causal_suffix"  # set on a 4-D mask that is a plain bottom-right causal mask
+_PADDING_TAG = "_stem_padding"  # a _Padding set on a 4-D mask that is causal + contiguous padding
 _MODULE_ATTR = "_stem_model_config"
 _PREV_ATTR = "_stem_previous_attn_implementation"
 _CPU_ONLY_DTYPES = (torch.float64,)
@@ -245,7 +256,10 @@ def _fallback_reason(module, query, key, value, attention_mask, dropout, is_caus
     if attention_mask is not None:
         if q_len < kv_len and getattr(attention_mask, _SUFFIX_TAG, False):
             return None  # chunked prefill with a plain causal mask
-        return "padding or custom attention mask"
+        pad = getattr(attention_mask, _PADDING_TAG, None)
+        if pad is not None and (pad.batch, pad.q_len, pad.kv_len) == (query.shape[0], q_len, kv_len):
+            return None  # causal + padding: served unpadded
+        return "custom attention mask (not causal + padding)"
     if q_len < kv_len:
         # No mask while kv is longer: transformers skipped the mask because the cache is a
         # pre-allocated static buffer whose tail is empty (see _ignore_causal_mask_sdpa).
@@ -285,9 +299,73 @@ def stem_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
+    pad = getattr(attention_mask, _PADDING_TAG, None) if attention_mask is not None else None
+    if pad is not None:
+        _note("stem:padded")
+        return _padded_forward(query, key, value, pad, cfg, scaling, mcfg.backend), None
     _note("stem" if query.shape[2] == key.shape[2] else "stem:chunked")
     out = stem_attention(query, key, value, config=cfg, scale=scaling, backend=mcfg.backend)
     return out.transpose(1, 2).contiguous(), None
+
+
+@dataclass(frozen=True)
+class _Padding:
+    """How a padded batch unpacks: row b's valid keys are positions [start_b, end_b) of the kv
+    window; its valid queries are the query positions inside that range (a suffix of it)."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+    lens: tuple  # per row (len_q, len_k)
+    cu_q: torch.Tensor  # int32 (B + 1,)
+    cu_k: torch.Tensor
+    idx_q: torch.Tensor  # int64 (total_q,): rows of query.transpose(1, 2).reshape(B * q_len, ...)
+    idx_k: torch.Tensor  # int64 (total_k,): rows of key.transpose(1, 2).reshape(B * kv_len, ...)
+
+
+def _padding_layout(pad_mask: torch.Tensor, q_len: int, kv_len: int) -> _Padding | None:
+    """The unpadding layout of a bool (B, kv_len) padding mask, or None when some row's valid tokens
+    are not contiguous (then the mask is not plain padding). One host synchronisation."""
+    B = pad_mask.shape[0]
+    m = pad_mask.to(torch.bool)
+    n = m.sum(-1)
+    first = m.to(torch.int8).argmax(-1)
+    last = kv_len - 1 - m.flip(-1).to(torch.int8).argmax(-1)
+    n, first, last = torch.stack([n, first, last]).tolist()  # the one host sync of a padded forward pass
+    off = kv_len - q_len
+    lens, iq, ik = [], [], []
+    for b in range(B):
+        if n[b] == 0:
+            lens.append((0, 0))
+            continue
+        s, e = first[b], last[b] + 1
+        if e - s != n[b]:
+            return None  # holes inside a row: not padding
+        qs = max(s, off)
+        lq = max(0, e - qs)
+        lens.append((lq, e - s))
+        iq.append(torch.arange(qs - off, e - off) + b * q_len)
+        ik.append(torch.arange(s, e) + b * kv_len)
+    cu = torch.tensor([[0, 0]] + [[sum(x[0] for x in lens[: i + 1]), sum(x[1] for x in lens[: i + 1])]
+                                  for i in range(B)], dtype=torch.int32)
+    dev = pad_mask.device
+    none = torch.zeros(0, dtype=torch.int64)
+    return _Padding(B, q_len, kv_len, tuple(lens), cu[:, 0].contiguous().to(dev), cu[:, 1].contiguous().to(dev),
+                    (torch.cat(iq) if iq else none).to(dev), (torch.cat(ik) if ik else none).to(dev))
+
+
+def _padded_forward(query, key, value, pad: _Padding, cfg, scaling, backend) -> torch.Tensor:
+    """Unpad (B, H, L, D) q/k/v with the layout, run stem.varlen_attention, pad back to (B, Lq, H, D)."""
+    B, H, Lq, D = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    q = query.transpose(1, 2).reshape(B * Lq, H, D).index_select(0, pad.idx_q)
+    k = key.transpose(1, 2).reshape(B * Lk, Hkv, D).index_select(0, pad.idx_k)
+    v = value.transpose(1, 2).reshape(B * Lk, Hkv, D).index_select(0, pad.idx_k)
+    mq = max((a for a, _ in pad.lens), default=0)
+    mk = max((b for _, b in pad.lens), default=0)
+    out = _varlen_attention(q, k, v, pad.cu_q, pad.cu_k, pad.lens, mq, mk, cfg, None, backend, scaling, False, False)
+    full = out.new_zeros(B * Lq, H, D).index_copy_(0, pad.idx_q, out)
+    return full.view(B, Lq, H, D)
 
 
 def stem_mask(
@@ -316,11 +394,16 @@ def stem_mask(
         and isinstance(q_offset, int)  # static caches pass a tensor offset
         and kv_offset == 0
         and q_offset + q_length == kv_length  # queries are the last q_length keys (dynamic cache)
-        # One host sync per forward pass (the mask is built once per forward, not per layer):
-        # padding anywhere in the 2-D mask means the batch is padded -> leave it to SDPA.
-        and (attention_mask is None or bool(attention_mask[:, -kv_length:].all()))
     ):
-        setattr(mask, _SUFFIX_TAG, True)
+        if attention_mask is None:
+            setattr(mask, _SUFFIX_TAG, True)
+        elif attention_mask.dim() == 2 and attention_mask.shape[-1] >= kv_length:
+            # One host sync per forward pass (the mask is built once per forward, not per layer).
+            pad = _padding_layout(attention_mask[:, -kv_length:], q_length, kv_length)
+            if pad is not None and all(lk == kv_length for _, lk in pad.lens):
+                setattr(mask, _SUFFIX_TAG, True)  # no padding after all
+            elif pad is not None:
+                setattr(mask, _PADDING_TAG, pad)
     return mask
 
 
