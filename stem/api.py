@@ -96,8 +96,39 @@ def attention(
                              "a plan runs as it was made, so pass only plan=")
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
         return _empty(q, return_lse, return_plan)
+    if torch.compiler.is_compiling():
+        return _attention_traced(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset)
     with on_device(q):
         return _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset)
+
+
+def compile_unsupported(what: str) -> ValueError:
+    return ValueError(f"{what} is not supported inside torch.compile: a plan object is checked and built on the "
+                      f"host. Plan inside the compiled function (pass config=), or make and run plans eagerly")
+
+
+def _attention_traced(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset):
+    """The path torch.compile traces: host decisions made once at trace time, then two custom ops
+    (stem.ops): no graph break, no data-dependent guard."""
+    from .ops import config_json, decide
+
+    if plan is not None or return_plan:
+        raise compile_unsupported("plan= / return_plan=True")
+    config = StemConfig() if config is None else config
+    Lq, D, Lk = q.shape[2], q.shape[3], k.shape[2]
+    off = Lk - Lq if q_offset is None else q_offset
+    name, dense, differentiable, _ = decide(backend, q.device, q.dtype, D, Lq, Lk, q_offset, config, return_lse)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError("stem.attention is forward-only inside torch.compile (its ops have no backward): run the "
+                           "compiled prefill under torch.no_grad() or torch.inference_mode()")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    cfg = config_json(config)
+    if dense:
+        counts = indices = torch.empty(0, dtype=torch.int32, device=q.device)
+    else:
+        counts, indices = torch.ops.stem.plan(q, k, v, cfg, off, "auto")
+    out, lse = torch.ops.stem.execute(q, k, v, counts, indices, config.block_size, off, dense, name, scale, return_lse)
+    return (out, lse) if return_lse else out
 
 
 def _empty(q, return_lse, return_plan):

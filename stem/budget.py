@@ -6,6 +6,7 @@ import math
 from functools import lru_cache
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 __all__ = ["base_budget", "block_budgets", "is_dense_budget", "min_density"]
 
@@ -30,8 +31,10 @@ def _budgets(n: int, alpha: float, k_rate: float, k_bias: int) -> tuple[int, ...
     k0 = base_budget(n, k_rate, k_bias)
     if k0 >= n:
         return tuple([n] * n)
-    r = torch.linspace(k0, alpha * k0, n - k0, dtype=torch.float64)
-    decayed = torch.clamp(torch.floor(r), 1, k0).to(torch.int64).tolist()
+    # real host tensors even when called under a fake-tensor mode (torch.compile's shape pass)
+    with unset_fake_temporarily():
+        r = torch.linspace(k0, alpha * k0, n - k0, dtype=torch.float64, device="cpu")
+        decayed = torch.clamp(torch.floor(r), 1, k0).to(torch.int64).tolist()
     return tuple([k0] * k0 + decayed)
 
 

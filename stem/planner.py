@@ -38,7 +38,7 @@ __all__ = [
     "plan", "PooledStats", "pool", "pool_torch", "register_pooling", "poolings", "block_logits",
     "logits_from_stats", "select_blocks", "plan_from_stats", "dense_plan", "block_row_sums",
     "group_max_value_norms", "bonus_from_group_max", "register_varlen_pooling", "pool_varlen_torch",
-    "plan_varlen_batched",
+    "plan_varlen_batched", "plan_width",
 ]
 
 log = logging.getLogger("stem")
@@ -267,6 +267,18 @@ def _row_templates(config: StemConfig, n_total: int, q_block_offset: int, nQ: in
             _TEMPLATE_CACHE.clear()
         hit = _TEMPLATE_CACHE[key] = (keep.to(dev), forced.to(dev), kmax)
     return hit
+
+
+def plan_width(q_len: int, kv_len: int, q_offset: int, config: StemConfig) -> int:
+    """W, the last dimension of the plan :func:`plan` makes for these lengths (host arithmetic; the
+    compiled path's fake planner uses it)."""
+    bs = config.block_size
+    qbo, nQ, nK = block_geometry(q_len, kv_len, q_offset, bs)
+    n_total = _cdiv(kv_len, bs)
+    if config.dense or is_dense_budget(n_total, config.k_rate, config.k_bias):
+        return nK
+    kmax = min(max(block_budgets(n_total, config.alpha, config.k_rate, config.k_bias)[qbo : qbo + nQ]), nK)
+    return min(nK, kmax + config.sink_blocks + config.window_blocks)
 
 
 def dense_plan(

@@ -545,10 +545,36 @@ def varlen_attention(
     """
     _check_packed(q, k, v)
     _check_cu(cu_seqlens_q, cu_seqlens_k, q.device)
+    if torch.compiler.is_compiling():
+        return _varlen_traced(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config, plan, backend,
+                              scale, return_lse, return_plan)
     lens = _read_lengths(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     mq, mk = _max_lengths(lens, max_seqlen_q, max_seqlen_k)
     return _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, lens, mq, mk, config, plan, backend, scale,
                              return_lse, return_plan)
+
+
+def _varlen_traced(q, k, v, cu_q, cu_k, max_q, max_k, config, plan, backend, scale, return_lse, return_plan):
+    """What torch.compile traces: two custom ops (stem.ops); the lengths are read inside them."""
+    from .api import compile_unsupported
+    from .ops import config_json, decide_varlen
+
+    if plan is not None or return_plan:
+        raise compile_unsupported("plan= / return_plan=True")
+    if max_q is None or max_k is None:
+        raise ValueError("inside torch.compile, stem.varlen_attention needs max_seqlen_q and max_seqlen_k (they fix "
+                         "the plan's shape without reading the lengths)")
+    scale = validate_scalars(scale, return_lse, return_plan, backend)
+    config = StemConfig() if config is None else config
+    name, _ = decide_varlen(backend, q.device, q.dtype, q.shape[-1], config, return_lse)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError("stem.varlen_attention is forward-only inside torch.compile: run it under torch.no_grad()")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    counts, indices = torch.ops.stem.plan_varlen(q, k, v, cu_q, cu_k, max_q, max_k, config_json(config),
+                                                 backend == "auto")
+    out, lse = torch.ops.stem.execute_varlen(q, k, v, cu_q, cu_k, counts, indices, config.block_size, max_q, max_k,
+                                             name, scale, return_lse)
+    return (out, lse) if return_lse else out
 
 
 def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, lens, mq, mk, config, plan, backend, scale, return_lse,

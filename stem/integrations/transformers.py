@@ -254,8 +254,8 @@ def _fallback_reason(module, query, key, value, attention_mask, dropout, is_caus
     if q_len > kv_len:
         return "q_len > kv_len"
     if attention_mask is not None:
-        if q_len < kv_len and getattr(attention_mask, _SUFFIX_TAG, False):
-            return None  # chunked prefill with a plain causal mask
+        if getattr(attention_mask, _SUFFIX_TAG, False):
+            return None  # a plain causal mask (chunked prefill; prefill when the mask is materialised)
         pad = getattr(attention_mask, _PADDING_TAG, None)
         if pad is not None and (pad.batch, pad.q_len, pad.kv_len) == (query.shape[0], q_len, kv_len):
             return None  # causal + padding: served unpadded
@@ -269,7 +269,7 @@ def _fallback_reason(module, query, key, value, attention_mask, dropout, is_caus
 
 def _note(route: str) -> None:
     _COUNTS[route] += 1
-    if route not in _LOGGED:
+    if route not in _LOGGED and not torch.compiler.is_compiling():  # logging would break a compiled graph
         _LOGGED.add(route)
         log.debug("attention routed to %s", route)
 
