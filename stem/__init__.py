@@ -12,6 +12,7 @@ Public surface::
 Importing stem never imports triton or kernels.
 """
 
+from . import ops as _ops  # noqa: F401,E402  (registers the stem:: custom ops for torch.compile)
 from .api import attention, last_dispatch
 from .budget import block_budgets
 from .config import StemConfig
@@ -19,7 +20,6 @@ from .dispatch import Executor, executor_status, executors, register_executor
 from .plan import BlockPlan
 from .planner import plan
 from .varlen import VarlenBlockPlan, plan_varlen, varlen_attention
-from . import ops as _ops  # noqa: F401,E402  (registers the stem:: custom ops for torch.compile)
 
 __version__ = "0.1.0"
 

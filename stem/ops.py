@@ -84,8 +84,8 @@ def plan_op(q: Tensor, k: Tensor, v: Tensor, config: str, q_offset: int, pooling
 
 @plan_op.register_fake
 def _(q, k, v, config, q_offset, pooling):
-    from .planner import plan_width
     from .plan import block_geometry
+    from .planner import plan_width
 
     cfg = _config(config)
     _, nq, _ = block_geometry(q.shape[2], k.shape[2], q_offset, cfg.block_size)
