@@ -12,7 +12,6 @@ Public surface::
 Importing stem never imports triton or kernels.
 """
 
-from . import ops as _ops  # noqa: F401,E402  (registers the stem:: custom ops for torch.compile)
 from .api import attention, last_dispatch
 from .budget import block_budgets
 from .config import StemConfig

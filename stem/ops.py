@@ -14,9 +14,11 @@ config (the dense shortcut, the executor choice) are made once at trace time
     stem::execute_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_counts, kv_indices, block_size,
                          max_seqlen_q, max_seqlen_k, backend, scale, return_lse) -> (out, lse)
 
-``config`` is the StemConfig as JSON; ``lse`` is an empty tensor when not asked for. The varlen ops
-read the cumulative lengths on the host inside the op (so a compiled varlen call needs
-``max_seqlen_q``/``max_seqlen_k`` given: they fix the plan's shape).
+The module is imported (and the ops registered) by the first call that torch.compile traces, so
+``import stem`` stays light (no torch._dynamo, no triton). ``config`` is the StemConfig as JSON;
+``lse`` is an empty tensor when not asked for. The varlen ops read the cumulative lengths on the
+host inside the op (so a compiled varlen call needs ``max_seqlen_q``/``max_seqlen_k`` given: they
+fix the plan's shape).
 """
 
 from __future__ import annotations

@@ -67,11 +67,19 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", help="stem.attention backend (default auto)")
     p.add_argument("--allow-reference", action="store_true",
                    help="allow the (slow) reference executor on CUDA instead of failing")
+    p.add_argument("--padded-batch", type=int, nargs="+", default=None, metavar="N",
+                   help="instead of --lengths: one left-padded batch of prompts of these lengths (as generate "
+                        "makes them); Stem serves it unpadded (stem.varlen_attention)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(fullgraph=True) of the whole forward (use_cache=True) for both "
+                        "methods; whole-forward times only")
     p.add_argument("--tiny", action="store_true", help="tiny model, short lengths, CPU: a quick code-path test")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     tiny = a.tiny
+    if a.padded_batch:
+        a.lengths = [max(a.padded_batch)]
     a.lengths = sorted(a.lengths or ([128, 960] if tiny else [32768, 65536, 131072]))
     a.layers = a.layers or (2 if tiny else 4)
     a.full_layers = a.full_layers or (4 if tiny else FULL_LAYERS_8B)
@@ -205,18 +213,31 @@ def probe_executor(args, device, dtype, stem_cfg) -> str:
     return why
 
 
-def measure(model, x, method, timer: TimedAttention, device, args, bar) -> dict:
+def model_inputs(args, L, vocab, device) -> dict:
+    """input_ids (and for --padded-batch the attention mask and position ids) of one forward."""
+    g = torch.Generator(device=device).manual_seed(args.seed + L)
+    if not args.padded_batch:
+        return {"input_ids": torch.randint(0, vocab, (1, L), device=device, generator=g)}
+    B = len(args.padded_batch)
+    x = torch.randint(0, vocab, (B, L), device=device, generator=g)
+    mask = torch.zeros(B, L, dtype=torch.long, device=device)
+    for i, n in enumerate(args.padded_batch):
+        mask[i, L - n:] = 1  # left padding, as generate() makes it
+    return {"input_ids": x, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def measure(model, inputs, method, timer: TimedAttention, device, args, bar) -> dict:
     sh = timer.sh
     model.set_attn_implementation(f"bench_{method}")
 
     def forward():
         with torch.inference_mode():
-            model(x, logits_to_keep=1, use_cache=False)
+            model(**inputs, logits_to_keep=1, use_cache=False)
         bar.update(1)
 
     # first warm-up forward: untimed, records the plans' densities and the dispatch routes
     timer.marks = []
-    timer.inspect = method == "stem"
+    timer.inspect = method == "stem" and not args.padded_batch
     sh.reset_dispatch_counts()
     forward()
     timer.inspect = False
@@ -250,10 +271,34 @@ def measure(model, x, method, timer: TimedAttention, device, args, bar) -> dict:
         res.update(
             dense_layer_attn_ms=statistics.fmean(dense) if dense else None,
             sparse_layer_attn_ms=statistics.fmean(sparse),
-            sparse_layer_density=[timer.density[j] for j in sorted(timer.density)],
+            sparse_layer_density=[timer.density[j] for j in sorted(timer.density)] or None,
         )
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return res
+
+
+def measure_compiled(model, inputs, device, args) -> dict:
+    """Whole-forward medians, eager against torch.compile(fullgraph=True), for SDPA and Stem (with a
+    cache: without one transformers adds a packed-sequence mask under compile that Stem leaves to
+    SDPA). Compilation happens in the warm-up runs."""
+    res = {}
+    for method in ("sdpa", "stem"):
+        model.set_attn_implementation(method)
+
+        def fwd(**kw):
+            return model(**kw, logits_to_keep=1, use_cache=True).logits
+
+        for mode in ("eager", "compiled"):
+            torch._dynamo.reset()
+            fn = fwd if mode == "eager" else torch.compile(fwd, fullgraph=True)
+            try:
+                with torch.inference_mode():
+                    res[f"{method}_{mode}_ms"] = time_ms(lambda fn=fn: fn(**inputs), reps=args.iters,
+                                                         warmup=max(2, args.warmup), device=device)
+            except Exception as e:  # report, do not hide: a compile failure is a result
+                res[f"{method}_{mode}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    torch._dynamo.reset()
     return res
 
 
@@ -325,6 +370,9 @@ def table(data) -> str:
             f"{100 * t['attn_share']:>4.0f}% | {r['speedup']:>6.2f}x || {c['sdpa_ms']:>10.1f} {c['stem_ms']:>10.1f} "
             f"{c['speedup']:>6.2f}x"
         )
+        if "compiled" in r:
+            lines.append("         compiled forward (use_cache=True): " + ", ".join(
+                f"{k[:-3]} {v:.1f} ms" if k.endswith("_ms") else f"{k}: {v}" for k, v in r["compiled"].items()))
     return "\n".join(lines)
 
 
@@ -370,7 +418,8 @@ def main(argv=None) -> dict:
         "stem": {"schedule": schedule.to_dict(), "executor_probe": why},
         "timing": {"warmup": args.warmup, "iters": args.iters, "statistic": "median",
                    "clock": "stem.bench.time_ms: " + ("cuda events" if clock.cuda else "perf_counter"),
-                   "forward": "model(input_ids, logits_to_keep=1, use_cache=False), batch 1, inference_mode",
+                   "forward": "model(input_ids, logits_to_keep=1, use_cache=False), inference_mode; "
+                              + (f"a left-padded batch of {args.padded_batch}" if args.padded_batch else "batch 1"),
                    "attention": "per-layer marks around the attention function in the same forwards "
                                 "(Stem: planning + execution)"},
         "lengths": args.lengths,
@@ -387,15 +436,16 @@ def main(argv=None) -> dict:
     bar = _progress(len(args.lengths) * 2 * (args.warmup + args.iters), args.no_progress)
     for L in args.lengths:
         bar.set_postfix_str(f"L={L}")
-        x = torch.randint(0, cfg.vocab_size, (1, L), device=device,
-                          generator=torch.Generator(device=device).manual_seed(args.seed + L))
+        inputs = model_inputs(args, L, cfg.vocab_size, device)
         row: dict = {"length": L}
+        if args.padded_batch:
+            row["batch_lengths"] = list(args.padded_batch)
         for method in ("sdpa", "stem"):
             if clock.cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                row[method] = measure(model, x, method, timer, device, args, bar)
+                row[method] = measure(model, inputs, method, timer, device, args, bar)
             except torch.cuda.OutOfMemoryError as e:
                 row[method] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
                 if clock.cuda:
@@ -404,6 +454,8 @@ def main(argv=None) -> dict:
             row["speedup"] = row["sdpa"]["ttft_ms"] / row["stem"]["ttft_ms"]
             row["attn_speedup"] = row["sdpa"]["attn_ms"] / row["stem"]["attn_ms"]
             row["scaled"] = scale(row, args)
+        if args.compile:
+            row["compiled"] = measure_compiled(model, inputs, device, args)
         data["results"].append(row)
         with open(json_path, "w") as f:  # rewritten after every length: partial results survive
             json.dump(data, f, indent=1)

@@ -111,6 +111,7 @@ log = logging.getLogger(__name__)
 
 _SUFFIX_TAG = "_stem_causal_suffix"  # set on a 4-D mask that is a plain bottom-right causal mask
 _PADDING_TAG = "_stem_padding"  # a _Padding set on a 4-D mask that is causal + contiguous padding
+_COMPILED_PADDING_TAG = "_stem_padding_compiled"  # causal + padding seen while torch.compile traces
 _MODULE_ATTR = "_stem_model_config"
 _PREV_ATTR = "_stem_previous_attn_implementation"
 _CPU_ONLY_DTYPES = (torch.float64,)
@@ -259,6 +260,9 @@ def _fallback_reason(module, query, key, value, attention_mask, dropout, is_caus
         pad = getattr(attention_mask, _PADDING_TAG, None)
         if pad is not None and (pad.batch, pad.q_len, pad.kv_len) == (query.shape[0], q_len, kv_len):
             return None  # causal + padding: served unpadded
+        if getattr(attention_mask, _COMPILED_PADDING_TAG, False):
+            return "padded batch inside torch.compile (unpadding reads the lengths on the host; run padded " \
+                   "prefill eagerly)"
         return "custom attention mask (not causal + padding)"
     if q_len < kv_len:
         # No mask while kv is longer: transformers skipped the mask because the cache is a
@@ -397,6 +401,8 @@ def stem_mask(
     ):
         if attention_mask is None:
             setattr(mask, _SUFFIX_TAG, True)
+        elif torch.compiler.is_compiling():
+            setattr(mask, _COMPILED_PADDING_TAG, True)  # unpadding needs the lengths on the host
         elif attention_mask.dim() == 2 and attention_mask.shape[-1] >= kv_length:
             # One host sync per forward pass (the mask is built once per forward, not per layer).
             pad = _padding_layout(attention_mask[:, -kv_length:], q_length, kv_length)
