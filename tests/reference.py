@@ -100,8 +100,8 @@ def masked_attention64(q, k, v, block_mask, block_size, scale=None) -> torch.Ten
     v = v.repeat_interleave(Hq // Hkv, 1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
-    qpos = torch.arange(Lq) + (Lk - Lq)
-    kpos = torch.arange(Lk)
+    qpos = torch.arange(Lq, device=q.device) + (Lk - Lq)
+    kpos = torch.arange(Lk, device=q.device)
     qbo = (Lk - Lq) // block_size
     qb = qpos // block_size - qbo
     kb = kpos // block_size
