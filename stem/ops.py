@@ -137,7 +137,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config, a
     from .varlen import varlen_plan_shape
 
     B, H, nq, w = varlen_plan_shape(cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k,
-                                    _config(config))
+                                    _config(config), auto_dense and q.device.type == "cuda")
     return q.new_empty(B, H, nq, dtype=torch.int32), q.new_empty(B, H, nq, w, dtype=torch.int32)
 
 

@@ -481,6 +481,9 @@ def plan_varlen_batched(q, k, v, cu_q, lens, dense, nQ: int, W: int, config: Ste
     noncausal = torch.arange(nK, device=dev)[None, None, :] > rows[:, :, None]  # (B, nQ, nK)
     logits.masked_fill_(noncausal[:, None], float("-inf"))
     keep, forced, kmax = _varlen_templates(config, lens, dense, nQ, nK, dev)
+    if min(nK, kmax + forced.shape[-1]) > W:  # host arithmetic: a row could need more slots than the plan has
+        raise RuntimeError(f"stem internal error: varlen plan width {W} < {min(nK, kmax + forced.shape[-1])} "
+                           f"needed by the batch's budgets; please report this with the sequence lengths")
     top = torch.topk(logits, min(kmax, nK), dim=-1, sorted=True).indices
     keep = keep[..., : top.shape[-1]]
     cand = torch.cat([torch.where(keep[:, None], top, nK), forced[:, None].expand(B, Hq, nQ, -1)], dim=-1)

@@ -54,17 +54,21 @@ def _width_bound(n_kv_blocks: int, config: StemConfig) -> int:
     return max(1, min(n_kv_blocks, widest + config.sink_blocks + config.window_blocks))
 
 
-def varlen_plan_shape(batch: int, heads: int, max_seqlen_q: int, max_seqlen_k: int,
-                      config: StemConfig) -> tuple[int, int, int, int]:
+def varlen_plan_shape(batch: int, heads: int, max_seqlen_q: int, max_seqlen_k: int, config: StemConfig,
+                      auto_dense: bool = False) -> tuple[int, int, int, int]:
     """(B, Hq, nQ, W) of the plan of a packed batch, from shapes and the longest lengths alone
     (so compiled code knows it without reading the lengths): nQ rows per sequence and a row width
-    W that fit every sequence of at most those lengths."""
+    W that fit every sequence of at most those lengths. With ``auto_dense`` (``backend="auto"`` on
+    CUDA, where a sequence may take the dense shortcut of ``StemConfig.auto_dense_above``) a row may
+    hold every causal block, so W is the longest sequence's block count."""
     bs = config.block_size
     if max_seqlen_q == 0:
         return batch, heads, 0, 1
-    nq = min(_cdiv(max_seqlen_q, bs) + (max_seqlen_q % bs != 0 or max_seqlen_q < max_seqlen_k),
-             _cdiv(max_seqlen_k, bs))
-    return batch, heads, nq, _width_bound(_cdiv(max_seqlen_k, bs), config)
+    nk = _cdiv(max_seqlen_k, bs)
+    nq = min(_cdiv(max_seqlen_q, bs) + (max_seqlen_q % bs != 0 or max_seqlen_q < max_seqlen_k), nk)
+    if auto_dense and config.auto_dense_above <= 1.0:
+        return batch, heads, nq, nk
+    return batch, heads, nq, _width_bound(nk, config)
 
 
 # ---- input checks -----------------------------------------------------------------------------------
@@ -430,8 +434,9 @@ def plan_varlen_rows(q, k, v, cu_q, lens, max_q: int, max_k: int, config: StemCo
     from .planner import dense_plan, plan_validated
 
     B, Hq = len(lens), q.shape[1]
-    _, _, nQ, W = varlen_plan_shape(B, Hq, max_q, max_k, config)
     dev, bs = q.device, config.block_size
+    auto_dense = auto_dense and dev.type == "cuda"  # the shortcut is a CUDA speed rule (see auto_dense_reason)
+    _, _, nQ, W = varlen_plan_shape(B, Hq, max_q, max_k, config, auto_dense)
     dense = [_dense_seq(lq, lk, config, dev.type, auto_dense) for lq, lk in lens]
     all_dense = all(dense)
     if impl == "auto":
