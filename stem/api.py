@@ -110,19 +110,20 @@ def compile_unsupported(what: str) -> ValueError:
 def _attention_traced(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset):
     """The path torch.compile traces: host decisions made once at trace time, then two custom ops
     (stem.ops): no graph break, no data-dependent guard."""
-    from .ops import config_json, decide
+    from .ops import config_fields, config_json, decide
 
     if plan is not None or return_plan:
         raise compile_unsupported("plan= / return_plan=True")
     config = StemConfig() if config is None else config
     Lq, D, Lk = q.shape[2], q.shape[3], k.shape[2]
     off = Lk - Lq if q_offset is None else q_offset
-    name, dense, differentiable, _ = decide(backend, q.device, q.dtype, D, Lq, Lk, q_offset, config, return_lse)
+    fields = config_fields(config)
+    name, dense, differentiable, _ = decide(backend, q.device, q.dtype, D, Lq, Lk, q_offset, fields, return_lse)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError("stem.attention is forward-only inside torch.compile (its ops have no backward): run the "
                            "compiled prefill under torch.no_grad() or torch.inference_mode()")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    cfg = config_json(config)
+    cfg = config_json(fields)
     if dense:
         counts = indices = torch.empty(0, dtype=torch.int32, device=q.device)
     else:

@@ -23,6 +23,7 @@ fix the plan's shape).
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 
 import torch
@@ -30,7 +31,8 @@ from torch import Tensor
 
 from .config import StemConfig
 
-__all__ = ["plan_op", "execute_op", "plan_varlen_op", "execute_varlen_op", "decide", "decide_varlen"]
+__all__ = ["plan_op", "execute_op", "plan_varlen_op", "execute_varlen_op", "decide", "decide_varlen", "config_fields",
+           "config_json"]
 
 
 @lru_cache(maxsize=64)
@@ -43,20 +45,36 @@ def _lse_like(q: Tensor, shape) -> Tensor:
 
 
 # ---- trace-time decisions ------------------------------------------------------------------------
+# A StemConfig crosses into these functions as a tuple of its field values: some torch releases
+# cannot pass a frozen dataclass instance to a function whose result is assumed constant.
+_FIELDS = tuple(f.name for f in dataclasses.fields(StemConfig))
+
+
+def config_fields(config: StemConfig) -> tuple:
+    """The config's field values, in field order (plain attribute reads: traceable)."""
+    return tuple(getattr(config, name) for name in _FIELDS)
+
+
+@lru_cache(maxsize=64)
+def _from_fields(fields: tuple) -> StemConfig:
+    return StemConfig(**dict(zip(_FIELDS, fields)))
+
+
 @torch.compiler.assume_constant_result
-def config_json(config: StemConfig) -> str:
-    return config.to_json()
+def config_json(fields: tuple) -> str:
+    return _from_fields(fields).to_json()
 
 
 @torch.compiler.assume_constant_result
 def decide(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, q_len: int, kv_len: int,
-           q_offset: int | None, config: StemConfig, need_lse: bool) -> tuple:
+           q_offset: int | None, fields: tuple, need_lse: bool) -> tuple:
     """(executor name, dense plan?, differentiable?, why) for a (B, H, L, D) call: what the eager
-    path decides for the same shapes and config."""
+    path decides for the same shapes and config (``fields``: :func:`config_fields`)."""
     from .api import auto_dense_reason
     from .budget import is_dense_budget
     from .dispatch import DispatchKey, resolve
 
+    config = _from_fields(fields)
     shortcut = backend == "auto" and auto_dense_reason(device.type, q_len, kv_len, config, q_offset) is not None
     n = -(-kv_len // config.block_size)
     dense = shortcut or config.dense or is_dense_budget(n, config.k_rate, config.k_bias)
@@ -65,11 +83,13 @@ def decide(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int
 
 
 @torch.compiler.assume_constant_result
-def decide_varlen(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, config: StemConfig,
+def decide_varlen(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, fields: tuple,
                   need_lse: bool) -> tuple:
     """(executor name, why) for a packed batch (planned sparse: which sequences are dense is only
     known from the lengths, inside the ops)."""
     from .dispatch import DispatchKey, resolve
+
+    config = _from_fields(fields)
 
     ex, why = resolve(backend, DispatchKey(device, dtype, head_dim, config.block_size, config.dense, need_lse, True))
     return ex.name, why

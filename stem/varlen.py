@@ -562,7 +562,7 @@ def varlen_attention(
 def _varlen_traced(q, k, v, cu_q, cu_k, max_q, max_k, config, plan, backend, scale, return_lse, return_plan):
     """What torch.compile traces: two custom ops (stem.ops); the lengths are read inside them."""
     from .api import compile_unsupported
-    from .ops import config_json, decide_varlen
+    from .ops import config_fields, config_json, decide_varlen
 
     if plan is not None or return_plan:
         raise compile_unsupported("plan= / return_plan=True")
@@ -571,11 +571,12 @@ def _varlen_traced(q, k, v, cu_q, cu_k, max_q, max_k, config, plan, backend, sca
                          "the plan's shape without reading the lengths)")
     scale = validate_scalars(scale, return_lse, return_plan, backend)
     config = StemConfig() if config is None else config
-    name, _ = decide_varlen(backend, q.device, q.dtype, q.shape[-1], config, return_lse)
+    fields = config_fields(config)
+    name, _ = decide_varlen(backend, q.device, q.dtype, q.shape[-1], fields, return_lse)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError("stem.varlen_attention is forward-only inside torch.compile: run it under torch.no_grad()")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    counts, indices = torch.ops.stem.plan_varlen(q, k, v, cu_q, cu_k, max_q, max_k, config_json(config),
+    counts, indices = torch.ops.stem.plan_varlen(q, k, v, cu_q, cu_k, max_q, max_k, config_json(fields),
                                                  backend == "auto")
     out, lse = torch.ops.stem.execute_varlen(q, k, v, cu_q, cu_k, counts, indices, config.block_size, max_q, max_k,
                                              name, scale, return_lse)

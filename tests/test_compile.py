@@ -72,16 +72,17 @@ def test_fake_shapes_equal_real_shapes(gen):
     """The fake implementations promise the shapes the real ops return (W included)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from stem.ops import config_json
+    from stem.ops import config_fields, config_json
 
     cases = [(1000, 1000, 0), (600, 1000, 400), (1, 1000, 999), (700, 3000, 2300), (300, 300, 0)]
     for alpha in (1.0, 0.5):
         cfg = CFG.replace(alpha=alpha)
         for Lq, Lk, off in cases:
             q, k, v = rand_qkv(gen, 1, 2, 1, Lq, Lk, 8)
-            real = torch.ops.stem.plan(q, k, v, config_json(cfg), off, "auto")
+            real = torch.ops.stem.plan(q, k, v, config_json(config_fields(cfg)), off, "auto")
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                fake = torch.ops.stem.plan(*(mode.from_tensor(t) for t in (q, k, v)), config_json(cfg), off, "auto")
+                fake = torch.ops.stem.plan(*(mode.from_tensor(t) for t in (q, k, v)), config_json(config_fields(cfg)),
+                                           off, "auto")
             assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real], (Lq, Lk, off, alpha)
 
 

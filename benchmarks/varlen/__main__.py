@@ -162,10 +162,18 @@ def main(argv=None) -> dict:
         except ImportError:
             varlen_attn = None
         if varlen_attn is not None and dev.type == "cuda":
-            G = q.shape[1] // k.shape[1]
-            kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # varlen_attn takes Hq == Hkv
-            run("dense_varlen", lambda: varlen_attn(q, kr, vr, cu, cu, mx, mx, is_causal=True),
-                note="K/V repeated to Hq heads outside the timed region")
+            import inspect
+
+            params = inspect.signature(varlen_attn).parameters  # its keywords changed across torch releases
+            kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+            if "enable_gqa" in params:
+                kr, vr, note = k, v, "enable_gqa=True"
+                kw["enable_gqa"] = True
+            else:
+                G = q.shape[1] // k.shape[1]
+                kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+                note = "K/V repeated to Hq heads outside the timed region (this torch has no enable_gqa)"
+            run("dense_varlen", lambda: varlen_attn(q, kr, vr, cu, cu, mx, mx, **kw), note=note, kwargs=str(kw))
         else:
             results["dense_varlen"] = {"ms": None, "error": "torch.nn.attention.varlen.varlen_attn unavailable"}
         run("dense_per_seq", lambda: dense_per_seq(q, k, v, L))
