@@ -219,8 +219,10 @@ _LOGGED: set[str] = set()
 
 
 def dispatch_counts() -> dict[str, int]:
-    """How many attention calls went to Stem (``"stem"``, ``"stem:chunked"``) or SDPA
-    (``"sdpa:<reason>"``) since the last :func:`reset_dispatch_counts`."""
+    """How many eager attention calls went to Stem (``"stem"``, ``"stem:chunked"``,
+    ``"stem:padded"``) or SDPA (``"sdpa:<reason>"``) since the last :func:`reset_dispatch_counts`.
+    Calls inside a ``torch.compile``d graph are not counted (a counter there would force a
+    recompilation per call); ``torch._dynamo.explain`` shows their ``stem::`` ops instead."""
     return dict(_COUNTS)
 
 
@@ -272,8 +274,11 @@ def _fallback_reason(module, query, key, value, attention_mask, dropout, is_caus
 
 
 def _note(route: str) -> None:
+    if torch.compiler.is_compiling():
+        # counting inside a compiled graph would guard on the counter's value and recompile every call
+        return
     _COUNTS[route] += 1
-    if route not in _LOGGED and not torch.compiler.is_compiling():  # logging would break a compiled graph
+    if route not in _LOGGED:
         _LOGGED.add(route)
         log.debug("attention routed to %s", route)
 
