@@ -185,6 +185,20 @@ class HubExecutor(Executor):
                 "head dim 64 or 128 and 128- or 256-token blocks), which is slower than triton")
         return answer
 
+    @property
+    def varlen(self) -> bool:  # type: ignore[override]
+        """Packed batches run where the loaded kernel has the varlen op (builds from this source)."""
+        mod, _ = self.load()
+        return mod is not None and hasattr(mod, "block_sparse_attn_varlen_fwd")
+
+    def forward_varlen(self, q, k, v, plan, scale, return_lse):
+        mod, reason = self.load()
+        if mod is None:
+            raise RuntimeError(f"stem backend 'hub' is unavailable: {reason}")
+        return mod.block_sparse_attn_varlen_fwd(
+            q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.kv_counts, plan.kv_indices, plan.block_size, scale,
+            return_lse)
+
     def forward(self, q, k, v, plan, scale, return_lse):
         mod, reason = self.load()
         if mod is None:

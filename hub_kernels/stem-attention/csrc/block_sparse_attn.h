@@ -14,13 +14,20 @@ struct Params {
   const void* k;
   const void* v;
   void* o;
-  float* lse;              // (B, Hq, Lq) contiguous float32, or nullptr
+  float* lse;              // float32 at lse[b * lse_stride_b + h * lse_stride_h + row], or nullptr
   const int* kv_counts;    // (B, Hq, nQ) contiguous int32
   const int* kv_indices;   // (B, Hq, nQ, W) contiguous int32, ascending in the first count entries
   int64_t q_stride_b, q_stride_h, q_stride_l;
   int64_t k_stride_b, k_stride_h, k_stride_l;
   int64_t v_stride_b, v_stride_h, v_stride_l;
   int64_t o_stride_b, o_stride_h, o_stride_l;
+  int64_t lse_stride_b, lse_stride_h;
+  // A packed variable-length batch when not nullptr: int32 (B + 1,) cumulative lengths. q/k/v/o are
+  // then (total, H, D) tensors seen as (B, H, total, D) with stride 0 over b; sequence b owns rows
+  // [cu_seqlens[b], cu_seqlens[b + 1]), its queries are the last of its keys, and Lq, Lk, q_offset
+  // below are replaced per sequence (Lq/Lk keep the totals, for the tensor maps).
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
   int B, Hq, Hkv, Lq, Lk, D;
   int nQ, W;
   int block_size;   // plan block size: 64, 128 or 256

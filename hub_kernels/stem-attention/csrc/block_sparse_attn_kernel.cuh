@@ -95,19 +95,20 @@ __global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, Cfg<T, kD, kBlo
   const int b = blockIdx.z;
   const int hk = h / (p.Hq / p.Hkv);
 
-  const QueryTile qt = query_tile(p, qi, tile % sub, kBlockM);
+  const SeqView sq = seq_view(p, b);
+  const QueryTile qt = query_tile(p, sq, qi, tile % sub, kBlockM);
   if (qt.empty) return;  // a sub-tile of a plan block with no query rows (uniform per CTA)
   const int a0 = qt.a0;
   const int q_row0 = qt.q_row0;
 
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + sq.q_start * p.q_stride_l;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h + sq.k_start * p.k_stride_l;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h + sq.k_start * p.v_stride_l;
   KeyTileWalk<kBlockN> walk(p, b, h, qi, qt.key_limit);
 
   int kcur = walk.current();
-  load_rows<T, kBlockM, kD, kThreads>(sQ, qg, p.q_stride_l, q_row0, 0, p.Lq, tid);
-  if (kcur >= 0) load_rows<T, kBlockN, kD, kThreads>(sK, kg, p.k_stride_l, kcur, 0, p.Lk, tid);
+  load_rows<T, kBlockM, kD, kThreads>(sQ, qg, p.q_stride_l, q_row0, 0, sq.Lq, tid);
+  if (kcur >= 0) load_rows<T, kBlockN, kD, kThreads>(sK, kg, p.k_stride_l, kcur, 0, sq.Lk, tid);
   cp_async_commit();
 
   // Per-lane ldmatrix addresses (bytes, shared space).
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, Cfg<T, kD, kBlo
   while (kcur >= 0) {
     cp_async_wait_all();
     __syncthreads();  // K(kcur) visible; every warp is done with V of the previous tile
-    load_rows<T, kBlockN, kD, kThreads>(sV, vg, p.v_stride_l, kcur, 0, p.Lk, tid);
+    load_rows<T, kBlockN, kD, kThreads>(sV, vg, p.v_stride_l, kcur, 0, sq.Lk, tid);
     cp_async_commit();
 
     // ---- S = Q K^T (16 x 64 per warp) ----
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, Cfg<T, kD, kBlo
     }
 
     // ---- scale, mask, online softmax ----
-    const bool need_mask = (kcur + kBlockN - 1 > a0) || (kcur + kBlockN > p.Lk);
+    const bool need_mask = (kcur + kBlockN - 1 > a0) || (kcur + kBlockN > sq.Lk);
 #pragma unroll
     for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, Cfg<T, kD, kBlo
         if (need_mask) {
           const int key = kcur + n * 8 + 2 * (lane % 4) + (e & 1);
           const int qpos = a0 + row_in_tile + (e >= 2 ? 8 : 0);
-          if (key >= p.Lk || key > qpos) x = -INFINITY;
+          if (key >= sq.Lk || key > qpos) x = -INFINITY;
         }
         s[n][e] = x;
       }
@@ -210,7 +211,7 @@ __global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, Cfg<T, kD, kBlo
     const int knext = walk.current();
     cp_async_wait_all();
     __syncthreads();  // V(kcur) visible; every warp is done reading K(kcur)
-    if (knext >= 0) load_rows<T, kBlockN, kD, kThreads>(sK, kg, p.k_stride_l, knext, 0, p.Lk, tid);
+    if (knext >= 0) load_rows<T, kBlockN, kD, kThreads>(sK, kg, p.k_stride_l, knext, 0, sq.Lk, tid);
     cp_async_commit();
 
     // ---- O += P V ----
@@ -245,13 +246,13 @@ __global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, Cfg<T, kD, kBlo
         Mma<T>::pack(acc_o[d][2] * inv[1], acc_o[d][3] * inv[1]);
   }
   __syncwarp();
-  T* og = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+  T* og = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h + sq.q_start * p.o_stride_l;
 #pragma unroll
   for (int c = lane; c < 16 * kChunks; c += 32) {
     const int rr = c / kChunks;
     const int cc = c % kChunks;
     const int r = q_row0 + warp * 16 + rr;
-    if (r >= 0 && r < p.Lq) {
+    if (r >= 0 && r < sq.Lq) {
       *reinterpret_cast<uint4*>(og + static_cast<int64_t>(r) * p.o_stride_l + cc * 8) =
           *reinterpret_cast<const uint4*>(sQ + (warp * 16 + rr) * kLds + cc * 8);
     }
@@ -260,9 +261,9 @@ __global__ void __launch_bounds__(Cfg<T, kD, kBlockM>::kThreads, Cfg<T, kD, kBlo
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = q_row0 + row_in_tile + 8 * r;
-      if (row >= 0 && row < p.Lq) {
+      if (row >= 0 && row < sq.Lq) {
         const float v = l_run[r] > 0.f ? (m_run[r] + __log2f(l_run[r])) * 0.69314718055994531f : -INFINITY;
-        p.lse[(static_cast<int64_t>(b) * p.Hq + h) * p.Lq + row] = v;
+        p.lse[b * p.lse_stride_b + h * p.lse_stride_h + sq.q_start + row] = v;
       }
     }
   }

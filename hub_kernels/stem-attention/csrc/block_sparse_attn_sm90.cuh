@@ -188,7 +188,9 @@ __global__ void __launch_bounds__(384, 1)
   const int tile = n_tiles - 1 - tile_rev;
   const int qi = tile / sub;
   const int hk = h / group;
-  const QueryTile qt = query_tile(p, qi, tile % sub, C::kBlockM);
+  const SeqView sq = seq_view(p, b);
+  const int tb = p.cu_seqlens_q != nullptr ? 0 : b;  // batch coordinate in the tensor maps
+  const QueryTile qt = query_tile(p, sq, qi, tile % sub, C::kBlockM);
   if (qt.empty) return;  // a sub-tile of a plan block with no query rows (uniform per CTA)
   const int a0 = qt.a0;
   const int q_row0 = qt.q_row0;
@@ -211,7 +213,8 @@ __global__ void __launch_bounds__(384, 1)
     if (tid == 0) {
       mbar_arrive_expect_tx(bar_q, C::kTileBytes);
 #pragma unroll
-      for (int c = 0; c < C::kChunks; ++c) tma_load_4d(s_q + c * C::kBoxBytes, &tm_q, bar_q, c * 64, q_row0, h, b);
+      for (int c = 0; c < C::kChunks; ++c) tma_load_4d(s_q + c * C::kBoxBytes, &tm_q, bar_q, c * 64,
+                                                       static_cast<int>(sq.q_start) + q_row0, h, tb);
       int it = 0;
       for (int kcur = walk.current(); kcur >= 0; walk.next(), kcur = walk.current(), ++it) {
         const int s = it % kStages;
@@ -219,8 +222,10 @@ __global__ void __launch_bounds__(384, 1)
         mbar_arrive_expect_tx(bar_full + 8 * s, 2 * C::kTileBytes);
 #pragma unroll
         for (int c = 0; c < C::kChunks; ++c) {
-          tma_load_4d(s_k + s * C::kTileBytes + c * C::kBoxBytes, &tm_k, bar_full + 8 * s, c * 64, kcur, hk, b);
-          tma_load_4d(s_v + s * C::kTileBytes + c * C::kBoxBytes, &tm_v, bar_full + 8 * s, c * 64, kcur, hk, b);
+          tma_load_4d(s_k + s * C::kTileBytes + c * C::kBoxBytes, &tm_k, bar_full + 8 * s, c * 64,
+                      static_cast<int>(sq.k_start) + kcur, hk, tb);
+          tma_load_4d(s_v + s * C::kTileBytes + c * C::kBoxBytes, &tm_v, bar_full + 8 * s, c * 64,
+                      static_cast<int>(sq.k_start) + kcur, hk, tb);
         }
       }
     }
@@ -289,10 +294,10 @@ __global__ void __launch_bounds__(384, 1)
     // tiles), exponentiated scores of acc_s packed into P fragments `pout`; see softmax_tile.
     auto softmax = [&](int kcur, uint32_t (&pout)[kBlockN / 16][4], float (&alpha)[2]) {
       const int qpos0 = a0 + row_in_tile;
-      if ((kcur + kBlockN - 1 > first_row_pos) || (kcur + kBlockN > p.Lk)) {
-        softmax_tile<true, T, kBlockN>(acc_s, pout, m_run, l_run, alpha, p.scale_log2, kcur + 2 * (lane % 4), qpos0, p.Lk);
+      if ((kcur + kBlockN - 1 > first_row_pos) || (kcur + kBlockN > sq.Lk)) {
+        softmax_tile<true, T, kBlockN>(acc_s, pout, m_run, l_run, alpha, p.scale_log2, kcur + 2 * (lane % 4), qpos0, sq.Lk);
       } else {
-        softmax_tile<false, T, kBlockN>(acc_s, pout, m_run, l_run, alpha, p.scale_log2, kcur + 2 * (lane % 4), qpos0, p.Lk);
+        softmax_tile<false, T, kBlockN>(acc_s, pout, m_run, l_run, alpha, p.scale_log2, kcur + 2 * (lane % 4), qpos0, sq.Lk);
       }
     };
     auto rescale_o = [&](const float (&alpha)[2]) {
@@ -369,11 +374,11 @@ __global__ void __launch_bounds__(384, 1)
       l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
       inv[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
     }
-    T* og = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+    T* og = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h + sq.q_start * p.o_stride_l;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = q_row0 + row_in_tile + 8 * r;
-      if (row >= 0 && row < p.Lq) {
+      if (row >= 0 && row < sq.Lq) {
         T* orow = og + static_cast<int64_t>(row) * p.o_stride_l + 2 * (lane % 4);
 #pragma unroll
         for (int j = 0; j < kD / 8; ++j) {
@@ -381,7 +386,7 @@ __global__ void __launch_bounds__(384, 1)
               Mma<T>::pack(acc_o[4 * j + 2 * r] * inv[r], acc_o[4 * j + 2 * r + 1] * inv[r]);
         }
         if (p.lse != nullptr && lane % 4 == 0) {
-          p.lse[(static_cast<int64_t>(b) * p.Hq + h) * p.Lq + row] =
+          p.lse[b * p.lse_stride_b + h * p.lse_stride_h + sq.q_start + row] =
               l_run[r] > 0.f ? (m_run[r] + __log2f(l_run[r])) * 0.69314718055994531f : -INFINITY;
         }
       }
@@ -462,9 +467,10 @@ cudaError_t run(const Params& p, cudaStream_t stream) {
     return cudaErrorNotSupported;
   }
   CUtensorMap tm_q, tm_k, tm_v;
-  if (!make_tile_map(&tm_q, p.q, p.is_bf16, p.B, p.Hq, p.Lq, kD, p.q_stride_b, p.q_stride_h, p.q_stride_l) ||
-      !make_tile_map(&tm_k, p.k, p.is_bf16, p.B, p.Hkv, p.Lk, kD, p.k_stride_b, p.k_stride_h, p.k_stride_l) ||
-      !make_tile_map(&tm_v, p.v, p.is_bf16, p.B, p.Hkv, p.Lk, kD, p.v_stride_b, p.v_stride_h, p.v_stride_l)) {
+  const int tensor_b = p.cu_seqlens_q != nullptr ? 1 : p.B;  // a packed batch is one (1, H, total, D) tensor
+  if (!make_tile_map(&tm_q, p.q, p.is_bf16, tensor_b, p.Hq, p.Lq, kD, p.q_stride_b, p.q_stride_h, p.q_stride_l) ||
+      !make_tile_map(&tm_k, p.k, p.is_bf16, tensor_b, p.Hkv, p.Lk, kD, p.k_stride_b, p.k_stride_h, p.k_stride_l) ||
+      !make_tile_map(&tm_v, p.v, p.is_bf16, tensor_b, p.Hkv, p.Lk, kD, p.v_stride_b, p.v_stride_h, p.v_stride_l)) {
     return cudaErrorNotSupported;
   }
   auto kernel = block_sparse_attn_sm90_kernel<T, kD>;

@@ -6,7 +6,33 @@
 
 namespace stem_attn {
 
-// Query tile `sub_idx` (kBlockM rows) of plan query block `qi`.
+// One sequence's rows: where they start in the tensors and its lengths (a packed batch reads them
+// from the cumulative lengths; otherwise every batch element is the whole tensor).
+struct SeqView {
+  int64_t q_start, k_start;  // first row of the sequence in q/o and in k/v
+  int Lq, Lk, q_offset;      // its query and key counts; absolute position of its query row 0
+};
+
+__device__ __forceinline__ SeqView seq_view(const Params& p, int b) {
+  SeqView s;
+  if (p.cu_seqlens_q != nullptr) {
+    const int q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+    s.q_start = q0;
+    s.k_start = k0;
+    s.Lq = p.cu_seqlens_q[b + 1] - q0;
+    s.Lk = p.cu_seqlens_k[b + 1] - k0;
+    s.q_offset = s.Lk - s.Lq;
+  } else {
+    s.q_start = 0;
+    s.k_start = 0;
+    s.Lq = p.Lq;
+    s.Lk = p.Lk;
+    s.q_offset = p.q_offset;
+  }
+  return s;
+}
+
+// Query tile `sub_idx` (kBlockM rows) of plan query block `qi` of sequence `s`.
 struct QueryTile {
   int a0;         // absolute position of tile row 0
   int q_row0;     // query row index of tile row 0 (negative for an unaligned q_offset)
@@ -14,14 +40,14 @@ struct QueryTile {
   bool empty;     // no query row of [0, Lq) falls in the tile (a sub-tile past the last row)
 };
 
-__device__ __forceinline__ QueryTile query_tile(const Params& p, int qi, int sub_idx, int block_m) {
+__device__ __forceinline__ QueryTile query_tile(const Params& p, const SeqView& s, int qi, int sub_idx, int block_m) {
   QueryTile t;
-  t.a0 = (p.q_offset / p.block_size + qi) * p.block_size + sub_idx * block_m;
-  const int q_lo = max(t.a0, p.q_offset);
-  const int q_hi = min(t.a0 + block_m, p.q_offset + p.Lq) - 1;
-  t.empty = q_lo > q_hi;
-  t.key_limit = min(p.Lk, q_hi + 1);
-  t.q_row0 = t.a0 - p.q_offset;
+  t.a0 = (s.q_offset / p.block_size + qi) * p.block_size + sub_idx * block_m;
+  const int q_lo = max(t.a0, s.q_offset);
+  const int q_hi = min(t.a0 + block_m, s.q_offset + s.Lq) - 1;
+  t.empty = q_lo > q_hi;  // also every row of a packed sequence past its own query blocks
+  t.key_limit = min(s.Lk, q_hi + 1);
+  t.q_row0 = t.a0 - s.q_offset;
   return t;
 }
 

@@ -103,6 +103,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
   p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_l = k.stride(2);
   p.v_stride_b = v.stride(0), p.v_stride_h = v.stride(1), p.v_stride_l = v.stride(2);
   p.o_stride_b = out.stride(0), p.o_stride_h = out.stride(1), p.o_stride_l = out.stride(2);
+  p.lse_stride_b = Hq * Lq, p.lse_stride_h = Lq;
+  p.cu_seqlens_q = nullptr, p.cu_seqlens_k = nullptr;
   p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
   p.Lq = static_cast<int>(Lq), p.Lk = static_cast<int>(Lk), p.D = d;
   p.nQ = static_cast<int>(nQ), p.W = static_cast<int>(kv_indices.size(3));
@@ -117,6 +119,96 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
               "the sm90 kernel was asked for (sm=90) but cannot run: this build holds no sm_90a code for the device, "
               "or the grid is too large");
   TORCH_CHECK(err == cudaSuccess, kPrefix, "kernel launch failed: ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attn_varlen_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const at::Tensor& kv_counts, const at::Tensor& kv_indices, int64_t block_size,
+    double scale, bool return_lse, int64_t sm) {
+  constexpr const char* kVPrefix = "stem_attention.block_sparse_attn_varlen_fwd: ";
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && kv_counts.is_cuda() && kv_indices.is_cuda() &&
+                  cu_seqlens_q.is_cuda() && cu_seqlens_k.is_cuda(),
+              kVPrefix, "every tensor must be a CUDA tensor");
+  for (const at::Tensor* t : {&k, &v, &kv_counts, &kv_indices, &cu_seqlens_q, &cu_seqlens_k}) {
+    TORCH_CHECK(t->device() == q.device(), kVPrefix, "all tensors must be on one device");
+  }
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, kVPrefix, "q, k, v must share one dtype");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && k.size(2) == q.size(2), kVPrefix,
+              "q must be (total_q, Hq, D) and k, v (total_k, Hkv, D); got q ", q.sizes(), ", k ", k.sizes(), ", v ",
+              v.sizes());
+  const int64_t Tq = q.size(0), Hq = q.size(1), D = q.size(2), Tk = k.size(0), Hkv = k.size(1);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, kVPrefix, "query heads (", Hq, ") must be a multiple of kv heads (", Hkv, ")");
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && cu_seqlens_k.scalar_type() == at::kInt &&
+                  cu_seqlens_q.dim() == 1 && cu_seqlens_q.sizes() == cu_seqlens_k.sizes() && cu_seqlens_q.size(0) >= 1 &&
+                  cu_seqlens_q.is_contiguous() && cu_seqlens_k.is_contiguous(),
+              kVPrefix, "cu_seqlens_q and cu_seqlens_k must be contiguous int32 (batch + 1,) tensors");
+  const int64_t B = cu_seqlens_q.size(0) - 1;
+  TORCH_CHECK(kv_counts.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt &&
+                  kv_counts.is_contiguous() && kv_indices.is_contiguous(),
+              kVPrefix, "kv_counts and kv_indices must be contiguous int32");
+  TORCH_CHECK(kv_counts.dim() == 3 && kv_counts.size(0) == B && kv_counts.size(1) == Hq && kv_indices.dim() == 4 &&
+                  kv_indices.size(0) == B && kv_indices.size(1) == Hq && kv_indices.size(2) == kv_counts.size(2) &&
+                  kv_indices.size(3) >= 1,
+              kVPrefix, "kv_counts must be (B, Hq, nQ) and kv_indices (B, Hq, nQ, W) with B = ", B, ", Hq = ", Hq,
+              "; got ", kv_counts.sizes(), " and ", kv_indices.sizes());
+  TORCH_CHECK((Tk < std::numeric_limits<int32_t>::max() / 2 && Tq <= Tk) || Tq == 0, kVPrefix,
+              "need total_q <= total_k < 2^30, got ", Tq, ", ", Tk);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, kVPrefix, "scale must be finite and > 0, got ", scale);
+  // (T, H, D) tensors seen as (B, H, T, D) with stride 0 over b: the kernels' strided layout
+  const at::Tensor q4 = q.unsqueeze(0).transpose(1, 2), k4 = k.unsqueeze(0).transpose(1, 2),
+                   v4 = v.unsqueeze(0).transpose(1, 2);
+  check_layout(q4, "q");
+  check_layout(k4, "k");
+  check_layout(v4, "v");
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  int major = 0, minor = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()) == cudaSuccess,
+              kVPrefix, "cannot read the device's compute capability");
+  const int dtype_code = dtype == at::kHalf ? stem_attn::kFloat16 : dtype == at::kBFloat16 ? stem_attn::kBFloat16 : -1;
+  const int d = clamp_int(D), bs = clamp_int(block_size), req = clamp_int(sm);
+  TORCH_CHECK(stem_attn::kernel_path(dtype_code, d, bs, major, minor, req).path != stem_attn::kUnsupported, kVPrefix,
+              stem_attn::kernel_path_reason(dtype_code, d, bs, major, minor, req), " (q is ", dtype, ")");
+  TORCH_CHECK(B < 65536 && Hq < 65536, kVPrefix, "sequences and heads must be < 65536");
+
+  at::Tensor out = at::empty({Tq, Hq, D}, q.options());
+  at::Tensor lse = return_lse ? at::empty({Hq, Tq}, q.options().dtype(at::kFloat))
+                              : at::empty({0}, q.options().dtype(at::kFloat));
+  if (B == 0 || Tq == 0 || kv_counts.size(2) == 0) return {out, lse};
+  const at::Tensor o4 = out.unsqueeze(0).transpose(1, 2);
+
+  stem_attn::Params p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = out.data_ptr();
+  p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
+  p.kv_counts = kv_counts.data_ptr<int32_t>();
+  p.kv_indices = kv_indices.data_ptr<int32_t>();
+  p.q_stride_b = 0, p.q_stride_h = q4.stride(1), p.q_stride_l = q4.stride(2);
+  p.k_stride_b = 0, p.k_stride_h = k4.stride(1), p.k_stride_l = k4.stride(2);
+  p.v_stride_b = 0, p.v_stride_h = v4.stride(1), p.v_stride_l = v4.stride(2);
+  p.o_stride_b = 0, p.o_stride_h = o4.stride(1), p.o_stride_l = o4.stride(2);
+  p.lse_stride_b = 0, p.lse_stride_h = Tq;
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
+  p.Lq = static_cast<int>(Tq), p.Lk = static_cast<int>(Tk), p.D = d;  // totals (tensor maps); per sequence in-kernel
+  p.nQ = static_cast<int>(kv_counts.size(2)), p.W = static_cast<int>(kv_indices.size(3));
+  p.block_size = bs;
+  p.q_offset = 0;
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.is_bf16 = dtype == at::kBFloat16;
+
+  const cudaError_t err =
+      stem_attn::block_sparse_attn_fwd_launch(p, major, minor, req, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
+  TORCH_CHECK(!(err == cudaErrorNotSupported && req == stem_attn::kSm90), kVPrefix,
+              "the sm90 kernel was asked for (sm=90) but cannot run: this build holds no sm_90a code for the device, "
+              "or the grid is too large");
+  TORCH_CHECK(err == cudaSuccess, kVPrefix, "kernel launch failed: ", cudaGetErrorString(err));
   return {out, lse};
 }
 
@@ -139,6 +231,10 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_counts, Tensor kv_indices, int block_size, "
       "int q_offset, float scale, bool return_lse, int sm=0) -> (Tensor, Tensor)");
   ops.impl("block_sparse_attn_fwd", torch::kCUDA, &block_sparse_attn_fwd);
+  ops.def(
+      "block_sparse_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "Tensor kv_counts, Tensor kv_indices, int block_size, float scale, bool return_lse, int sm=0) -> (Tensor, Tensor)");
+  ops.impl("block_sparse_attn_varlen_fwd", torch::kCUDA, &block_sparse_attn_varlen_fwd);
   ops.def("kernel_path(int dtype, int head_dim, int block_size, int cc_major, int cc_minor, int sm=0) -> int",
           &kernel_path);
   ops.def("kernel_path_reason(int dtype, int head_dim, int block_size, int cc_major, int cc_minor, int sm=0) -> str",

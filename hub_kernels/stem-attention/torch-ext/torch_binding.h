@@ -27,6 +27,15 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
                                                          const at::Tensor& kv_indices, int64_t block_size,
                                                          int64_t q_offset, double scale, bool return_lse, int64_t sm);
 
+// The same over a packed variable-length batch (FlashAttention's varlen layout): q (total_q, Hq, D),
+// k/v (total_k, Hkv, D), int32 (B + 1,) cumulative lengths (sequence b's queries are the last of its
+// keys), kv_counts (B, Hq, nQ) / kv_indices (B, Hq, nQ, W) one padded row block per sequence.
+// Returns (out (total_q, Hq, D), lse float32 (Hq, total_q) or an empty tensor). One launch.
+std::tuple<at::Tensor, at::Tensor> block_sparse_attn_varlen_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const at::Tensor& kv_counts, const at::Tensor& kv_indices, int64_t block_size,
+    double scale, bool return_lse, int64_t sm);
+
 // The kernel block_sparse_attn_fwd runs for (dtype code: 0 float16, 1 bfloat16; head dim; plan
 // block size) on a device of compute capability cc_major.cc_minor when asked for `sm`: 90, 80, or
 // 0 when the call is not supported; kernel_path_reason says why not ("" when supported).

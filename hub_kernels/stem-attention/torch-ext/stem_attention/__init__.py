@@ -7,7 +7,8 @@ Loaded through the Hugging Face ``kernels`` package::
     out, lse = stem_attention.block_sparse_attn_fwd(q, k, v, plan.kv_counts, plan.kv_indices,
                                                     plan.block_size, plan.q_offset, scale, True)
 
-The ops live in this build's own namespace (``ops``): ``block_sparse_attn_fwd``, ``kernel_path``
+The ops live in this build's own namespace (``ops``): ``block_sparse_attn_fwd``,
+``block_sparse_attn_varlen_fwd`` (packed variable-length batches), ``kernel_path``
 and ``kernel_path_reason`` (what is supported and which kernel runs it, from csrc/supported.h)
 and ``last_kernel_path``. ``supports`` and ``kernel_for`` below ask ``kernel_path``.
 """
@@ -20,7 +21,8 @@ import torch
 
 from ._ops import add_op_namespace_prefix, ops
 
-__all__ = ["block_sparse_attn_fwd", "supports", "kernel_for", "ops", "add_op_namespace_prefix"]
+__all__ = ["block_sparse_attn_fwd", "block_sparse_attn_varlen_fwd", "supports", "kernel_for", "ops",
+           "add_op_namespace_prefix"]
 
 # Codes of the kernel_path op's `dtype` argument (csrc/supported.h: DtypeCode); -1 for any other
 # dtype, which kernel_path rules out.
@@ -142,6 +144,40 @@ def block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_offset, 
     return out, (lse if return_lse else None)
 
 
+def block_sparse_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_counts, kv_indices, block_size, scale,
+                                 return_lse=False, *, kernel: str = "auto"):
+    """Forward block-sparse causal attention over a packed variable-length batch, one launch.
+
+    Args:
+        q: (total_q, Hq, D) float16/bfloat16 CUDA tensor; k, v: (total_k, Hkv, D).
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative lengths; sequence b owns rows
+            ``cu_seqlens[b]:cu_seqlens[b + 1]`` and its queries are the last of its keys.
+        kv_counts: int32 (B, Hq, nQ); kv_indices: int32 (B, Hq, nQ, W): one padded row block per
+            sequence in its own block numbering (rows past a sequence's query blocks: count 0).
+        block_size, scale, return_lse, kernel: as in :func:`block_sparse_attn_fwd`.
+
+    Returns:
+        (out (total_q, Hq, D) like q, lse float32 (Hq, total_q) or None).
+    """
+    sm = _sm_code(kernel)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-d (total, H, D) tensor")
+    q, k, v = (t if _aligned(t) and t.is_contiguous() else t.contiguous() for t in (q, k, v))
+    out, lse = ops.block_sparse_attn_varlen_fwd(
+        q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), kv_counts.contiguous(),
+        kv_indices.contiguous(), int(block_size), float(scale), bool(return_lse), sm,
+    )
+    return out, (lse if return_lse else None)
+
+
+def _fake_block_sparse_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_counts, kv_indices, block_size, scale,
+                                       return_lse, sm=0):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((q.shape[1], q.shape[0]) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
 def _fake_block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_offset, scale, return_lse, sm=0):
     """Output shapes of the op for torch.compile / FakeTensor tracing: out like q (contiguous),
     lse float32 (B, Hq, Lq), or (0,) without it."""
@@ -150,8 +186,10 @@ def _fake_block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_of
     return out, lse
 
 
-try:
-    torch.library.register_fake(add_op_namespace_prefix("block_sparse_attn_fwd"))(_fake_block_sparse_attn_fwd)
-except RuntimeError as e:  # this build's namespace imported a second time in one process
-    if "already" not in str(e):
-        raise
+for _name, _fake in (("block_sparse_attn_fwd", _fake_block_sparse_attn_fwd),
+                     ("block_sparse_attn_varlen_fwd", _fake_block_sparse_attn_varlen_fwd)):
+    try:
+        torch.library.register_fake(add_op_namespace_prefix(_name))(_fake)
+    except RuntimeError as e:  # this build's namespace imported a second time in one process
+        if "already" not in str(e):
+            raise
