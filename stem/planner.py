@@ -350,34 +350,34 @@ def plan_validated(q, k, v, config: StemConfig, *, q_offset: int | None = None, 
 
 
 # ---- packed variable-length batches (stem.varlen) --------------------------------------------------
-VarlenPoolFn = Callable[..., tuple]  # fn(q, k, v, cu_q, cu_k, lens, nQ, nK, config) -> (q_sum, k_sum, v_max)
+VarlenPoolFn = Callable[..., tuple]  # fn(q, k, v, seqs, nQ, nK, config) -> (q_sum, k_sum, v_max)
 _VARLEN_POOLINGS: dict[str, tuple[VarlenPoolFn, tuple[str, ...]]] = {}
 
 
 def register_varlen_pooling(name: str, fn: VarlenPoolFn, device_types: tuple[str, ...] = ("cuda",)) -> None:
-    """Register a pooling kernel for packed batches: ``fn(q, k, v, cu_q, cu_k, lens, nQ, nK, config)``
-    returns padded ``(q_sum (B, Hq, nQ, S, D), k_sum (B, Hkv, nK, S, D), v_max (B, Hkv, nK * bs/S))``,
-    each sequence's part equal to :func:`pool_torch` of that sequence alone and zero elsewhere."""
+    """Register a pooling kernel for packed batches: ``fn(q, k, v, seqs, nQ, nK, config)``, with
+    ``seqs`` a list of ``(q_start, len_q, k_start, len_k)`` rows of the packed q (T, Hq, D) and k/v
+    (T, Hkv, D), returns padded ``(q_sum (B, Hq, nQ, S, D), k_sum (B, Hkv, nK, S, D), v_max
+    (B, Hkv, nK * bs/S))``, each sequence's part equal to :func:`pool_torch` of that sequence alone
+    and zero elsewhere."""
     _VARLEN_POOLINGS[name] = (fn, tuple(device_types))
 
 
-def pool_varlen_torch(q, k, v, cu_q, cu_k, lens, nQ: int, nK: int, config: StemConfig):
+def pool_varlen_torch(q, k, v, seqs, nQ: int, nK: int, config: StemConfig):
     """The varlen pooling with torch ops, one sequence at a time (the reference for kernels)."""
-    B, Hq, Hkv, D = len(lens), q.shape[1], k.shape[1], q.shape[2]
+    B, Hq, Hkv, D = len(seqs), q.shape[1], k.shape[1], q.shape[2]
     bs, S = config.block_size, config.stride
     acc = _acc_dtype(q)
     q_sum = torch.zeros(B, Hq, nQ, S, D, dtype=acc, device=q.device)
     k_sum = torch.zeros(B, Hkv, nK, S, D, dtype=acc, device=q.device)
     v_max = torch.zeros(B, Hkv, nK * (bs // S), dtype=acc, device=q.device)
-    a_q = a_k = 0
-    for b, (lq, lk) in enumerate(lens):
+    for b, (a_q, lq, a_k, lk) in enumerate(seqs):
         if lq:
             st = pool_torch(q[a_q : a_q + lq].transpose(0, 1)[None], k[a_k : a_k + lk].transpose(0, 1)[None],
                             v[a_k : a_k + lk].transpose(0, 1)[None], config)
             q_sum[b, :, : st.q_sum.shape[2]] = st.q_sum[0]
             k_sum[b, :, : st.k_sum.shape[2]] = st.k_sum[0]
             v_max[b, :, : st.v_max.shape[2]] = st.v_max[0]
-        a_q, a_k = a_q + lq, a_k + lk
     return q_sum, k_sum, v_max
 
 
@@ -440,57 +440,92 @@ def _varlen_bonus(v_max: torch.Tensor, config: StemConfig, nK: int, kv_lens: tor
 
 
 def plan_varlen_batched(q, k, v, cu_q, lens, dense, nQ: int, W: int, config: StemConfig, pooling: str = "auto"):
-    """All sequences of a packed batch planned together: one pooling pass (a registered varlen
-    kernel on the device, else torch per sequence), one block-logit GEMM over the padded pooled
-    statistics, one selection with each sequence's own budgets, sinks and window. Returns int32
-    ``(kv_counts (B, Hq, nQ), kv_indices (B, Hq, nQ, W))``. Equal per sequence to :func:`plan`
-    up to float32 summation order (ties at the budget boundary may break differently)."""
+    """All sequences of a packed batch planned together. Rows of dense sequences are written
+    directly (every causal block); the sparse sequences are planned in size classes (lengths within
+    2x of the class's longest: at most log2(longest / shortest) + 1 classes, however many
+    sequences), each with one pooling pass (a registered varlen kernel on the device, else torch per
+    sequence), one block-logit GEMM over its padded pooled statistics and one selection with each
+    sequence's own budgets, sinks and window. Returns int32 ``(kv_counts (B, Hq, nQ), kv_indices
+    (B, Hq, nQ, W))``. Equal per sequence to :func:`plan` up to float32 summation order (ties at
+    the budget boundary may break differently)."""
     from .varlen import _seq_geometry
 
-    B, Hq, D = len(lens), q.shape[1], q.shape[2]
-    Hkv = k.shape[1]
-    dev, bs, S = q.device, config.block_size, config.stride
+    B, Hq = len(lens), q.shape[1]
+    dev, bs = q.device, config.block_size
     geo = [_seq_geometry(lq, lk, bs) for lq, lk in lens]
-    nK = max((g[3] for g in geo), default=1)
     counts = torch.zeros(B, Hq, nQ, dtype=torch.int32, device=dev)
     indices = torch.zeros(B, Hq, nQ, W, dtype=torch.int32, device=dev)
     if B == 0 or nQ == 0:
         return counts, indices
-    cu_k = torch.tensor([0] + [sum(lk for _, lk in lens[: i + 1]) for i in range(B)], dtype=torch.int32, device=dev)
-    fn = None
-    if pooling == "auto" and q.dtype != torch.float64:
+    if any(dense):  # every causal block, written from shapes on the device
+        qbo = torch.tensor([g[1] for g in geo], device=dev)
+        n_rows = torch.tensor([g[2] if d else 0 for g, d in zip(geo, dense)], device=dev)
+        row = torch.arange(nQ, device=dev)[None, :]
+        dcount = torch.where(row < n_rows[:, None], row + qbo[:, None] + 1, 0)  # (B, nQ)
+        slot = torch.arange(W, device=dev)
+        counts.copy_(dcount[:, None].expand(B, Hq, nQ))
+        indices.copy_(torch.where(slot < dcount[..., None], slot, 0)[:, None].expand(B, Hq, nQ, W))
+    fn = _varlen_pooling(q, dev, pooling)
+    starts, a_q, a_k = [], 0, 0
+    for lq, lk in lens:
+        starts.append((a_q, lq, a_k, lk))
+        a_q, a_k = a_q + lq, a_k + lk
+    sparse = sorted((b for b in range(B) if not dense[b] and lens[b][0] > 0), key=lambda b: -geo[b][3])
+    while sparse:  # one pass per size class
+        top_nk = geo[sparse[0]][3]
+        group = [b for b in sparse if 2 * geo[b][3] > top_nk]
+        sparse = sparse[len(group):]
+        c, i = _plan_group(q, k, v, [starts[b] for b in group], [geo[b] for b in group], W, config, fn)
+        at = torch.tensor(group, device=dev)
+        counts.index_copy_(0, at, F.pad(c, (0, nQ - c.shape[2])))
+        indices.index_copy_(0, at, F.pad(i, (0, W - i.shape[3], 0, nQ - i.shape[2])))
+    return counts, indices
+
+
+def _varlen_pooling(q, dev, pooling: str):
+    if pooling == "auto":
+        if q.dtype == torch.float64:
+            return pool_varlen_torch
         poolings()  # loads the first-party kernels (they register their varlen variants too)
-        fn = next((f for f, devs in _VARLEN_POOLINGS.values() if dev.type in devs), None)
-    elif pooling not in ("auto", "torch"):
-        poolings()
-        if pooling not in _VARLEN_POOLINGS:
-            raise ValueError(f"unknown varlen planner pooling {pooling!r}; available: "
-                             f"{['auto', 'torch', *_VARLEN_POOLINGS]}")
-        fn = _VARLEN_POOLINGS[pooling][0]
-    fn = fn or pool_varlen_torch
-    q_sum, k_sum, v_max = fn(q, k, v, cu_q, cu_k, lens, nQ, nK, config)
+        return next((f for f, devs in _VARLEN_POOLINGS.values() if dev.type in devs), pool_varlen_torch)
+    if pooling == "torch":
+        return pool_varlen_torch
+    poolings()
+    if pooling not in _VARLEN_POOLINGS:
+        raise ValueError(f"unknown varlen planner pooling {pooling!r}; available: "
+                         f"{['auto', 'torch', *_VARLEN_POOLINGS]}")
+    return _VARLEN_POOLINGS[pooling][0]
+
+
+def _plan_group(q, k, v, seqs, geo, W: int, config: StemConfig, fn):
+    """(counts (G, Hq, nQg), indices (G, Hq, nQg, <= W)) of sparse sequences ``seqs`` planned
+    together on their padded (nQg, nKg) grid."""
+    G_, Hq, D = len(seqs), q.shape[1], q.shape[2]
+    Hkv = k.shape[1]
+    dev, bs, S = q.device, config.block_size, config.stride
+    nQ, nK = max(g[2] for g in geo), max(g[3] for g in geo)
+    q_sum, k_sum, v_max = fn(q, k, v, seqs, nQ, nK, config)
     G = Hq // Hkv
-    kv_lens = torch.tensor([lk for _, lk in lens], device=dev)
-    bonus = _varlen_bonus(v_max, config, nK, kv_lens)  # (B, Hkv, nK)
+    kv_lens = torch.tensor([s[3] for s in seqs], device=dev)
+    bonus = _varlen_bonus(v_max, config, nK, kv_lens)  # (G_, Hkv, nK)
     scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
-    logits = torch.matmul(q_sum.reshape(B, Hkv, G * nQ, S * D), k_sum.reshape(B, Hkv, nK, S * D).transpose(-1, -2))
-    logits.mul_(scale).view(B, Hkv, G, nQ, nK).add_(bonus[:, :, None, None, :].to(logits.dtype))
-    logits = logits.view(B, Hq, nQ, nK)
+    logits = torch.matmul(q_sum.reshape(G_, Hkv, G * nQ, S * D), k_sum.reshape(G_, Hkv, nK, S * D).transpose(-1, -2))
+    logits.mul_(scale).view(G_, Hkv, G, nQ, nK).add_(bonus[:, :, None, None, :].to(logits.dtype))
+    logits = logits.view(G_, Hq, nQ, nK)
     qbo = torch.tensor([g[1] for g in geo], device=dev)
-    rows = torch.arange(nQ, device=dev)[None, :] + qbo[:, None]  # (B, nQ) absolute block
-    noncausal = torch.arange(nK, device=dev)[None, None, :] > rows[:, :, None]  # (B, nQ, nK)
+    rows = torch.arange(nQ, device=dev)[None, :] + qbo[:, None]  # (G_, nQ) absolute block
+    noncausal = torch.arange(nK, device=dev)[None, None, :] > rows[:, :, None]  # (G_, nQ, nK)
     logits.masked_fill_(noncausal[:, None], float("-inf"))
-    keep, forced, kmax = _varlen_templates(config, lens, dense, nQ, nK, dev)
+    lens = [(s[1], s[3]) for s in seqs]
+    keep, forced, kmax = _varlen_templates(config, lens, [False] * G_, nQ, nK, dev)
     if min(nK, kmax + forced.shape[-1]) > W:  # host arithmetic: a row could need more slots than the plan has
         raise RuntimeError(f"stem internal error: varlen plan width {W} < {min(nK, kmax + forced.shape[-1])} "
                            f"needed by the batch's budgets; please report this with the sequence lengths")
     top = torch.topk(logits, min(kmax, nK), dim=-1, sorted=True).indices
     keep = keep[..., : top.shape[-1]]
-    cand = torch.cat([torch.where(keep[:, None], top, nK), forced[:, None].expand(B, Hq, nQ, -1)], dim=-1)
+    cand = torch.cat([torch.where(keep[:, None], top, nK), forced[:, None].expand(G_, Hq, nQ, -1)], dim=-1)
     cand = torch.sort(cand, dim=-1).values
     cand[..., 1:].masked_fill_(cand[..., 1:] == cand[..., :-1], nK)
     cand = torch.sort(cand, dim=-1).values[..., :W]
     valid = cand < nK
-    counts.copy_(valid.sum(-1, dtype=torch.int32))
-    indices[..., : cand.shape[-1]] = torch.where(valid, cand, 0).to(torch.int32)
-    return counts, indices
+    return valid.sum(-1, dtype=torch.int32), torch.where(valid, cand, 0).to(torch.int32)

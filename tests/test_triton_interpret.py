@@ -134,8 +134,13 @@ def _check_varlen(lens, Hq, Hkv, D, bs, dtype, seed):
     assert (lse.double() - ref_lse.double()).abs().max().item() <= 1e-4, "lse differs"
     cfg = StemConfig(block_size=bs, stride=8)
     nQ, nK = plan.num_q_blocks, max(-(-b // bs) for _, b in lens)
-    got = pool_triton_varlen(q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.seqlens, nQ, nK, cfg)
-    want = pool_varlen_torch(q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.seqlens, nQ, nK, cfg)
+    seqs, a_q, a_k = [], 0, 0
+    for lq, lk in plan.seqlens:
+        seqs.append((a_q, lq, a_k, lk))
+        a_q, a_k = a_q + lq, a_k + lk
+    seqs = seqs[::-1]  # any order and subset of the packed sequences
+    got = pool_triton_varlen(q, k, v, seqs, nQ, nK, cfg)
+    want = pool_varlen_torch(q, k, v, seqs, nQ, nK, cfg)
     for name, a, b in zip(("q_sum", "k_sum", "v_max"), got, want):
         assert a.shape == b.shape and torch.allclose(a, b.float(), rtol=1e-5, atol=1e-4), name
 

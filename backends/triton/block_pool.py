@@ -118,20 +118,20 @@ def _launch_pool_varlen(x, seq, n_seqs, n_blocks, bs, stride, flip, v=None):
     return sums, (vmax if v is not None else None)
 
 
-def pooled_block_sums_varlen(q, k, v, lens, nQ: int, nK: int, block_size: int, stride: int):
+def pooled_block_sums_varlen(q, k, v, seqs, nQ: int, nK: int, block_size: int, stride: int):
     """Padded (q_sum (B,Hq,nQ,S,D) flipped on S, k_sum (B,Hkv,nK,S,D), vmax (B,Hkv,nK*bs/S)),
-    float32, for a packed batch with per-sequence (len_q, len_k) ``lens``: two launches in all."""
+    float32, for sequences ``seqs`` = [(q_start, len_q, k_start, len_k)] of a packed batch: two
+    launches in all."""
     interpreter_compat()
     bs = block_size
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    rows_q, rows_k, a_q, a_k = [], [], 0, 0
-    for lq, lk in lens:
+    rows_q, rows_k = [], []
+    for a_q, lq, a_k, lk in seqs:
         off = lk - lq
         rows_q.append((a_q, lq, off - (off // bs) * bs))
         rows_k.append((a_k, lk if lq else 0, 0))  # a sequence without queries needs no statistics
-        a_q, a_k = a_q + lq, a_k + lk
     seq = torch.tensor(rows_q + rows_k, dtype=torch.int32).to(q.device, non_blocking=True)
-    B = len(lens)
+    B = len(seqs)
     q_sum, _ = _launch_pool_varlen(q, seq[:B], B, nQ, bs, stride, True)
     k_sum, vmax = _launch_pool_varlen(k, seq[B:], B, nK, bs, stride, False, v=v)
     return q_sum, k_sum, vmax

@@ -29,11 +29,11 @@ def pool_triton(q, k, v, config, q_offset) -> PooledStats:
     return PooledStats(q_sum, k_sum, v_max, q_offset // bs, k.shape[2])
 
 
-def pool_triton_varlen(q, k, v, cu_q, cu_k, lens, nQ, nK, config):
+def pool_triton_varlen(q, k, v, seqs, nQ, nK, config):
     """``stem.planner.pool_varlen_torch`` of a packed batch in two Triton launches (float32)."""
     from stem_backends.triton.block_pool import pooled_block_sums_varlen
 
-    return pooled_block_sums_varlen(q, k, v, lens, nQ, nK, config.block_size, config.stride)
+    return pooled_block_sums_varlen(q, k, v, seqs, nQ, nK, config.block_size, config.stride)
 
 
 def register() -> None:
