@@ -561,9 +561,11 @@ def variant_tree(tmp_path_factory):
 def test_op_schemas_are_read_from_the_binding():
     schemas = _op_schemas()
     names = [s.split("(", 1)[0] for s in schemas]
-    assert names == ["block_sparse_attn_fwd", "kernel_path", "kernel_path_reason", "last_kernel_path"]
+    assert names == ["block_sparse_attn_fwd", "block_sparse_attn_varlen_fwd", "kernel_path", "kernel_path_reason",
+                     "last_kernel_path"]
     assert "bool return_lse, int sm=0) -> (Tensor, Tensor)" in schemas[0]
-    assert schemas[2].endswith("-> str")
+    assert "Tensor cu_seqlens_q, Tensor cu_seqlens_k" in schemas[1] and schemas[1].endswith("-> (Tensor, Tensor)")
+    assert schemas[3].endswith("-> str")
 
 
 _CHILD = r"""
