@@ -6,12 +6,19 @@
 
 Output (``--out``, default ``hub_kernels/stem-attention/build``)::
 
-    build/torch<XY>-cxx11-cu<ZZ>-x86_64-linux/   metadata.json, __init__.py, _ops.py, <ns>.so
+    build/torch<XY>-cxx11-cu<ZZ>-x86_64-linux/   metadata.json
+        stem_attention/                          __init__.py, _ops.py, <ns>.abi3.so
+
+The sources and the CUDA capabilities each compiles for come from build.toml: the ``[torch]``
+sources with the host compiler, each ``[kernel.*]`` section's with nvcc for that section's
+``cuda-capabilities`` only. ``Toolchain`` says what a build compiles against: the running torch and
+the CUDA toolkit it finds (this script), or a torch release's unpacked wheel and a toolkit assembled
+from packages (hub_kernels/variants.py, every torch x CUDA variant).
 
 ``kernels`` 0.17 resolves a variant directory by name (``kernels.variants.parse_variant``), reads
-``metadata.json`` from it and imports ``<variant>/__init__.py`` (or ``<variant>/<python
-name>/__init__.py``) as a package named after ``metadata["id"]``. The op namespace of a build is
-that id, ``_stem_attention_<source hash>``, so two builds of different sources load side by side.
+``metadata.json`` from it and imports ``<variant>/<python name>/__init__.py`` (or
+``<variant>/__init__.py``) as a package named after ``metadata["id"]``. The op namespace of a build
+is that id, ``_stem_attention_<source hash>``, so two builds of different sources load side by side.
 
 Load a build with ``LOCAL_KERNELS=stem-attention/stem-attention=hub_kernels/stem-attention`` (see
 hub_kernels/README.md). The build is reproducible: the namespace comes from a hash of the sources
@@ -34,7 +41,6 @@ from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 KERNEL_DIR = HERE / "stem-attention"
-DEFAULT_REPO_ID = "stem-attention/stem-attention"
 
 __all__ = ["read_build_toml", "source_hash", "op_namespace", "arch_variant_name", "variant_name", "metadata",
            "write_metadata", "kernel_groups", "gencode_flags", "Toolchain", "local_toolchain", "cxx_standard",
@@ -62,6 +68,9 @@ def read_build_toml(path: Path = KERNEL_DIR / "build.toml") -> dict:
         import tomli as tomllib
     with open(path, "rb") as f:
         return tomllib.load(f)
+
+
+DEFAULT_REPO_ID = read_build_toml()["general"]["hub"]["repo-id"]
 
 
 def _hash_files(files: list[Path], root: Path) -> str:
@@ -243,18 +252,24 @@ def local_toolchain() -> Toolchain:
     if CUDA_HOME is None:
         raise RuntimeError("no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)")
     root = Path(torch.__file__).parent
+    # the host compiler torch's own extension builder uses ($CXX, else c++)
     return Toolchain(torch_root=root, torch_version=torch.__version__, torch_cuda=torch.version.cuda,
-                     cuda_home=Path(CUDA_HOME), cxx_std=cxx_standard(root))
+                     cuda_home=Path(CUDA_HOME), cxx_std=cxx_standard(root), cxx=os.environ.get("CXX") or "c++")
 
 
 def cxx_standard(torch_root: Path) -> str:
     """The C++ standard a torch release compiles CUDA extensions with (``c++17`` up to torch 2.11,
-    ``c++20`` later), read from the release's own torch/utils/cpp_extension.py."""
+    ``c++20`` later), read from the release's own torch/utils/cpp_extension.py: its CUDA flags
+    (``cuda_cflags = ['-std=...']``), else the standard its code names most often."""
     path = Path(torch_root) / "utils" / "cpp_extension.py"
-    stds = re.findall(r"cuda_cflags = \['-std=(c\+\+\d+)'\]", path.read_text())
+    text = path.read_text()
+    cuda = re.findall(r"cuda_cflags = \['-std=(c\+\+\d+)'\]", text)
+    if cuda:
+        return cuda[0]
+    stds = re.findall(r"'-std=(c\+\+\d+)'", text)
     if not stds:
-        raise ValueError(f"{path} names no -std for CUDA sources (cuda_cflags = ['-std=...'])")
-    return stds[0]
+        raise ValueError(f"{path} names no C++ standard ('-std=c++NN'): not a torch release's cpp_extension.py")
+    return max(set(stds), key=stds.count)
 
 
 _NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -410,8 +425,9 @@ def op_id_of(variant_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=KERNEL_DIR / "build", help="build root (default: %(default)s)")
-    ap.add_argument("--archs", default=None, help="CUDA capabilities, e.g. '8.0,9.0' (default: build.toml)")
-    ap.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (MAX_JOBS)")
+    ap.add_argument("--archs", default=None,
+                    help="only these of build.toml's CUDA capabilities, e.g. '8.0,9.0a' (default: all)")
+    ap.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: CPU count)")
     ap.add_argument("--hf-cache", type=Path, default=None, help="also install the build as an offline HF cache here")
     ap.add_argument("--repo-id", default=DEFAULT_REPO_ID, help="repo id for --hf-cache (default: %(default)s)")
     ap.add_argument("-v", "--verbose", action="store_true")

@@ -79,7 +79,7 @@ def card(toml: dict, variants: list[Path], records: dict[str, dict]) -> str:
         f'kernel = get_kernel("{repo}", version={g["version"]})',
         "out, lse = kernel.block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_offset, scale, True)",
         "```", "",
-        "| variant | CUDA capabilities | kernel-abi-check (manylinux_2_28, Python ABI 3.9) |", "|---|---|---|",
+        "| variant | CUDA capabilities | kernel-abi-check |", "|---|---|---|",
         *rows, "",
     ])
 

@@ -137,8 +137,11 @@ def test_cxx_standard_is_read_from_the_release(tmp_path):
     (tmp_path / "utils").mkdir()
     (tmp_path / "utils" / "cpp_extension.py").write_text("x = 1\n                cuda_cflags = ['-std=c++17']\n")
     assert build.cxx_standard(tmp_path) == "c++17"
+    (tmp_path / "utils" / "cpp_extension.py").write_text("a = ['-std=c++20', '-fPIC']\nb = a + ['-std=c++20']\n"
+                                                         "doc = \"e.g. ['-std=c++17']\"\n")
+    assert build.cxx_standard(tmp_path) == "c++20"
     (tmp_path / "utils" / "cpp_extension.py").write_text("x = 1\n")
-    with pytest.raises(ValueError, match="names no -std"):
+    with pytest.raises(ValueError, match="names no C\\+\\+ standard"):
         build.cxx_standard(tmp_path)
 
 
