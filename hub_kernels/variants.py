@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if bad else 0
     records = build_all(args.out, args.cache, only=args.only, jobs=args.jobs, verbose=args.verbose)
     if args.record:
-        cmd = "python hub_kernels/variants.py build" + (f" --only {' '.join(args.only)}" if args.only else "")
+        cmd = "python hub_kernels/variants.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_record(records, args.record, command=cmd, date=time.strftime("%Y-%m-%d", time.gmtime()))
     if args.hf_cache is not None:
         print("HF cache snapshot:", build.install_to_hf_cache(args.out / "build", args.hf_cache))
