@@ -52,6 +52,7 @@ def _install(session: nox.Session, extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """CPU test suite (tests/, benchmarks/, hub_kernels/; GPU tests are skipped without CUDA)."""
     _install(session, "test")
+    session.install(*CONSTRAINTS, "kernel-abi-check")  # the ABI check of hub_kernels/test_variants.py
     session.run("python", "-m", "pytest", "-q", "-ra", "-m", "not gpu", *session.posargs)
 
 

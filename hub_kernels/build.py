@@ -21,8 +21,8 @@ from packages (hub_kernels/variants.py, every torch x CUDA variant).
 is that id, ``_stem_attention_<source hash>``, so two builds of different sources load side by side.
 
 Load a build with ``LOCAL_KERNELS=stem-attention/stem-attention=hub_kernels/stem-attention`` (see
-hub_kernels/README.md). The build is reproducible: the namespace comes from a hash of the sources
-and nothing depends on the clock.
+hub_kernels/README.md). The op namespace is reproducible (a hash of the sources); the library's
+bytes are not quite (nvcc names internal symbols after its process id).
 """
 
 from __future__ import annotations
