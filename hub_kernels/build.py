@@ -6,16 +6,23 @@
 
 Output (``--out``, default ``hub_kernels/stem-attention/build``)::
 
-    build/torch<XY>-cxx11-cu<ZZ>-x86_64-linux/   metadata.json, __init__.py, _ops.py, <ns>.so
+    build/torch<XY>-cxx11-cu<ZZ>-x86_64-linux/   metadata.json
+        stem_attention/                          __init__.py, _ops.py, <ns>.abi3.so
+
+The sources and the CUDA capabilities each compiles for come from build.toml: the ``[torch]``
+sources with the host compiler, each ``[kernel.*]`` section's with nvcc for that section's
+``cuda-capabilities`` only. ``Toolchain`` says what a build compiles against: the running torch and
+the CUDA toolkit it finds (this script), or a torch release's unpacked wheel and a toolkit assembled
+from packages (hub_kernels/variants.py, every torch x CUDA variant).
 
 ``kernels`` 0.17 resolves a variant directory by name (``kernels.variants.parse_variant``), reads
-``metadata.json`` from it and imports ``<variant>/__init__.py`` (or ``<variant>/<python
-name>/__init__.py``) as a package named after ``metadata["id"]``. The op namespace of a build is
-that id, ``_stem_attention_<source hash>``, so two builds of different sources load side by side.
+``metadata.json`` from it and imports ``<variant>/<python name>/__init__.py`` (or
+``<variant>/__init__.py``) as a package named after ``metadata["id"]``. The op namespace of a build
+is that id, ``_stem_attention_<source hash>``, so two builds of different sources load side by side.
 
 Load a build with ``LOCAL_KERNELS=stem-attention/stem-attention=hub_kernels/stem-attention`` (see
-hub_kernels/README.md). The build is reproducible: the namespace comes from a hash of the sources
-and nothing depends on the clock.
+hub_kernels/README.md). The op namespace is reproducible (a hash of the sources); the library's
+bytes are not quite (nvcc names internal symbols after its process id).
 """
 
 from __future__ import annotations
@@ -25,17 +32,20 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 KERNEL_DIR = HERE / "stem-attention"
-DEFAULT_REPO_ID = "stem-attention/stem-attention"
 
-__all__ = ["read_build_toml", "source_hash", "op_namespace", "arch_variant_name", "metadata", "write_metadata",
-           "LINK_FLAGS", "cxx_runtime_linkage", "build_cuda", "install_to_hf_cache", "main"]
+__all__ = ["read_build_toml", "source_hash", "op_namespace", "arch_variant_name", "variant_name", "metadata",
+           "write_metadata", "kernel_groups", "gencode_flags", "Toolchain", "local_toolchain", "cxx_standard",
+           "compile_commands", "compile_variant", "python_name", "LINK_FLAGS", "cxx_runtime_linkage", "build_cuda",
+           "install_to_hf_cache", "main"]
 
 # Link the C++ runtime as the shared object torch uses, by its soname. torch.utils.cpp_extension
 # compiles and links with $CXX; where that compiler finds libstdc++.a but no libstdc++.so to link
@@ -58,6 +68,9 @@ def read_build_toml(path: Path = KERNEL_DIR / "build.toml") -> dict:
         import tomli as tomllib
     with open(path, "rb") as f:
         return tomllib.load(f)
+
+
+DEFAULT_REPO_ID = read_build_toml()["general"]["hub"]["repo-id"]
 
 
 def _hash_files(files: list[Path], root: Path) -> str:
@@ -93,10 +106,7 @@ def arch_variant_name() -> str:
 
     if torch.version.cuda is None:
         raise RuntimeError(f"torch {torch.__version__} has no CUDA; the CUDA variant needs a CUDA build of torch")
-    tv = torch.__version__.split("+")[0].split(".")
-    cv = torch.version.cuda.split(".")
-    abi = "cxx11" if torch.compiled_with_cxx11_abi() else "cxx98"
-    return f"torch{tv[0]}{tv[1]}-{abi}-cu{cv[0]}{cv[1]}-{platform.machine()}-{platform.system().lower()}"
+    return variant_name(torch.__version__, torch.version.cuda, platform.machine(), platform.system().lower())
 
 
 def metadata(*, op_id: str, archs: list[str] | None, backend: str = "cuda", toml: dict | None = None) -> dict:
@@ -126,7 +136,7 @@ import os
 
 import torch
 
-_LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "{ns}.so")
+_LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "{lib}")
 torch.ops.load_library(_LIB)
 ops = torch.ops.{ns}
 
@@ -143,48 +153,233 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
+def kernel_groups(toml: dict | None = None, archs: list[str] | None = None) -> list[dict]:
+    """The ``[kernel.*]`` sections of build.toml, each with the CUDA capabilities its sources compile
+    for: ``[{"name", "archs", "sources", "includes"}]`` (sources are the .cu/.cpp files; headers are
+    listed in build.toml for kernel-builder's sandbox only). ``archs`` keeps only those capabilities
+    of each section (a section left with none is an error: its launchers would be missing)."""
+    toml = toml or read_build_toml()
+    groups = []
+    for name, k in toml.get("kernel", {}).items():
+        if k.get("backend") != "cuda":
+            raise ValueError(f"build.toml [kernel.{name}]: backend {k.get('backend')!r}; "
+                             "this builder builds 'cuda' kernels only")
+        caps = list(k.get("cuda-capabilities") or [])
+        if not caps:
+            raise ValueError(f"build.toml [kernel.{name}] has no cuda-capabilities; "
+                             "list the capabilities it compiles for")
+        if archs is not None:
+            kept = [c for c in caps if c in archs]
+            if not kept:
+                raise ValueError(f"--archs {','.join(archs)} keeps none of [kernel.{name}]'s capabilities {caps}; "
+                                 "name at least one of them")
+            caps = kept
+        groups.append({"name": name, "archs": caps,
+                       "sources": [s for s in k["src"] if s.endswith((".cu", ".cpp"))],
+                       "includes": list(k.get("include", []))})
+    if not groups:
+        raise ValueError("build.toml has no [kernel.*] section")
+    return groups
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    """nvcc flags for capabilities as build.toml writes them: "8.0" -> sm_80 code, "9.0a" -> sm_90a
+    code (no PTX: kernel-builder compiles each listed capability to machine code)."""
+    flags = []
+    for a in archs:
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", a)
+        if m is None:
+            raise ValueError(f"CUDA capability {a!r} is not of the form MAJOR.MINOR[a|f] (e.g. 8.0, 9.0a)")
+        cc = f"{m.group(1)}{m.group(2)}{m.group(3)}"
+        flags += ["-gencode", f"arch=compute_{cc},code=sm_{cc}"]
+    return flags
+
+
+class Toolchain(NamedTuple):
+    """What one build compiles against: a torch release's headers and libraries (``torch_root`` holds
+    ``include/`` and ``lib/``), the CUDA toolkit at ``cuda_home`` (``bin/nvcc``, ``include/``, a
+    ``lib64/`` or ``lib/`` with libcudart), and the CUDA version of the torch build the variant is for
+    (it names the variant; a CUDA 12 toolkit builds code for every CUDA 12 runtime)."""
+
+    torch_root: Path
+    torch_version: str
+    torch_cuda: str
+    cuda_home: Path
+    cxx_std: str
+    cxx: str = "g++"
+
+    @property
+    def variant(self) -> str:
+        return variant_name(self.torch_version, self.torch_cuda)
+
+    def nvcc(self) -> Path:
+        return self.cuda_home / "bin" / "nvcc"
+
+    def cudart(self) -> tuple[Path, str]:
+        """(directory, linker argument) of the CUDA runtime library."""
+        for sub in ("lib64", "lib"):
+            d = self.cuda_home / sub
+            if (d / "libcudart.so").exists():
+                return d, "-lcudart"
+            found = sorted(d.glob("libcudart.so.[0-9]*"))
+            if found:
+                return d, f"-l:{found[0].name.split('.so.')[0]}.so.{found[0].name.split('.so.')[1].split('.')[0]}"
+        raise FileNotFoundError(f"no libcudart.so in {self.cuda_home}/lib64 or /lib: not a CUDA toolkit")
+
+    def cuda_includes(self) -> list[Path]:
+        inc = self.cuda_home / "include"
+        return [inc] + ([inc / "cccl"] if (inc / "cccl").is_dir() else [])
+
+
+def variant_name(torch_version: str, cuda: str, cpu: str = "x86_64", os_name: str = "linux") -> str:
+    """``torch<MAJOR><MINOR>-cxx11-cu<MAJOR><MINOR>-<cpu>-<os>``, the name ``kernels`` matches."""
+    tv = torch_version.split("+")[0].split(".")
+    cv = cuda.split(".")
+    if len(tv) < 2 or len(cv) < 2 or not all(x.isdigit() for x in tv[:2] + cv[:2]):
+        raise ValueError(f"torch {torch_version!r} / CUDA {cuda!r}: expected versions like '2.11.0' and '13.0'")
+    return f"torch{tv[0]}{tv[1]}-cxx11-cu{cv[0]}{cv[1]}-{cpu}-{os_name}"
+
+
+def local_toolchain() -> Toolchain:
+    """The toolchain of this process: its torch (a CUDA build) and the CUDA toolkit torch finds."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} has no CUDA; the CUDA variant needs a CUDA build of torch")
+    if not torch.compiled_with_cxx11_abi():
+        raise RuntimeError(f"torch {torch.__version__} uses the pre-C++11 string ABI; Hub kernels are cxx11 builds")
+    if CUDA_HOME is None:
+        raise RuntimeError("no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)")
+    root = Path(torch.__file__).parent
+    # the host compiler torch's own extension builder uses ($CXX, else c++)
+    return Toolchain(torch_root=root, torch_version=torch.__version__, torch_cuda=torch.version.cuda,
+                     cuda_home=Path(CUDA_HOME), cxx_std=cxx_standard(root), cxx=os.environ.get("CXX") or "c++")
+
+
+def cxx_standard(torch_root: Path) -> str:
+    """The C++ standard a torch release compiles CUDA extensions with (``c++17`` up to torch 2.11,
+    ``c++20`` later), read from the release's own torch/utils/cpp_extension.py: its CUDA flags
+    (``cuda_cflags = ['-std=...']``), else the standard its code names most often."""
+    path = Path(torch_root) / "utils" / "cpp_extension.py"
+    text = path.read_text()
+    cuda = re.findall(r"cuda_cflags = \['-std=(c\+\+\d+)'\]", text)
+    if cuda:
+        return cuda[0]
+    stds = re.findall(r"'-std=(c\+\+\d+)'", text)
+    if not stds:
+        raise ValueError(f"{path} names no C++ standard ('-std=c++NN'): not a torch release's cpp_extension.py")
+    return max(set(stds), key=stds.count)
+
+
+_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+               "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-O3", "-lineinfo",
+               "--ptxas-options=-warn-spills"]
+_CXX_FLAGS = ["-O3", "-fPIC"]
+# First on the include path of every compile: headers that keep the library within the manylinux
+# baseline the Hub checks (manylinux_2_28) when the build machine's C library is newer (see the
+# header files; kernel-abi-check, hub_kernels/variants.py, finds what they avoid).
+COMPAT_INCLUDE = HERE / "compat" / "manylinux_2_28"
+
+
+def compile_commands(tc: Toolchain, ns: str, obj_dir: Path, *, archs: list[str] | None = None,
+                     kernel_dir: Path = KERNEL_DIR) -> tuple[list[list[str]], list[str], Path]:
+    """(compile commands, link command, library path) of one variant: the torch binding with the
+    host compiler, each [kernel.*] section's CUDA sources with nvcc for that section's capabilities
+    only, then one shared library linked against torch and the CUDA runtime."""
+    toml = read_build_toml(kernel_dir / "build.toml")
+    torch_inc = [tc.torch_root / "include", tc.torch_root / "include" / "torch" / "csrc" / "api" / "include"]
+    defines = [f"-DTORCH_EXTENSION_NAME={ns}", "-DTORCH_API_INCLUDE_EXTENSION_H", "-D_GLIBCXX_USE_CXX11_ABI=1"]
+    sys_inc = [a for p in [COMPAT_INCLUDE, *torch_inc, *tc.cuda_includes()] for a in ("-isystem", str(p))]
+    torch_section = toml.get("torch", {})
+    ext_inc = [f"-I{kernel_dir / d}" for d in torch_section.get("include", [])] + [f"-I{kernel_dir / 'torch-ext'}"]
+    cmds, objs = [], []
+
+    def obj_for(src: str) -> Path:
+        o = obj_dir / (src.replace("/", "__") + ".o")
+        objs.append(o)
+        return o
+
+    for src in torch_section.get("src", []):
+        if src.endswith(".cpp"):
+            cmds.append([tc.cxx, "-c", str(kernel_dir / src), "-o", str(obj_for(src)), f"-std={tc.cxx_std}",
+                         *_CXX_FLAGS, *defines, *ext_inc, *sys_inc])
+    for g in kernel_groups(toml, archs):
+        inc = [f"-I{kernel_dir / d}" for d in g["includes"]]
+        for src in g["sources"]:
+            if src.endswith(".cu"):
+                cmds.append([str(tc.nvcc()), "-c", str(kernel_dir / src), "-o", str(obj_for(src)), "-ccbin", tc.cxx,
+                             f"-std={tc.cxx_std}", *_NVCC_FLAGS, *gencode_flags(g["archs"]),
+                             "--compiler-options", ",".join(_CXX_FLAGS), *defines, *inc, *sys_inc])
+            else:
+                cmds.append([tc.cxx, "-c", str(kernel_dir / src), "-o", str(obj_for(src)), f"-std={tc.cxx_std}",
+                             *_CXX_FLAGS, *defines, *inc, *sys_inc])
+    lib = obj_dir / f"{ns}.abi3.so"
+    cudart_dir, cudart = tc.cudart()
+    link = [tc.cxx, "-shared", *map(str, objs), "-o", str(lib), f"-L{tc.torch_root / 'lib'}", "-lc10", "-lc10_cuda",
+            "-ltorch_cpu", "-ltorch_cuda", "-ltorch", f"-L{cudart_dir}", cudart, *LINK_FLAGS]
+    return cmds, link, lib
+
+
+def _run(cmd: list[str], verbose: bool) -> None:
+    if verbose:
+        print(" ".join(cmd), flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if verbose and r.stderr:
+        print(r.stderr, end="", flush=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-4000:]}{r.stderr[-8000:]}")
+
+
+def compile_variant(out_root: Path, tc: Toolchain, *, archs: list[str] | None = None, jobs: int | None = None,
+                    verbose: bool = False, kernel_dir: Path = KERNEL_DIR) -> Path:
+    """Compile the CUDA variant for ``tc`` into ``out_root/<variant>/``; returns that directory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    toml = read_build_toml(kernel_dir / "build.toml")
+    ns = op_namespace(kernel_dir)
+    obj_dir = _fresh_dir(Path(out_root) / "_objs" / f"{tc.variant}-{ns}")
+    cmds, link, lib = compile_commands(tc, ns, obj_dir, archs=archs, kernel_dir=kernel_dir)
+    with ThreadPoolExecutor(max_workers=max(1, jobs or os.cpu_count() or 1)) as pool:
+        for f in [pool.submit(_run, c, verbose) for c in cmds]:
+            f.result()
+    _run(link, verbose)
+    if cxx_runtime_linkage(lib) == "static":
+        raise RuntimeError(f"{lib.name} carries its own copy of libstdc++ (linked statically); a failing check in "
+                           "the op would crash the process. The link needs the shared libstdc++.so.6")
+    vdir = _fresh_dir(Path(out_root) / tc.variant)
+    pkg = vdir / python_name(toml)
+    pkg.mkdir()
+    shutil.copy2(lib, pkg / lib.name)
+    for f in (kernel_dir / "torch-ext" / python_name(toml)).glob("*.py"):
+        shutil.copy2(f, pkg / f.name)
+    (pkg / "_ops.py").write_text(_OPS_TEMPLATE.format(ns=ns, lib=lib.name))
+    all_archs = sorted({a for g in kernel_groups(toml, archs) for a in g["archs"]}, key=_arch_key)
+    write_metadata(vdir, metadata(op_id=ns, archs=all_archs, toml=toml))
+    return vdir
+
+
+def _arch_key(a: str) -> tuple[int, int, str]:
+    m = re.fullmatch(r"(\d+)\.(\d+)(.*)", a)
+    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else (0, 0, a)
+
+
+def python_name(toml: dict | None = None) -> str:
+    """The kernel's Python package name: its name with dashes as underscores (``stem_attention``)."""
+    return (toml or read_build_toml())["general"]["name"].replace("-", "_")
+
+
 def build_cuda(out_root: Path, *, archs: list[str] | None = None, jobs: int | None = None,
                verbose: bool = False) -> Path:
-    """Compile the CUDA variant with torch.utils.cpp_extension; returns the variant directory."""
+    """Compile the CUDA variant for the torch of this process and load it once as a check."""
     import torch
-    from torch.utils.cpp_extension import load
 
-    toml = read_build_toml()
-    kernel = toml["kernel"]["block_sparse_attn"]
-    archs = archs or list(kernel["cuda-capabilities"])
-    ns = op_namespace()
-    variant = arch_variant_name()
-    sources = [str(KERNEL_DIR / s) for s in toml["torch"]["src"] + kernel["src"] if s.endswith((".cpp", ".cu"))]
-    includes = [str(KERNEL_DIR / d) for d in kernel.get("include", [])] + [str(KERNEL_DIR / "torch-ext")]
-    obj_dir = out_root / "_objs" / ns
-    obj_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
-    if jobs:
-        os.environ["MAX_JOBS"] = str(jobs)
-    load(
-        name=ns,
-        sources=sources,
-        extra_include_paths=includes,
-        # No -std flag: torch picks the C++ standard its headers were built with (C++20 for torch
-        # 2.11); forcing C++17 changed the layout of torch types and crashed on a TORCH_CHECK throw.
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-lineinfo", "--ptxas-options=-warn-spills"],
-        extra_ldflags=LINK_FLAGS,
-        build_directory=str(obj_dir),
-        is_python_module=False,
-        verbose=verbose,
-    )
+    tc = local_toolchain()
+    vdir = compile_variant(out_root, tc, archs=archs, jobs=jobs, verbose=verbose)
+    ns = op_id_of(vdir)
+    torch.ops.load_library(str(next((vdir / python_name()).glob("*.so"))))
     if not hasattr(getattr(torch.ops, ns), "block_sparse_attn_fwd"):
         raise RuntimeError(f"the built library did not register {ns}::block_sparse_attn_fwd")
-    if cxx_runtime_linkage(obj_dir / f"{ns}.so") == "static":
-        raise RuntimeError(f"{ns}.so carries its own copy of libstdc++ (linked statically); a failing check in "
-                           "the op would crash the process. The link needs the shared libstdc++.so.6")
-    vdir = _fresh_dir(out_root / variant)
-    shutil.copy2(obj_dir / f"{ns}.so", vdir / f"{ns}.so")
-    for f in (KERNEL_DIR / "torch-ext" / "stem_attention").glob("*.py"):
-        shutil.copy2(f, vdir / f.name)
-    (vdir / "_ops.py").write_text(_OPS_TEMPLATE.format(ns=ns))
-    write_metadata(vdir, metadata(op_id=ns, archs=archs, toml=toml))
     return vdir
 
 
@@ -230,8 +425,9 @@ def op_id_of(variant_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=KERNEL_DIR / "build", help="build root (default: %(default)s)")
-    ap.add_argument("--archs", default=None, help="CUDA capabilities, e.g. '8.0,9.0' (default: build.toml)")
-    ap.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (MAX_JOBS)")
+    ap.add_argument("--archs", default=None,
+                    help="only these of build.toml's CUDA capabilities, e.g. '8.0,9.0a' (default: all)")
+    ap.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: CPU count)")
     ap.add_argument("--hf-cache", type=Path, default=None, help="also install the build as an offline HF cache here")
     ap.add_argument("--repo-id", default=DEFAULT_REPO_ID, help="repo id for --hf-cache (default: %(default)s)")
     ap.add_argument("-v", "--verbose", action="store_true")

@@ -79,23 +79,78 @@ def test_kernel_directory_holds_the_kernel_builder_layout_only():
     assert "tests/test_stem_attention.py" in files
 
 
+def _kernel_sources() -> list[str]:
+    """The sources of every [kernel.*] section of build.toml, in order."""
+    return [src for k in build.read_build_toml()["kernel"].values() for src in k["src"]]
+
+
+# kernel-builder's build.toml schema (kernels-data config v3, every struct deny_unknown_fields):
+# the keys each table may hold, and the ones it must.
+_SCHEMA_GENERAL = {"name", "version", "license", "upstream", "backends", "cuda", "hub", "neuron", "python-depends",
+                   "xpu"}
+_SCHEMA_HUB = {"repo-id", "branch"}
+_SCHEMA_TORCH = {"include", "minver", "maxver", "pyext", "src"}
+_SCHEMA_CUDA_KERNEL = {"backend", "cuda-capabilities", "cuda-flags", "cuda-minver", "cxx-flags", "depends", "include",
+                       "src"}
+
+
+def test_build_toml_follows_the_kernel_builder_schema():
+    t = build.read_build_toml()
+    assert set(t) == {"general", "torch", "kernel"}
+    g = t["general"]
+    assert set(g) <= _SCHEMA_GENERAL and {"name", "backends", "license"} <= set(g)
+    assert re.fullmatch(r"[a-z][-a-z0-9]*[a-z0-9]", g["name"])
+    assert set(g["hub"]) <= _SCHEMA_HUB
+    assert set(t["torch"]) <= _SCHEMA_TORCH
+    for name, k in t["kernel"].items():
+        assert set(k) <= _SCHEMA_CUDA_KERNEL and {"backend", "depends", "src"} <= set(k), name
+        assert k["depends"] == ["torch"], name
+        for cap in k["cuda-capabilities"]:
+            assert re.fullmatch(r"\d+\.\d+a?", cap), (name, cap)
+
+
 def test_build_toml_has_required_fields():
+    from stem_backends.hub import DEFAULT_REPO
+
     t = build.read_build_toml()
     g = t["general"]
     assert g["name"] == "stem-attention"
     assert isinstance(g["version"], int) and g["version"] >= 1
     assert g["license"] == "Apache-2.0"
     assert g["backends"] == ["cuda"]
+    assert g["hub"]["repo-id"] == DEFAULT_REPO  # where stem's hub executor loads the kernel from
     assert sorted(t["torch"]["src"]) == ["torch-ext/torch_binding.cpp", "torch-ext/torch_binding.h"]
-    assert list(t["kernel"]) == ["block_sparse_attn"]
-    k = t["kernel"]["block_sparse_attn"]
-    assert k["backend"] == "cuda"
-    assert set(k["cuda-capabilities"]) == {"8.0", "9.0a"}
-    for src in t["torch"]["src"] + k["src"]:
+    # the binding includes csrc headers: [torch] must name csrc as an include directory
+    binding = (KERNEL_DIR / "torch-ext" / "torch_binding.cpp").read_text()
+    assert any((CSRC / h).is_file() for h in re.findall(r'#include "([^"]+)"', binding))
+    assert "csrc" in t["torch"]["include"]
+    for src in t["torch"]["src"] + _kernel_sources():
         assert (KERNEL_DIR / src).is_file(), f"build.toml lists a missing source: {src}"
     # every file in csrc/ is listed (an unlisted one would silently not be built or shipped)
     on_disk = {f.relative_to(KERNEL_DIR).as_posix() for f in CSRC.rglob("*") if f.is_file()}
-    assert on_disk == set(k["src"])
+    assert on_disk == set(_kernel_sources())
+
+
+def test_build_toml_arch_groups():
+    """The sm90 kernel (wgmma, setmaxnreg: Hopper's architecture-specific instructions) compiles for
+    9.0a only; the sm80 kernel and the dispatch for 8.0 and 9.0 (the op runs the sm80 kernel on
+    Hopper too, and sm_80 machine code does not run on a 9.x device); each .cu file in one group."""
+    k = build.read_build_toml()["kernel"]
+    assert set(k) == {"block_sparse_attn_sm80", "block_sparse_attn_sm90"}
+    sm80, sm90 = k["block_sparse_attn_sm80"], k["block_sparse_attn_sm90"]
+    assert sm80["cuda-capabilities"] == ["8.0", "9.0"] and sm90["cuda-capabilities"] == ["9.0a"]
+    cu80 = {s for s in sm80["src"] if s.endswith(".cu")}
+    cu90 = {s for s in sm90["src"] if s.endswith(".cu")}
+    assert not cu80 & cu90
+    assert cu90 == {f.relative_to(KERNEL_DIR).as_posix() for f in CSRC.glob("inst/*sm90*.cu")}
+    assert "csrc/block_sparse_attn_dispatch.cu" in cu80
+    # the headers each .cu file of a group includes are listed in that group (kernel-builder copies
+    # a section's listed files)
+    for group in (sm80, sm90):
+        for src in (s for s in group["src"] if s.endswith(".cu")):
+            for inc in re.findall(r'#include "([^"]+)"', (KERNEL_DIR / src).read_text()):
+                rel = (KERNEL_DIR / src).parent.joinpath(inc).resolve().relative_to(KERNEL_DIR).as_posix()
+                assert rel in group["src"], (src, rel)
 
 
 def test_metadata_writer_is_valid(tmp_path):
@@ -283,7 +338,7 @@ def test_instantiations_are_what_the_contract_selects(contract):
                             used.add((f"sm{path}", name, h))
     files = _instantiation_files()
     assert set(files) == used, f"files without use: {set(files) - used}; uses without a file: {used - set(files)}"
-    listed = set(build.read_build_toml()["kernel"]["block_sparse_attn"]["src"])
+    listed = set(_kernel_sources())
     assert {f.relative_to(KERNEL_DIR).as_posix() for f in files.values()} <= listed
     assert len(files) == 10 and sum(k[0] == "sm90" for k in files) == 4
 
@@ -363,7 +418,7 @@ def compiled(tmp_path_factory):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
     out = tmp_path_factory.mktemp("nvcc")
-    srcs = [s for s in build.read_build_toml()["kernel"]["block_sparse_attn"]["src"] if s.endswith(".cu")]
+    srcs = [s for s in _kernel_sources() if s.endswith(".cu")]
     with ThreadPoolExecutor(max_workers=max(1, min(len(srcs), os.cpu_count() or 1))) as pool:
         results = list(pool.map(lambda s: _nvcc(KERNEL_DIR / s, out), srcs))
     return dict(zip(srcs, results))
@@ -529,8 +584,7 @@ def add_op_namespace_prefix(op_name: str) -> str:
 def _variant_here() -> tuple[str, str, list[str] | None]:
     """(variant directory name, metadata backend, archs) that `kernels` accepts for this torch."""
     if torch.version.cuda is not None:
-        return build.arch_variant_name(), "cuda", list(build.read_build_toml()["kernel"]["block_sparse_attn"]
-                                                       ["cuda-capabilities"])
+        return build.arch_variant_name(), "cuda", sorted({a for g in build.kernel_groups() for a in g["archs"]})
     tv = torch.__version__.split("+")[0].split(".")
     abi = "cxx11" if torch.compiled_with_cxx11_abi() else "cxx98"
     return f"torch{tv[0]}{tv[1]}-{abi}-cpu-{platform.machine()}-{platform.system().lower()}", "cpu", None
