@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -92,7 +93,10 @@ class HubExecutor(Executor):
         mod = loaded[0] if loaded is not None else None
         where = ""
         if mod is not None and getattr(mod, "__file__", None):
-            where = f"; loaded build: {Path(mod.__file__).parent.name}"
+            # the variant folder: build/<variant>/__init__.py or build/<variant>/<package>/__init__.py
+            folders = [p.name for p in Path(mod.__file__).parents][:2]
+            variant = next((f for f in folders if re.match(r"torch\d+-", f)), folders[0])
+            where = f"; loaded build: {variant}"
         return f"prebuilt block-sparse flash attention from the kernel hub ({self.repo}, kernels.get_kernel){where}"
 
     # ---- loading --------------------------------------------------------------------------
