@@ -2,7 +2,9 @@
 
 One module or sub-package per executor, each with its kernels beside it:
 
-* ``reference`` — the exact executor (any device; the CPU default and the tests' oracle);
+* ``reference`` — the exact executor (any device; the tests' oracle);
+* ``cpu_gather`` — the CPU default for sparse plans: gathered key blocks through torch's fused CPU
+  attention kernel;
 * ``sdpa`` — dense plans through torch SDPA (cuDNN / flash);
 * ``triton/`` — the Triton executor and the Triton pooling kernel of the planner;
 * ``hub`` — the prebuilt CUDA kernel (``hub_kernels/``) loaded with ``kernels.get_kernel``.
@@ -20,12 +22,13 @@ __all__ = ["executors", "register_planners"]
 
 def executors() -> list:
     """Fresh instances of the first-party executors."""
+    from .cpu_gather import CPUGatherExecutor
     from .hub import HubExecutor
     from .reference import ReferenceExecutor
     from .sdpa import DenseSDPAExecutor
     from .triton.executor import TritonExecutor
 
-    return [ReferenceExecutor(), DenseSDPAExecutor(), TritonExecutor(), HubExecutor()]
+    return [ReferenceExecutor(), CPUGatherExecutor(), DenseSDPAExecutor(), TritonExecutor(), HubExecutor()]
 
 
 def register_planners() -> None:
