@@ -6,7 +6,8 @@ One module or sub-package per executor, each with its kernels beside it:
 * ``cpu_gather`` — the CPU default for sparse plans: gathered key blocks through torch's fused CPU
   attention kernel;
 * ``sdpa`` — dense plans through torch SDPA (cuDNN / flash);
-* ``triton/`` — the Triton executor and the Triton pooling kernel of the planner;
+* ``triton/`` — the Triton executor, the Triton pooling kernel of the planner and the kernel of the
+  opt-in ``qmean_lse`` block ranking;
 * ``hub`` — the prebuilt CUDA kernel (``hub_kernels/``) loaded with ``kernels.get_kernel``.
 
 ``stem.dispatch`` registers them in code (:func:`executors`, :func:`register_planners`), so a source
@@ -34,5 +35,7 @@ def executors() -> list:
 def register_planners() -> None:
     """Register the first-party planner kernels with ``stem.planner``."""
     from .triton.planner import register
+    from .triton.ranking import register as register_ranking
 
     register()
+    register_ranking()

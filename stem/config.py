@@ -7,7 +7,9 @@ import json
 import math
 from dataclasses import dataclass
 
-__all__ = ["StemConfig"]
+__all__ = ["StemConfig", "RANKINGS"]
+
+RANKINGS = ("stem", "qmean_lse")  # block scores for selection (stem.ranking); "stem" is the paper's
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,11 @@ class StemConfig:
             planning when the budgets alone keep at least this fraction of the causal blocks (there
             the sparse path cannot beat a dense kernel; 0.55 is the crossover measured on an H200,
             see benchmarks/NOTES.md). It never changes a plan; values above 1 switch it off.
+        ranking: the score that ranks key blocks inside each query block's budget. ``"stem"``
+            (default): the paper's output-aware metric. ``"qmean_lse"`` (opt-in, not in the
+            paper): the log-sum-exp over the keys of each key block of the scaled scores of the
+            query block's mean query, which sees blocks whose mass sits on a few keys (see
+            ``stem.ranking``). Budgets, sinks and window are the same either way.
     """
 
     block_size: int = 128
@@ -42,6 +49,7 @@ class StemConfig:
     norm: float = 1.0
     dense: bool = False
     auto_dense_above: float = 0.55
+    ranking: str = "stem"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "stride", "k_bias", "sink_blocks", "window_blocks"):
@@ -54,6 +62,8 @@ class StemConfig:
                 raise TypeError(f"StemConfig.{name} must be a float, got {type(val).__name__} ({val!r})")
             if not math.isfinite(val):
                 raise ValueError(f"StemConfig.{name} must be finite, got {val!r}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"StemConfig.ranking must be one of {RANKINGS}, got {self.ranking!r}")
         if not isinstance(self.dense, bool):
             raise TypeError(f"StemConfig.dense must be a bool, got {self.dense!r}")
         bs, s = self.block_size, self.stride
