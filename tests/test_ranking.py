@@ -122,8 +122,9 @@ KERNEL_CASES = {
 
 
 def _child() -> None:
-    from stem.ranking import block_query_means, qmean_lse_from_means
     from stem_backends.triton.ranking import qmean_lse_triton
+
+    from stem.ranking import block_query_means, qmean_lse_from_means
 
     results = {}
     for name, (B, Hq, Hkv, Lq, Lk, D, bs, off, dtype, block_q) in KERNEL_CASES.items():
