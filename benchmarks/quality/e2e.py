@@ -209,13 +209,56 @@ def summarise_passkey(recs: list[dict]) -> dict:
     return out
 
 
+def plot(layers: dict | None, kl: dict | None, path: str) -> None:
+    """PNG: per-layer recall and output error of each method (from a ``--part layers`` result) and
+    KL / top-1 disagreement against density (from a ``--part kl`` result); either may be None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    if layers:
+        xs = [r["layer"] for r in layers["layers"]]
+        for m in layers["methods"]:
+            if m == "dense":
+                continue
+            style = dict(marker="o", ms=3, lw=2) if m in ("stem", "qmean_lse", "oracle") else dict(lw=1, alpha=0.7)
+            axes[0].plot(xs, [r[m]["recall_mean"] for r in layers["layers"]], label=m, **style)
+            axes[1].plot(xs, [r[m]["out_rel_err"] for r in layers["layers"]], label=m, **style)
+        axes[0].set_title("attention recall (mean over query rows)")
+        axes[1].set_title("attention output: ||O - O_dense|| / ||O_dense||")
+        axes[1].set_yscale("log")
+        for ax in axes[:2]:
+            ax.set_xlabel("layer")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7, ncol=2)
+    if kl:
+        for m, r in kl["kl"].items():
+            axes[2].scatter(r["density_mean"], r["kl_mean"], s=30)
+            axes[2].annotate(m, (r["density_mean"], r["kl_mean"]), fontsize=7)
+        axes[2].set_xlabel("mean density over sparse layers")
+        axes[2].set_ylabel("next-token KL(dense || method), nats")
+        axes[2].set_yscale("log")
+        axes[2].set_title(f"whole model, last {kl.get('last')} positions")
+        axes[2].grid(alpha=0.3)
+    src = layers or kl
+    c = src["config"]
+    fig.suptitle(f"{src['model']}, {src['length']} tokens, block {c['block_size']}, stride {c['stride']}; "
+                 f"layers >= {src['first_sparse_layer']} sparse", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality.e2e", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--cache", default=DEFAULT_CACHE)
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--part", choices=("layers", "kl", "passkey"), required=True)
+    p.add_argument("--part", choices=("layers", "kl", "passkey", "plot"), required=True,
+                   help="plot: a PNG from the layers and kl JSON files already in --out")
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--stride", type=int, default=8)
@@ -235,6 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.part == "plot":
+        name = f"smollm2_{args.length // 1024}k{args.tag}"
+        load = [Path(args.out) / f"quality_e2e_{part}_{name}.json" for part in ("layers", "kl")]
+        data = [json.loads(f.read_text()) if f.is_file() else None for f in load]
+        if not any(data):
+            raise SystemExit(f"none of {[str(f) for f in load]} exists; run --part layers / --part kl first")
+        plot(*data, str(Path(args.out) / f"quality_e2e_{name}.png"))
+        return 0
     cfg = stem.StemConfig(block_size=args.block_size, stride=args.stride, auto_dense_above=2.0)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))

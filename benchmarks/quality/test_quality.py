@@ -357,3 +357,16 @@ def test_passkey_prompt_and_summary(tiny):
     assert s["x"]["lost_vs_dense"] == 1 and s["x"]["gained_vs_dense"] == 1
     assert s["x"]["per_depth"] == {"0.1": 0.0, "0.5": 1.0}
     assert s["dense"]["stderr"] == pytest.approx((2 / 3 * 1 / 3 / 3) ** 0.5)
+
+
+def test_e2e_plot(tmp_path):
+    from benchmarks.quality.e2e import plot
+
+    cfg = {"block_size": 16, "stride": 8}
+    base = {"model": "tiny", "length": 1024, "config": cfg, "first_sparse_layer": 2}
+    layers = base | {"methods": ["dense", "stem"], "layers": [
+        {"layer": i, "dense": {"recall_mean": 1, "out_rel_err": 0}, "stem": {"recall_mean": 0.9, "out_rel_err": 0.1}}
+        for i in (2, 3)]}
+    kl = base | {"last": 10, "kl": {"stem": {"density_mean": 0.4, "kl_mean": 0.02}}}
+    plot(layers, kl, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
