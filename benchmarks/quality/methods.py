@@ -19,6 +19,12 @@ the first two layers dense). Methods:
   bisection so that the layer's density equals Stem's (alpha 0.7) on the same layer: the
   comparison is at equal density, which the paper's fixed tau would not give.
 - ``oracle``: Stem's counts, sinks and window; the other blocks by true dense block mass.
+- ``qmean_lse_vnorm`` (experiment, not in the library): ``qmean_lse`` with ``log ||v_t||`` added to
+  each key's score inside the log-sum-exp, i.e. the log of ``sum_t p_t ||v_t||``, the mean query's
+  attention mass weighted by the value norm (an upper bound on the block's share of the output).
+- ``s1_mass`` / ``s4_mass`` (experiments): 1 or 4 sampled query rows per block (the last row of
+  each of n equal parts), their exact row-normalised softmax mass on each block, averaged
+  (``benchmarks.quality.rank_candidates``); Stem's budgets, sinks and window.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from .recall import _query_block_mass, block_mass, fill_mask, forced_and_causal,
 __all__ = ["METHODS", "method_plan", "xattention_block_scores", "threshold_mask"]
 
 METHODS = ("dense", "stem", "stem_a1.0", "stem_a0.85", "stem_a0.5", "stem_novb", "qmean_lse", "uniform_topk",
-           "sinks_window", "xattention", "oracle")
+           "sinks_window", "xattention", "oracle", "qmean_lse_vnorm", "s1_mass", "s4_mass")
 
 
 def _mask_plan(mask: torch.Tensor, L: int, cfg: stem.StemConfig) -> stem.BlockPlan:
@@ -74,6 +80,21 @@ def threshold_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
     return (mask & causal) | torch.eye(nQ, nK, dtype=torch.bool)
 
 
+def qmean_lse_vnorm_scores(q, k, v, block_size: int) -> torch.Tensor:
+    """(1, Hq, nQ, nK) float32 ``logsumexp_t (scale * qbar . k_t + log ||v_t||)`` per causal block
+    pair (prefill, L a multiple of ``block_size``), -inf above the diagonal."""
+    from stem.ranking import block_query_means
+
+    _, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    G, n = Hq // Hkv, L // block_size
+    qbar = block_query_means(q, 0, block_size).view(1, Hkv, G, n, D)
+    s = torch.matmul(qbar, k.float()[:, :, None].transpose(-1, -2)) * D ** -0.5  # (1, Hkv, G, n, L)
+    s += torch.log(torch.linalg.vector_norm(v.float(), dim=-1) + 1e-6)[:, :, None, None, :]
+    out = torch.logsumexp(s.view(1, Hkv, G, n, n, block_size), -1).view(1, Hq, n, n)
+    return out.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+
+
 def _calibrated_threshold_mask(scores: torch.Tensor, target_blocks: int, iters: int = 30) -> torch.Tensor:
     lo, hi = 0.0, 1.0
     best = threshold_mask(scores, hi)
@@ -102,6 +123,22 @@ def method_plan(name: str, q, k, v, cfg: stem.StemConfig, *, chunk: int = 256) -
         return stem.plan(q, k, v, dataclasses.replace(cfg, value_weight=0.0))
     if name == "qmean_lse":
         return stem.plan(q, k, v, cfg.replace(ranking="qmean_lse"))
+    if name in ("s1_mass", "s4_mass"):
+        from stem.planner import select_blocks
+
+        from .rank_candidates import candidate_scores
+
+        n = int(name[1])
+        scores = candidate_scores(q[0], k[0], cfg.block_size, samples=(n,))[name]
+        scores = scores.masked_fill(torch.ones(scores.shape[-1], scores.shape[-1], dtype=torch.bool).triu(1),
+                                    float("-inf"))
+        counts, idx = select_blocks(scores[None], cfg, 0, L // cfg.block_size)
+        return stem.BlockPlan(counts, idx, cfg.block_size, L, L, cfg, dense=False, q_offset=0)
+    if name == "qmean_lse_vnorm":
+        from stem.planner import select_blocks
+
+        counts, idx = select_blocks(qmean_lse_vnorm_scores(q, k, v, cfg.block_size), cfg, 0, L // cfg.block_size)
+        return stem.BlockPlan(counts, idx, cfg.block_size, L, L, cfg, dense=False, q_offset=0)
     base = stem.plan(q, k, v, cfg)
     if base.dense:
         return base
