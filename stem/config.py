@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 __all__ = ["StemConfig", "RANKINGS"]
 
-RANKINGS = ("stem", "qmean_lse")  # block scores for selection (stem.ranking); "stem" is the paper's
+RANKINGS = ("stem", "sampled_mass", "qmean_lse")  # block scores for selection (stem.ranking); "stem" is the paper's
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,11 @@ class StemConfig:
             the sparse path cannot beat a dense kernel; 0.55 is the crossover measured on an H200,
             see benchmarks/NOTES.md). It never changes a plan; values above 1 switch it off.
         ranking: the score that ranks key blocks inside each query block's budget. ``"stem"``
-            (default): the paper's output-aware metric. ``"qmean_lse"`` (opt-in, not in the
-            paper): the log-sum-exp over the keys of each key block of the scaled scores of the
-            query block's mean query, which sees blocks whose mass sits on a few keys (see
-            ``stem.ranking``). Budgets, sinks and window are the same either way.
+            (default): the paper's output-aware metric. Opt-in, not in the paper (see
+            ``stem.ranking``): ``"sampled_mass"``, the exact softmax mass that 4 sampled query
+            rows of the block put on each key block; ``"qmean_lse"``, the log-sum-exp over each
+            key block's keys of the block-mean query's scores. Budgets, sinks and window are the
+            same whichever ranks.
     """
 
     block_size: int = 128

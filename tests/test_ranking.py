@@ -14,7 +14,7 @@ import torch
 from reference import rand_qkv, spec_selection
 
 import stem
-from stem.ranking import qmean_lse_scores
+from stem.ranking import qmean_lse_scores, sampled_mass_scores
 
 RANKED = stem.StemConfig(block_size=16, stride=4, ranking="qmean_lse")
 
@@ -40,6 +40,57 @@ def literal_scores(q, k, bs, q_offset):
                     keys = kh[j * bs:min((j + 1) * bs, Lk)]
                     out[b, h, i, j] = torch.logsumexp(keys @ qbar / math.sqrt(D), 0)
     return out
+
+
+def literal_sampled_mass(q, k, bs, q_offset, n=4):
+    """float64 loops: per query block, n rows (last of each n-th of the block, clamped into its
+    rows), each row's causal softmax, mass per key block, mean over the rows."""
+    q, k = q.double(), k.double()
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    qbo = q_offset // bs
+    nQ = (q_offset + Lq - 1) // bs - qbo + 1
+    nK = math.ceil(Lk / bs)
+    out = torch.full((B, Hq, nQ, nK), float("-inf"), dtype=torch.float64)
+    for i in range(nQ):
+        a = qbo + i
+        lo, hi = max(a * bs, q_offset), min((a + 1) * bs, q_offset + Lq) - 1
+        rows = [min(max(a * bs + (bs // n) * (m + 1) - 1, lo), hi) for m in range(n)]
+        for b in range(B):
+            for h in range(Hq):
+                kh = k[b, h // (Hq // Hkv)]
+                acc = torch.zeros(nK, dtype=torch.float64)
+                for p in rows:
+                    w = torch.softmax(kh[: p + 1] @ q[b, h, p - q_offset] / math.sqrt(D), 0)
+                    for j in range(a + 1):
+                        acc[j] += w[j * bs:(j + 1) * bs].sum()
+                out[b, h, i, : a + 1] = acc[: a + 1] / n
+    return out
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bs,off", [
+    (1, 2, 2, 100, 100, 16, 16, None),
+    (1, 4, 2, 40, 150, 8, 32, None),
+    (1, 2, 1, 50, 170, 8, 32, 37),
+])
+def test_sampled_mass_equals_literal_float64(gen, B, Hq, Hkv, Lq, Lk, D, bs, off):
+    q, k, _ = rand_qkv(gen, B, Hq, Hkv, Lq, Lk, D, dtype=torch.float64)
+    o = Lk - Lq if off is None else off
+    ref = literal_sampled_mass(q, k, bs, o)
+    for chunk in (1, 1 << 22):
+        got = sampled_mass_scores(q, k, bs, off, chunk_elems=chunk)
+        assert torch.equal(torch.isinf(got), torch.isinf(ref))
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+
+
+def test_sampled_mass_plan_follows_the_selection_rule(gen):
+    L = 16 * 57 + 3
+    q, k, v = rand_qkv(gen, 1, 2, 1, L, L, 8, dtype=torch.float64)
+    cfg = RANKED.replace(ranking="sampled_mass")
+    plan = stem.plan(q, k, v, cfg)
+    mask = plan.to_dense_mask()
+    for (b, h, i), blocks in spec_selection(literal_sampled_mass(q, k, 16, 0), cfg):
+        assert torch.nonzero(mask[b, h, i]).flatten().tolist() == blocks, (b, h, i)
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bs,off", [
@@ -99,7 +150,7 @@ def test_attention_with_ranking_runs_the_ranked_plan(gen):
 
 
 def test_bad_ranking_and_stats_path_raise():
-    with pytest.raises(ValueError, match="qmean_lse"):
+    with pytest.raises(ValueError, match="sampled_mass"):
         stem.StemConfig(ranking="max")
     from stem.planner import plan_from_stats, pool_torch
 
@@ -122,9 +173,9 @@ KERNEL_CASES = {
 
 
 def _child() -> None:
-    from stem_backends.triton.ranking import qmean_lse_triton
+    from stem_backends.triton.ranking import qmean_lse_triton, sampled_mass_triton
 
-    from stem.ranking import block_query_means, qmean_lse_from_means
+    from stem.ranking import block_query_means, qmean_lse_from_means, sampled_mass_scores
 
     results = {}
     for name, (B, Hq, Hkv, Lq, Lk, D, bs, off, dtype, block_q) in KERNEL_CASES.items():
@@ -144,6 +195,16 @@ def _child() -> None:
             results[name] = None
         except Exception as e:  # reported per case
             results[name] = f"{type(e).__name__}: {e}"
+        try:  # the sampled_mass kernel on the same inputs, against the float32 torch path
+            got = sampled_mass_triton(q, k, o, bs, D ** -0.5, block_q=block_q)
+            ref = sampled_mass_scores(q.float(), k.float(), bs, o)
+            fin = torch.isfinite(ref)
+            assert torch.equal(fin, torch.isfinite(got)), "causal pattern differs"
+            err = float((got[fin] - ref[fin]).abs().max())
+            assert err < (1e-2 if dtype == "bfloat16" else 1e-5), f"max error {err}"
+            results["sampled_" + name] = None
+        except Exception as e:
+            results["sampled_" + name] = f"{type(e).__name__}: {e}"
     print(json.dumps(results))
 
 
@@ -160,7 +221,7 @@ def kernel_results():
     return json.loads(lines[-1])
 
 
-@pytest.mark.parametrize("case", list(KERNEL_CASES))
+@pytest.mark.parametrize("case", list(KERNEL_CASES) + ["sampled_" + c for c in KERNEL_CASES])
 def test_triton_kernel_interpreted(kernel_results, case):
     assert kernel_results[case] is None, kernel_results[case]
 

@@ -7,7 +7,8 @@ the first two layers dense). Methods:
 - ``dense``: every causal block.
 - ``stem`` / ``stem_a<alpha>``: ``stem.plan`` with the study's config (alpha 0.7) or another alpha.
 - ``stem_novb``: Stem without the value bonus (``value_weight=0``).
-- ``qmean_lse``: Stem's budgets, sinks and window, ranked by ``StemConfig(ranking="qmean_lse")``.
+- ``sampled_mass`` / ``qmean_lse``: Stem's budgets, sinks and window, ranked by
+  ``StemConfig(ranking="sampled_mass")`` / ``StemConfig(ranking="qmean_lse")`` (``stem.ranking``).
 - ``uniform_topk``: Stem's logits and forced blocks, the same number of blocks in every query
   block, the per-head total equal to Stem's (``recall.uniform_counts``).
 - ``sinks_window``: only the blocks Stem always keeps (its own, much lower, density).
@@ -41,7 +42,8 @@ from .recall import _query_block_mass, block_mass, fill_mask, forced_and_causal,
 
 __all__ = ["METHODS", "method_plan", "xattention_block_scores", "threshold_mask"]
 
-METHODS = ("dense", "stem", "stem_a1.0", "stem_a0.85", "stem_a0.5", "stem_novb", "qmean_lse", "uniform_topk",
+METHODS = ("dense", "stem", "stem_a1.0", "stem_a0.85", "stem_a0.5", "stem_novb", "sampled_mass", "qmean_lse",
+           "uniform_topk",
            "sinks_window", "xattention", "oracle", "qmean_lse_vnorm", "s1_mass", "s4_mass")
 
 
@@ -121,8 +123,8 @@ def method_plan(name: str, q, k, v, cfg: stem.StemConfig, *, chunk: int = 256) -
         return stem.plan(q, k, v, cfg.replace(alpha=float(name[len("stem_a"):])))
     if name == "stem_novb":
         return stem.plan(q, k, v, dataclasses.replace(cfg, value_weight=0.0))
-    if name == "qmean_lse":
-        return stem.plan(q, k, v, cfg.replace(ranking="qmean_lse"))
+    if name in ("sampled_mass", "qmean_lse"):
+        return stem.plan(q, k, v, cfg.replace(ranking=name))
     if name in ("s1_mass", "s4_mass"):
         from stem.planner import select_blocks
 
