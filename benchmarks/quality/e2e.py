@@ -223,7 +223,8 @@ def plot(layers: dict | None, kl: dict | None, path: str) -> None:
         for m in layers["methods"]:
             if m == "dense":
                 continue
-            style = dict(marker="o", ms=3, lw=2) if m in ("stem", "qmean_lse", "oracle") else dict(lw=1, alpha=0.7)
+            key = {"stem": "black", "sampled_mass": "tab:green", "qmean_lse": "tab:pink", "oracle": "tab:blue"}
+            style = dict(marker="o", ms=3, lw=2, color=key[m]) if m in key else dict(lw=1, alpha=0.6)
             axes[0].plot(xs, [r[m]["recall_mean"] for r in layers["layers"]], label=m, **style)
             axes[1].plot(xs, [r[m]["out_rel_err"] for r in layers["layers"]], label=m, **style)
         axes[0].set_title("attention recall (mean over query rows)")
