@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--per-depth", type=int, default=4)
     p.add_argument("--minutes", type=float, default=None, help="passkey: stop starting prompts after this")
+    p.add_argument("--doc-offset", type=int, default=0,
+                   help="layers/kl: skip this many tokens of the document's sources (another document)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tag", default="")
@@ -298,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
            "command": " ".join(["python -m benchmarks.quality.e2e", *(sys.argv[1:] if argv is None else argv)]),
            "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.part in ("layers", "kl"):
-        ids, sources = build_document(tok, args.length)
+        ids, sources = build_document(tok, args.length + args.doc_offset)
+        ids = ids[:, args.doc_offset:]
         res["text_sources"] = sources
+        res["doc_offset"] = args.doc_offset
         if args.part == "layers":
             qkv, _ = capture_qkv(model, ids)
             res["layers"] = layer_metrics(qkv, methods, cfg, args.backend)
