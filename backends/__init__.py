@@ -2,9 +2,12 @@
 
 One module or sub-package per executor, each with its kernels beside it:
 
-* ``reference`` — the exact executor (any device; the CPU default and the tests' oracle);
+* ``reference`` — the exact executor (any device; the tests' oracle);
+* ``cpu_gather`` — the CPU default for sparse plans: gathered key blocks through torch's fused CPU
+  attention kernel;
 * ``sdpa`` — dense plans through torch SDPA (cuDNN / flash);
-* ``triton/`` — the Triton executor and the Triton pooling kernel of the planner;
+* ``triton/`` — the Triton executor, the Triton pooling kernel of the planner and the kernel of the
+  opt-in ``qmean_lse`` block ranking;
 * ``hub`` — the prebuilt CUDA kernel (``hub_kernels/``) loaded with ``kernels.get_kernel``.
 
 ``stem.dispatch`` registers them in code (:func:`executors`, :func:`register_planners`), so a source
@@ -20,16 +23,19 @@ __all__ = ["executors", "register_planners"]
 
 def executors() -> list:
     """Fresh instances of the first-party executors."""
+    from .cpu_gather import CPUGatherExecutor
     from .hub import HubExecutor
     from .reference import ReferenceExecutor
     from .sdpa import DenseSDPAExecutor
     from .triton.executor import TritonExecutor
 
-    return [ReferenceExecutor(), DenseSDPAExecutor(), TritonExecutor(), HubExecutor()]
+    return [ReferenceExecutor(), CPUGatherExecutor(), DenseSDPAExecutor(), TritonExecutor(), HubExecutor()]
 
 
 def register_planners() -> None:
     """Register the first-party planner kernels with ``stem.planner``."""
     from .triton.planner import register
+    from .triton.ranking import register as register_ranking
 
     register()
+    register_ranking()

@@ -69,7 +69,7 @@ def attention(
         plan: a BlockPlan to execute instead of planning (e.g. from :func:`stem.plan`); its
             geometry must match the call (lengths, heads, device and ``q_offset``), else
             ValueError naming both values.
-        backend: "auto" (dense plans -> "sdpa"; CPU -> "reference"; CUDA -> the fastest usable
+        backend: "auto" (dense plans -> "sdpa"; CPU -> "cpu_gather"; CUDA -> the fastest usable
             executor), or an executor name ("reference", "triton", "hub", ...; see ``stem info``).
         scale: softmax scale, a finite number > 0; default 1/sqrt(D).
         return_plan: also return the BlockPlan.

@@ -7,7 +7,9 @@ import json
 import math
 from dataclasses import dataclass
 
-__all__ = ["StemConfig"]
+__all__ = ["StemConfig", "RANKINGS"]
+
+RANKINGS = ("stem", "sampled_mass", "qmean_lse")  # block scores for selection (stem.ranking); "stem" is the paper's
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,12 @@ class StemConfig:
             planning when the budgets alone keep at least this fraction of the causal blocks (there
             the sparse path cannot beat a dense kernel; 0.55 is the crossover measured on an H200,
             see benchmarks/NOTES.md). It never changes a plan; values above 1 switch it off.
+        ranking: the score that ranks key blocks inside each query block's budget. ``"stem"``
+            (default): the paper's output-aware metric. Opt-in, not in the paper (see
+            ``stem.ranking``): ``"sampled_mass"``, the exact softmax mass that 4 sampled query
+            rows of the block put on each key block; ``"qmean_lse"``, the log-sum-exp over each
+            key block's keys of the block-mean query's scores. Budgets, sinks and window are the
+            same whichever ranks.
     """
 
     block_size: int = 128
@@ -42,6 +50,7 @@ class StemConfig:
     norm: float = 1.0
     dense: bool = False
     auto_dense_above: float = 0.55
+    ranking: str = "stem"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "stride", "k_bias", "sink_blocks", "window_blocks"):
@@ -54,6 +63,8 @@ class StemConfig:
                 raise TypeError(f"StemConfig.{name} must be a float, got {type(val).__name__} ({val!r})")
             if not math.isfinite(val):
                 raise ValueError(f"StemConfig.{name} must be finite, got {val!r}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"StemConfig.ranking must be one of {RANKINGS}, got {self.ranking!r}")
         if not isinstance(self.dense, bool):
             raise TypeError(f"StemConfig.dense must be a bool, got {self.dense!r}")
         bs, s = self.block_size, self.stride

@@ -331,6 +331,9 @@ def plan(
 def plan_from_stats(stats: PooledStats, config: StemConfig, q_len: int, q_offset: int, n_total: int) -> BlockPlan:
     """Select blocks from pooled statistics: the plan for ``q_len`` queries at absolute
     ``q_offset`` against ``stats.kv_len`` keys, with budgets for a sequence of ``n_total`` blocks."""
+    if config.ranking != "stem":
+        raise ValueError(f"StemConfig.ranking={config.ranking!r} needs q and k, not pooled statistics: plan with "
+                         "stem.plan (for context parallelism, the planner that gathers K)")
     counts, indices = select_blocks(logits_from_stats(stats, config), config, stats.q_block_offset, n_total)
     return BlockPlan(counts, indices, config.block_size, q_len, stats.kv_len, config, dense=False, q_offset=q_offset,
                      _trusted=True)
@@ -346,6 +349,9 @@ def plan_validated(q, k, v, config: StemConfig, *, q_offset: int | None = None, 
     if config.dense or is_dense_budget(n_total, config.k_rate, config.k_bias):
         return dense_plan(B, Hq, Lq, Lk, bs, q.device, config, q_offset)
     with torch.no_grad(), on_device(q):
+        if config.ranking != "stem":  # an opt-in ranking (stem/ranking.py): same budgets, other scores
+            from .ranking import plan_ranked
+            return plan_ranked(q, k, v, config, q_offset, n_total, "torch" if pooling == "torch" else "auto")
         return plan_from_stats(pool(q, k, v, config, q_offset, pooling), config, Lq, q_offset, n_total)
 
 

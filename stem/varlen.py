@@ -440,7 +440,12 @@ def plan_varlen_rows(q, k, v, cu_q, lens, max_q: int, max_k: int, config: StemCo
     dense = [_dense_seq(lq, lk, config, dev.type, auto_dense) for lq, lk in lens]
     all_dense = all(dense)
     if impl == "auto":
-        impl = "batched" if dev.type == "cuda" and not all_dense else "loop"
+        # an opt-in ranking (StemConfig.ranking) plans sequence by sequence: its scores need each
+        # sequence's own q and k rows, which the batched planner's pooled statistics do not hold
+        impl = "batched" if dev.type == "cuda" and not all_dense and config.ranking == "stem" else "loop"
+    if impl == "batched" and config.ranking != "stem":
+        raise ValueError(f"the batched varlen planner computes Stem's own ranking only, not "
+                         f"StemConfig.ranking={config.ranking!r}; use impl='loop'")
     if impl == "batched":
         from .planner import plan_varlen_batched
 

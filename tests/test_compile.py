@@ -75,8 +75,8 @@ def test_fake_shapes_equal_real_shapes(gen):
     from stem.ops import config_fields, config_json
 
     cases = [(1000, 1000, 0), (600, 1000, 400), (1, 1000, 999), (700, 3000, 2300), (300, 300, 0)]
-    for alpha in (1.0, 0.5):
-        cfg = CFG.replace(alpha=alpha)
+    for alpha, ranking in ((1.0, "stem"), (0.5, "stem"), (0.7, "sampled_mass")):
+        cfg = CFG.replace(alpha=alpha, ranking=ranking)
         for Lq, Lk, off in cases:
             q, k, v = rand_qkv(gen, 1, 2, 1, Lq, Lk, 8)
             real = torch.ops.stem.plan(q, k, v, config_json(config_fields(cfg)), off, "auto")

@@ -193,3 +193,16 @@ def test_executors_without_varlen_are_skipped_with_a_reason():
     assert executors()["hub"].varlen is False
     plain = DispatchKey(torch.device("cpu"), torch.float32, 16, 16, False, False, varlen=True)
     assert _cannot_run(executors()["reference"], plain) is None
+
+
+def test_varlen_with_an_opt_in_ranking_equals_each_sequence_alone(gen):
+    cfg = CFG.replace(ranking="sampled_mass")
+    lens = [(1000, 1000), (40, 40), (600, 1100)]
+    q, k, v, cq, ck = packed(gen, lens, 4, 2, 16)
+    plan = stem.plan_varlen(q, k, v, cq, ck, config=cfg)
+    for i, sq, sk, _ in pieces(lens):
+        p1 = stem.plan(alone(q, sq), alone(k, sk), alone(v, sk), cfg)
+        assert torch.equal(plan.sequence(i).kv_counts, p1.kv_counts)
+        assert torch.equal(plan.sequence(i).to_dense_mask(), p1.to_dense_mask())
+    with pytest.raises(ValueError, match="ranking"):
+        plan_varlen_rows(q, k, v, cq, plan.seqlens, 1000, 1100, cfg, impl="batched")

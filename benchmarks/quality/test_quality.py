@@ -259,3 +259,114 @@ def test_fetch_uses_a_complete_cache(tmp_path, monkeypatch):
     (d / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="benchmarks.quality.fetch"):
         f.load_model(tmp_path)
+
+
+# --- end-to-end methods and metrics (benchmarks.quality.methods / e2e) ---------------------------
+
+def test_methods_give_valid_plans_at_matched_density(tiny):
+    from benchmarks.quality.methods import METHODS as E2E_METHODS
+    from benchmarks.quality.methods import method_plan
+
+    q, k, v = tiny[2][1]
+    plans = {m: method_plan(m, q, k, v, CFG, chunk=200) for m in E2E_METHODS}
+    nQ = L // BS
+    forced, causal = forced_and_causal(nQ, nQ, CFG)
+    stem_d = plans["stem"].density
+    assert plans["dense"].density == 1.0
+    for m, p in plans.items():
+        mask = p.to_dense_mask()[0]
+        assert bool((mask <= causal).all()), m
+        assert bool(mask[:, torch.arange(nQ), torch.arange(nQ)].all()), f"{m}: diagonal missing"
+    assert plans["sinks_window"].density < stem_d
+    for m in ("uniform_topk", "oracle", "qmean_lse", "stem_novb", "xattention"):
+        assert abs(plans[m].density - stem_d) < 0.02, (m, plans[m].density, stem_d)
+    assert plans["stem_a0.5"].density < stem_d < plans["stem_a1.0"].density
+    assert torch.equal(plans["oracle"].kv_counts, plans["stem"].kv_counts)
+
+
+def test_threshold_mask_literal():
+    from benchmarks.quality.methods import threshold_mask
+
+    s = torch.tensor([[[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.2, 0.5, 0.3]]])
+    m = threshold_mask(s, 0.75)
+    assert m[0].tolist() == [[True, False, False], [True, True, False], [False, True, True]]
+    m = threshold_mask(s, 0.5)  # row 2: 0.5 alone reaches it; the diagonal is always kept
+    assert m[0].tolist() == [[True, False, False], [True, True, False], [False, True, True]]
+    m = threshold_mask(s, 0.95)
+    assert m[0, 2].tolist() == [True, True, True]
+
+
+def test_patched_dense_is_the_model_and_metrics_match_float64(tiny):
+    from benchmarks.quality.e2e import forward_logits, next_token_metrics
+
+    model, ids, _, logits = tiny
+    dense, dens = forward_logits(model, ids, "dense", CFG, 100, first_sparse=1)
+    torch.testing.assert_close(dense, logits[0, -100:], atol=1e-4, rtol=1e-4)
+    assert set(dens) == {1} and dens[1] == 1.0  # layer 0 is below the first sparse layer
+    assert model.config._attn_implementation == "sdpa"
+    sparse, dens = forward_logits(model, ids, "stem", CFG, 100, first_sparse=1)
+    assert dens[1] < 1.0
+    targets = ids[0, -99:]
+    r = next_token_metrics(dense, sparse, targets)
+    p, q = torch.softmax(dense.double(), -1), torch.softmax(sparse.double(), -1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    assert r["kl_mean"] == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-7) and r["kl_mean"] > 0
+    nll = -q[:-1].log().gather(-1, targets[:, None]).mean()
+    assert r["ppl"] == pytest.approx(float(nll.exp()), rel=1e-4)
+    assert r["top1_agreement"] == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).double().mean()))
+    same = next_token_metrics(dense, dense, targets)
+    assert same["kl_mean"] == pytest.approx(0, abs=1e-6) and same["top1_agreement"] == 1 and same["ppl_ratio"] == 1
+
+
+def test_layer_metrics(tiny):
+    from benchmarks.quality.e2e import layer_metrics
+
+    qkv = tiny[2]
+    rows = layer_metrics(qkv, ["dense", "stem", "sinks_window"], CFG, first_sparse=1, chunk=200, progress=False)
+    assert [r["layer"] for r in rows] == [1]
+    r = rows[0]
+    assert r["dense"]["recall_mean"] == pytest.approx(1, abs=1e-5) and r["dense"]["out_rel_err"] < 1e-5
+    assert 0 < r["stem"]["out_rel_err"] < r["sinks_window"]["out_rel_err"]
+    assert r["sinks_window"]["recall_mean"] < r["stem"]["recall_mean"] < 1
+
+
+def test_passkey_prompt_and_summary(tiny):
+    from benchmarks.quality.e2e import passkey_prompt, passkey_run, summarise_passkey
+
+    class ByteTok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text.encode())}
+
+        def decode(self, ids):
+            return bytes(i % 256 for i in ids).decode(errors="replace")
+
+    filler = list(b"abcdefgh " * 200)
+    ids = passkey_prompt(ByteTok(), filler, 1000, 0.5, 12345, 7)
+    assert ids.shape == (1, 1000)
+    text = bytes(ids[0].tolist()).decode()
+    assert text.count("12345") == 2 and text.endswith("The pass key is") and text.startswith("h abcdefgh")
+    model = tiny[0]
+    recs = passkey_run(model, ByteTok(), filler, ["dense", "stem"], CFG, 1000, [0.5], 1, progress=False,
+                       first_sparse=1)
+    assert [r["method"] for r in recs] == ["dense", "stem"] and recs[1]["density"] < 1
+    fake = [{"prompt": p, "depth": d, "method": m, "right": r, "density": 1.0}
+            for p, d, m, r in [(0, 0.1, "dense", True), (0, 0.1, "x", False), (1, 0.5, "dense", False),
+                               (1, 0.5, "x", True), (2, 0.5, "dense", True), (2, 0.5, "x", True)]]
+    s = summarise_passkey(fake)
+    assert s["x"]["accuracy"] == pytest.approx(2 / 3)
+    assert s["x"]["lost_vs_dense"] == 1 and s["x"]["gained_vs_dense"] == 1
+    assert s["x"]["per_depth"] == {"0.1": 0.0, "0.5": 1.0}
+    assert s["dense"]["stderr"] == pytest.approx((2 / 3 * 1 / 3 / 3) ** 0.5)
+
+
+def test_e2e_plot(tmp_path):
+    from benchmarks.quality.e2e import plot
+
+    cfg = {"block_size": 16, "stride": 8}
+    base = {"model": "tiny", "length": 1024, "config": cfg, "first_sparse_layer": 2}
+    layers = base | {"methods": ["dense", "stem"], "layers": [
+        {"layer": i, "dense": {"recall_mean": 1, "out_rel_err": 0}, "stem": {"recall_mean": 0.9, "out_rel_err": 0.1}}
+        for i in (2, 3)]}
+    kl = base | {"last": 10, "kl": {"stem": {"density_mean": 0.4, "kl_mean": 0.02}}}
+    plot(layers, kl, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000

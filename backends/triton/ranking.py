@@ -1,0 +1,122 @@
+"""Fused Triton kernels of the opt-in block rankings (``stem.ranking``): ``qmean_lse`` and
+``sampled_mass`` (the latter: rows = query heads x query blocks x 4 sampled rows, two passes over
+the causal key blocks, first each row's softmax normaliser, then the mass per key block averaged
+over the block's sampled rows).
+
+``qmean_lse``:
+One program per (batch, KV head, tile of ``BLOCK_Q`` query blocks): the block query means of the G
+query heads that read this KV head, for the tile's query blocks, form the rows of one matrix
+(``BLOCK_G * BLOCK_Q`` rows), so each key block is loaded once for all of them. The program walks
+the causal key blocks; per key block it computes the scaled scores of every row against the
+block's keys with one ``tl.dot`` and reduces them to a log-sum-exp (base 2 inside, natural log
+out). Nothing of size (rows, Lk) is written: the output is the (B, Hq, nQ, nK) score matrix.
+
+``register()`` adds it to ``stem.ranking`` for CUDA tensors; this module imports triton only
+when a kernel runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+from stem.ranking import qmean_lse_from_means, register_ranking_kernel
+
+__all__ = ["register", "qmean_lse_triton", "sampled_mass_triton"]
+
+def qmean_lse_triton(qbar: torch.Tensor, k: torch.Tensor, q_block_offset: int, block_size: int,
+                     scale: float, block_q: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Scores (B, Hq, nQ, nK) float32, -inf where non-causal: ``stem.ranking.qmean_lse_from_means``
+    in one kernel. ``qbar`` (B, Hq, nQ, D) float32 block query means, ``k`` (B, Hkv, Lk, D). The
+    dot products run in k's dtype (the means are rounded to it) with float32 accumulation; float64
+    input keeps the torch path."""
+    if k.dtype == torch.float64 or qbar.dtype == torch.float64:
+        return qmean_lse_from_means(qbar, k, q_block_offset, block_size, scale)
+    from triton import knobs
+
+    from . import interpreter_compat
+    from .ranking_kernel import qmean_lse_kernel
+
+    interpreter_compat()
+    B, Hq, nQ, D = qbar.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    nK = -(-Lk // block_size)
+    qbar = qbar.float().contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    out = torch.full((B, Hq, nQ, nK), float("-inf"), dtype=torch.float32, device=k.device)
+    block_g = max(1, 1 << (G - 1).bit_length())
+    if block_q is None:  # about 64 rows per program (at least 16 for tl.dot)
+        block_q = max(1, 64 // block_g)
+    block_q = max(block_q, -(-16 // block_g))
+    block_d = max(16, 1 << (D - 1).bit_length())
+    if num_warps is None:
+        num_warps = 8 if block_size * block_g * block_q >= 128 * 64 else 4
+    n_tiles = -(-nQ // block_q)
+    tiles = torch.arange(n_tiles - 1, -1, -1, dtype=torch.int32)  # the latest (longest) tiles first
+    ends = torch.clamp(q_block_offset + (tiles + 1) * block_q, max=nK).to(torch.int32)
+    grid = (n_tiles, Hkv, B)
+    qmean_lse_kernel[grid](
+        qbar, k, out, tiles.to(k.device), ends.to(k.device), q_block_offset, nQ, Lk, scale * math.log2(math.e),
+        qbar.stride(0), qbar.stride(1), qbar.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        G=G, BLOCK_G=block_g, BLOCK_Q=block_q, BS=block_size, D=D, BLOCK_D=block_d,
+        UPCAST=bool(knobs.runtime.interpret) and k.dtype == torch.bfloat16, num_warps=num_warps,
+    )
+    return out
+
+
+def sampled_mass_triton(q: torch.Tensor, k: torch.Tensor, q_offset: int, block_size: int, scale: float,
+                        n: int = 4, block_q: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Scores (B, Hq, nQ, nK) float32, -inf where non-causal: ``stem.ranking.sampled_mass_scores`` in
+    one kernel (two passes over the causal keys: each sampled row's normaliser, then the mass per
+    key block). Dots in q's dtype with float32 accumulation; float64 input keeps the torch path."""
+    from stem.ranking import sampled_mass_scores, sampled_rows
+
+    if q.dtype == torch.float64:
+        return sampled_mass_scores(q, k, block_size, q_offset, scale, n)
+    from triton import knobs
+
+    from . import interpreter_compat
+    from .ranking_kernel import sampled_mass_kernel
+
+    interpreter_compat()
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    rows = sampled_rows(Lq, q_offset, block_size, n).to(device=q.device, dtype=torch.int32).contiguous()
+    nQ, nK = rows.shape[0], -(-Lk // block_size)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    out = torch.full((B, Hq, nQ, nK), float("-inf"), dtype=torch.float32, device=q.device)
+    block_g = max(1, 1 << (G - 1).bit_length())
+    if block_q is None:  # about 64 rows per program (at least 16 for tl.dot)
+        block_q = max(1, 64 // (block_g * n))
+    block_q = max(block_q, -(-16 // (block_g * n)))
+    n_tiles = -(-nQ // block_q)
+    tiles = torch.arange(n_tiles - 1, -1, -1, dtype=torch.int32)
+    ends = torch.clamp(q_offset // block_size + (tiles + 1) * block_q, max=nK).to(torch.int32)
+    if num_warps is None:
+        num_warps = 8 if block_size * block_g * block_q * n >= 128 * 64 else 4
+    sampled_mass_kernel[(n_tiles, Hkv, B)](
+        q, k, rows, out, tiles.to(q.device), ends.to(q.device), q_offset, q_offset // block_size, nQ, Lk,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        G=G, BLOCK_G=block_g, BLOCK_Q=block_q, N=n, BS=block_size, D=D, BLOCK_D=max(16, 1 << (D - 1).bit_length()),
+        UPCAST=bool(knobs.runtime.interpret) and q.dtype == torch.bfloat16, num_warps=num_warps,
+    )
+    return out
+
+
+def register() -> None:
+    """Register ``qmean_lse_triton`` for CUDA tensors when triton is installed (the pooling
+    kernel's registration already warns when it is not)."""
+    if importlib.util.find_spec("triton") is not None:
+        register_ranking_kernel("triton", qmean_lse_triton, ("cuda",))
+        register_ranking_kernel("triton", sampled_mass_triton, ("cuda",), ranking="sampled_mass")

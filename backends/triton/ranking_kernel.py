@@ -1,0 +1,105 @@
+"""Triton kernel of the ``qmean_lse`` block ranking (see ``stem_backends.triton.ranking``): one
+program per (tile of query blocks, KV head, batch entry), rows = the G query heads x the tile's
+block query means; per causal key block one ``tl.dot`` and a row-wise log-sum-exp."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["qmean_lse_kernel"]
+
+
+@triton.jit
+def qmean_lse_kernel(
+    QB, K, OUT, TILES, ENDS, qbo, nQ, Lk, scale_log2,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kl, s_ob, s_oh, s_oq,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile = tl.load(TILES + tl.program_id(0))  # tiles in order of decreasing work
+    end = tl.load(ENDS + tl.program_id(0))  # key blocks 0 .. end-1 are causal for some row
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.arange(0, BLOCK_G * BLOCK_Q)
+    g = rows // BLOCK_Q
+    qi = tile * BLOCK_Q + rows % BLOCK_Q
+    row_ok = (g < G) & (qi < nQ)
+    h = hk * G + g
+    dd = tl.arange(0, BLOCK_D)
+    qbar = tl.load(QB + b * s_qb + h[:, None] * s_qh + qi[:, None] * s_qn + dd[None, :],
+                   mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
+    qbar = qbar.to(K.dtype.element_ty)  # the dot runs in k's dtype, float32 accumulation
+    if UPCAST:  # interpreter only: its bf16 tl.dot is wrong, so multiply the bf16 values in fp32
+        qbar = qbar.to(tl.float32)
+    a = qbo + qi  # absolute query block of each row
+    t = tl.arange(0, BS)
+    out_rows = OUT + b * s_ob + h * s_oh + qi * s_oq
+    k_base = K + b * s_kb + hk * s_kh
+    for j in range(0, end):
+        kpos = j * BS + t
+        kt = tl.load(k_base + kpos[None, :] * s_kl + dd[:, None],
+                     mask=(kpos[None, :] < Lk) & (dd[:, None] < D), other=0.0)  # (BLOCK_D, BS)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(qbar, kt) * scale_log2  # (rows, BS), float32, base-2 logits
+        s = tl.where(kpos[None, :] < Lk, s, float("-inf"))
+        m = tl.max(s, 1)
+        lse = (m + tl.log2(tl.sum(tl.exp2(s - m[:, None]), 1))) * 0.6931471805599453  # natural log
+        tl.store(out_rows + j, lse, mask=row_ok & (j <= a))
+
+
+@triton.jit
+def sampled_mass_kernel(
+    Q, K, ROWS, OUT, TILES, ENDS, q_offset, qbo, nQ, Lk, scale_log2,
+    s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_ob, s_oh, s_oq,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, N: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # rows of the program: (query head g, query block qi, sampled row m), m fastest
+    tile = tl.load(TILES + tl.program_id(0))
+    end = tl.load(ENDS + tl.program_id(0))
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    r = tl.arange(0, BLOCK_G * BLOCK_Q * N)
+    g = r // (BLOCK_Q * N)
+    qi = tile * BLOCK_Q + (r // N) % BLOCK_Q
+    ok = (g < G) & (qi < nQ)
+    h = hk * G + g
+    qrow = tl.load(ROWS + qi * N + r % N, mask=ok, other=0)
+    pos = qrow + q_offset  # absolute position of the sampled row
+    dd = tl.arange(0, BLOCK_D)
+    qs = tl.load(Q + b * s_qb + h[:, None] * s_qh + qrow[:, None] * s_ql + dd[None, :],
+                 mask=ok[:, None] & (dd[None, :] < D), other=0.0)
+    if UPCAST:
+        qs = qs.to(tl.float32)
+    t = tl.arange(0, BS)
+    k_base = K + b * s_kb + hk * s_kh
+    m_i = tl.full([BLOCK_G * BLOCK_Q * N], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G * BLOCK_Q * N], dtype=tl.float32)
+    for j in range(0, end):  # pass 1: each sampled row's softmax normaliser over its causal keys
+        kpos = j * BS + t
+        kt = tl.load(k_base + kpos[None, :] * s_kl + dd[:, None], mask=(kpos[None, :] < Lk) & (dd[:, None] < D),
+                     other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(qs, kt) * scale_log2
+        s = tl.where((kpos[None, :] <= pos[:, None]) & (kpos[None, :] < Lk), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    # per (head, query block): its output row offset, absolute block and validity (its N rows agree)
+    off = tl.max(tl.reshape(b * s_ob + h * s_oh + qi * s_oq, (BLOCK_G * BLOCK_Q, N)), 1)
+    a_q = tl.max(tl.reshape(qbo + qi, (BLOCK_G * BLOCK_Q, N)), 1)
+    ok_q = tl.max(tl.reshape(ok.to(tl.int32), (BLOCK_G * BLOCK_Q, N)), 1) > 0
+    for j in range(0, end):  # pass 2: mass per key block, mean over the N sampled rows
+        kpos = j * BS + t
+        kt = tl.load(k_base + kpos[None, :] * s_kl + dd[:, None], mask=(kpos[None, :] < Lk) & (dd[:, None] < D),
+                     other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(qs, kt) * scale_log2
+        s = tl.where((kpos[None, :] <= pos[:, None]) & (kpos[None, :] < Lk), s, float("-inf"))
+        mass = tl.sum(tl.exp2(s - m_i[:, None]), 1) / l_i
+        mean = tl.sum(tl.reshape(mass, (BLOCK_G * BLOCK_Q, N)), 1) / N
+        tl.store(OUT + off + j, mean, mask=ok_q & (j <= a_q))
