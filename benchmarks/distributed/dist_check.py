@@ -114,6 +114,9 @@ def main(argv=None):
         print("dist_check:", "PASS" if ok else "FAIL", flush=True)
     flag = torch.tensor([ok], device=dev)
     dist.broadcast(flag, 0)
+    # every rank past its last send before any tears down (gloo aborts a process whose peer closed
+    # while a send of it was still in flight)
+    dist.barrier()
     dist.destroy_process_group()
     sys.exit(0 if bool(flag) else 1)
 
