@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 
 #include "block_sparse_attn.h"
 #include "supported.h"
@@ -37,6 +38,35 @@ int clamp_int(int64_t x) {
              : static_cast<int>(x);
 }
 
+// The device's compute capability (major, minor), after checking that supported.h runs q's dtype,
+// this head dim and block size there for `sm` (the op kernel_path says the same). The caller holds
+// a CUDAGuard for q's device.
+std::pair<int, int> check_supported(const at::Tensor& q, int64_t head_dim, int64_t block_size, int64_t sm,
+                                    const char* prefix) {
+  int major = 0, minor = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()) == cudaSuccess,
+              prefix, "cannot read the device's compute capability");
+  const auto dtype = q.scalar_type();
+  const int dtype_code = dtype == at::kHalf ? stem_attn::kFloat16 : dtype == at::kBFloat16 ? stem_attn::kBFloat16 : -1;
+  const int d = clamp_int(head_dim), bs = clamp_int(block_size), req = clamp_int(sm);
+  TORCH_CHECK(stem_attn::kernel_path(dtype_code, d, bs, major, minor, req).path != stem_attn::kUnsupported, prefix,
+              stem_attn::kernel_path_reason(dtype_code, d, bs, major, minor, req), " (q is ", dtype, ")");
+  return {major, minor};
+}
+
+// Launch on q's current stream; a launch error (or the sm90 kernel asked for where it cannot run)
+// raises with `prefix`.
+void launch(const stem_attn::Params& p, std::pair<int, int> cc, int64_t sm, const at::Tensor& q, const char* prefix) {
+  const int req = clamp_int(sm);
+  const cudaError_t err = stem_attn::block_sparse_attn_fwd_launch(
+      p, cc.first, cc.second, req, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
+  TORCH_CHECK(!(err == cudaErrorNotSupported && req == stem_attn::kSm90), prefix,
+              "the sm90 kernel was asked for (sm=90) but cannot run: this build holds no sm_90a code for the device, "
+              "or the grid is too large");
+  TORCH_CHECK(err == cudaSuccess, prefix, "kernel launch failed: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -60,15 +90,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, kPrefix, "query heads (", Hq, ") must be a multiple of kv heads (", Hkv, ")");
 
   const c10::cuda::CUDAGuard guard(q.device());
-  int major = 0, minor = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess &&
-                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()) == cudaSuccess,
-              kPrefix, "cannot read the device's compute capability");
-  // What is supported and which kernel runs it: supported.h (the op kernel_path says the same).
-  const int dtype_code = dtype == at::kHalf ? stem_attn::kFloat16 : dtype == at::kBFloat16 ? stem_attn::kBFloat16 : -1;
-  const int d = clamp_int(D), bs = clamp_int(block_size), req = clamp_int(sm);
-  TORCH_CHECK(stem_attn::kernel_path(dtype_code, d, bs, major, minor, req).path != stem_attn::kUnsupported, kPrefix,
-              stem_attn::kernel_path_reason(dtype_code, d, bs, major, minor, req), " (q is ", dtype, ")");
+  const auto cc = check_supported(q, D, block_size, sm, kPrefix);
 
   TORCH_CHECK(Lq > 0 && Lq <= Lk && Lk < std::numeric_limits<int32_t>::max() / 2, kPrefix,
               "need 0 < Lq <= Lk < 2^30, got Lq=", Lq, ", Lk=", Lk);
@@ -106,19 +128,14 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
   p.lse_stride_b = Hq * Lq, p.lse_stride_h = Lq;
   p.cu_seqlens_q = nullptr, p.cu_seqlens_k = nullptr;
   p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
-  p.Lq = static_cast<int>(Lq), p.Lk = static_cast<int>(Lk), p.D = d;
+  p.Lq = static_cast<int>(Lq), p.Lk = static_cast<int>(Lk), p.D = static_cast<int>(D);
   p.nQ = static_cast<int>(nQ), p.W = static_cast<int>(kv_indices.size(3));
-  p.block_size = bs;
+  p.block_size = static_cast<int>(block_size);  // checked by check_supported
   p.q_offset = static_cast<int>(q_offset);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.is_bf16 = dtype == at::kBFloat16;
 
-  const cudaError_t err =
-      stem_attn::block_sparse_attn_fwd_launch(p, major, minor, req, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
-  TORCH_CHECK(!(err == cudaErrorNotSupported && req == stem_attn::kSm90), kPrefix,
-              "the sm90 kernel was asked for (sm=90) but cannot run: this build holds no sm_90a code for the device, "
-              "or the grid is too large");
-  TORCH_CHECK(err == cudaSuccess, kPrefix, "kernel launch failed: ", cudaGetErrorString(err));
+  launch(p, cc, sm, q, kPrefix);
   return {out, lse};
 }
 
@@ -164,14 +181,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_varlen_fwd(
   check_layout(v4, "v");
 
   const c10::cuda::CUDAGuard guard(q.device());
-  int major = 0, minor = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess &&
-                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()) == cudaSuccess,
-              kVPrefix, "cannot read the device's compute capability");
-  const int dtype_code = dtype == at::kHalf ? stem_attn::kFloat16 : dtype == at::kBFloat16 ? stem_attn::kBFloat16 : -1;
-  const int d = clamp_int(D), bs = clamp_int(block_size), req = clamp_int(sm);
-  TORCH_CHECK(stem_attn::kernel_path(dtype_code, d, bs, major, minor, req).path != stem_attn::kUnsupported, kVPrefix,
-              stem_attn::kernel_path_reason(dtype_code, d, bs, major, minor, req), " (q is ", dtype, ")");
+  const auto cc = check_supported(q, D, block_size, sm, kVPrefix);
   TORCH_CHECK(B < 65536 && Hq < 65536, kVPrefix, "sequences and heads must be < 65536");
 
   at::Tensor out = at::empty({Tq, Hq, D}, q.options());
@@ -196,19 +206,14 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_varlen_fwd(
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
   p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
-  p.Lq = static_cast<int>(Tq), p.Lk = static_cast<int>(Tk), p.D = d;  // totals (tensor maps); per sequence in-kernel
+  p.Lq = static_cast<int>(Tq), p.Lk = static_cast<int>(Tk), p.D = static_cast<int>(D);  // totals (tensor maps); per sequence in-kernel
   p.nQ = static_cast<int>(kv_counts.size(2)), p.W = static_cast<int>(kv_indices.size(3));
-  p.block_size = bs;
+  p.block_size = static_cast<int>(block_size);  // checked by check_supported
   p.q_offset = 0;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.is_bf16 = dtype == at::kBFloat16;
 
-  const cudaError_t err =
-      stem_attn::block_sparse_attn_fwd_launch(p, major, minor, req, c10::cuda::getCurrentCUDAStream(q.get_device()).stream());
-  TORCH_CHECK(!(err == cudaErrorNotSupported && req == stem_attn::kSm90), kVPrefix,
-              "the sm90 kernel was asked for (sm=90) but cannot run: this build holds no sm_90a code for the device, "
-              "or the grid is too large");
-  TORCH_CHECK(err == cudaSuccess, kVPrefix, "kernel launch failed: ", cudaGetErrorString(err));
+  launch(p, cc, sm, q, kVPrefix);
   return {out, lse};
 }
 
