@@ -12,7 +12,7 @@ from .config import StemConfig
 from .dispatch import DispatchKey, resolve
 from .plan import BlockPlan
 from .planner import dense_plan, plan_validated
-from .validation import on_device, validate_plan, validate_qkv, validate_scalars
+from .validation import on_device, pack_result, requires_grad, validate_plan, validate_qkv, validate_scalars
 
 __all__ = ["attention"]
 
@@ -119,7 +119,7 @@ def _attention_traced(q, k, v, config, plan, backend, scale, return_plan, return
     off = Lk - Lq if q_offset is None else q_offset
     fields = config_fields(config)
     name, dense, differentiable, _ = decide(backend, q.device, q.dtype, D, Lq, Lk, q_offset, fields, return_lse)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if requires_grad(q, k, v):
         raise RuntimeError("stem.attention is forward-only inside torch.compile (its ops have no backward): run the "
                            "compiled prefill under torch.no_grad() or torch.inference_mode()")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -158,7 +158,7 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
         validate_plan(plan, q, k, q_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     ex, why = resolve(backend, DispatchKey.of(q, plan, return_lse))
-    if not ex.differentiable and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if not ex.differentiable and requires_grad(q, k, v):
         raise RuntimeError(
             f"stem.attention is forward-only (inference prefill): the {ex.name!r} executor has no backward and "
             "q/k/v require grad. Run it under torch.no_grad() or torch.inference_mode(); to train, use dense "
@@ -175,9 +175,4 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
         log.info("%s", why)
     _last = why
     out, lse = ex.forward(q, k, v, plan, scale, return_lse)
-    result = (out,)
-    if return_lse:
-        result += (lse,)
-    if return_plan:
-        result += (plan,)
-    return result[0] if len(result) == 1 else result
+    return pack_result(out, lse, plan, return_lse, return_plan)

@@ -10,7 +10,8 @@ import torch
 
 from .config import StemConfig
 
-__all__ = ["validate_qkv", "validate_plan", "validate_scalars", "on_device"]
+__all__ = ["validate_qkv", "validate_plan", "validate_scalars", "on_device", "check_tensors", "requires_grad",
+           "pack_result"]
 
 
 def on_device(t: torch.Tensor):
@@ -23,6 +24,34 @@ def on_device(t: torch.Tensor):
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_tensors(q, k, v, dims: int, layout: str, hint: str) -> None:
+    """q, k, v are ``dims``-d tensors of one supported dtype on one device; errors name the
+    ``layout`` and the ``hint`` (formatted with the tensor's name)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dims:
+            raise ValueError(f"{name} must have {dims} dims {layout}, got shape {tuple(t.shape)}; "
+                             + hint.format(name=name))
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; stem supports float16, bfloat16, float32 (float64 on CPU)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them with .to()")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def requires_grad(q, k, v) -> bool:
+    """Whether autograd would track a computation on q, k, v (grad mode on and one requires grad)."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def pack_result(out, lse, plan, return_lse: bool, return_plan: bool):
+    """``out``, ``(out, lse)``, ``(out, plan)`` or ``(out, lse, plan)`` as asked for."""
+    result = (out,) + ((lse,) if return_lse else ()) + ((plan,) if return_plan else ())
+    return result[0] if len(result) == 1 else result
+
+
 def validate_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: StemConfig | None = None, q_offset: int | None = None,
     allow_empty: bool = False,
@@ -31,20 +60,7 @@ def validate_qkv(
 
     With ``allow_empty``, inputs with no batch, no query heads or no queries pass (the caller
     returns empty outputs, as SDPA does); otherwise they raise."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have 4 dims in SDPA layout (B, H, L, D), got shape {tuple(t.shape)}; "
-                f"for (B, L, H, D) tensors pass {name}.transpose(1, 2)"
-            )
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; stem supports float16, bfloat16, float32 (float64 on CPU)")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them with .to()")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_tensors(q, k, v, 4, "in SDPA layout (B, H, L, D)", "for (B, L, H, D) tensors pass {name}.transpose(1, 2)")
     B, Hq, Lq, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape (B, Hkv, Lk, D), got {tuple(k.shape)} and {tuple(v.shape)}")

@@ -26,12 +26,9 @@ import torch
 from .budget import base_budget, is_dense_budget
 from .config import StemConfig
 from .plan import BlockPlan, _cdiv, _digest, _version, block_geometry
-from .validation import on_device, validate_scalars
+from .validation import check_tensors, on_device, pack_result, requires_grad, validate_scalars
 
 __all__ = ["VarlenBlockPlan", "plan_varlen", "varlen_attention", "varlen_plan_shape"]
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 # ---- geometry ------------------------------------------------------------------------------------
 def _seq_geometry(q_len: int, kv_len: int, bs: int) -> tuple[int, int, int, int]:
@@ -73,18 +70,8 @@ def varlen_plan_shape(batch: int, heads: int, max_seqlen_q: int, max_seqlen_k: i
 
 # ---- input checks -----------------------------------------------------------------------------------
 def _check_packed(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have 3 dims in the packed varlen layout (total_tokens, heads, head_dim), "
-                             f"got shape {tuple(t.shape)}; for (B, H, L, D) batches use stem.attention")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; stem supports float16, bfloat16, float32 (float64 on CPU)")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them with .to()")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_tensors(q, k, v, 3, "in the packed varlen layout (total_tokens, heads, head_dim)",
+                  "for (B, H, L, D) batches use stem.attention")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape (total_k, Hkv, D), got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
@@ -111,9 +98,10 @@ def _check_cu(cu_q, cu_k, device) -> None:
         raise ValueError(f"cu_seqlens_q has {cu_q.numel() - 1} sequences but cu_seqlens_k has {cu_k.numel() - 1}")
 
 
-def _read_lengths(cu_q, cu_k, total_q: int, total_k: int) -> tuple[tuple[int, int], ...]:
-    """Per-sequence (len_q, len_k) from the cumulative lengths, checked. One device-to-host copy of
-    2 * (batch + 1) ints: the per-sequence block grid and budgets are host arithmetic."""
+def _read_lengths(cu_q, cu_k, total_q: int | None, total_k: int | None) -> tuple[tuple[int, int], ...]:
+    """Per-sequence (len_q, len_k) from the cumulative lengths, checked (against the tensors' token
+    counts where given). One device-to-host copy of 2 * (batch + 1) ints: the per-sequence block
+    grid and budgets are host arithmetic."""
     both = torch.stack([cu_q, cu_k]).tolist()  # the varlen path's one host sync (see above)
     cq, ck = both
     for name, cu, total in (("cu_seqlens_q", cq, total_q), ("cu_seqlens_k", ck, total_k)):
@@ -123,7 +111,7 @@ def _read_lengths(cu_q, cu_k, total_q: int, total_k: int) -> tuple[tuple[int, in
             if cu[i + 1] < cu[i]:
                 raise ValueError(f"{name} must be non-decreasing, but {name}[{i + 1}] = {cu[i + 1]} < "
                                  f"{name}[{i}] = {cu[i]}")
-        if cu[-1] != total:
+        if total is not None and cu[-1] != total:
             which = "q" if name.endswith("q") else "k"
             raise ValueError(f"{name}[-1] = {cu[-1]} but {which} has {total} tokens; the last entry must be the "
                              f"total length")
@@ -223,8 +211,7 @@ class VarlenBlockPlan:
     def seqlens(self) -> tuple[tuple[int, int], ...]:
         """Per sequence (len_q, len_k), read from the cumulative lengths once (a host sync)."""
         if self._lens is None:
-            total_q, total_k = (int(t[-1]) for t in (self.cu_seqlens_q, self.cu_seqlens_k))
-            self._lens = _read_lengths(self.cu_seqlens_q, self.cu_seqlens_k, total_q, total_k)
+            self._lens = _read_lengths(self.cu_seqlens_q, self.cu_seqlens_k, None, None)
         return self._lens
 
     @property
@@ -578,7 +565,7 @@ def _varlen_traced(q, k, v, cu_q, cu_k, max_q, max_k, config, plan, backend, sca
     config = StemConfig() if config is None else config
     fields = config_fields(config)
     name, _ = decide_varlen(backend, q.device, q.dtype, q.shape[-1], fields, return_lse)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if requires_grad(q, k, v):
         raise RuntimeError("stem.varlen_attention is forward-only inside torch.compile: run it under torch.no_grad()")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     counts, indices = torch.ops.stem.plan_varlen(q, k, v, cu_q, cu_k, max_q, max_k, config_json(fields),
@@ -622,17 +609,11 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, lens, mq, mk, config,
                                  f"{q.device}; re-plan or use plan.to(q.device)")
             plan.ensure_checked()
         ex, why = resolve(backend, DispatchKey.of(q, plan, return_lse, varlen=True))
-        if not ex.differentiable and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                   or v.requires_grad):
+        if not ex.differentiable and requires_grad(q, k, v):
             raise RuntimeError(f"stem.varlen_attention is forward-only: the {ex.name!r} executor has no backward and "
                                "q/k/v require grad; run it under torch.no_grad()")
         from . import api
 
         api._last = why
         out, lse = ex.forward_varlen(q, k, v, plan, scale, return_lse)
-    result = (out,)
-    if return_lse:
-        result += (lse,)
-    if return_plan:
-        result += (plan,)
-    return result[0] if len(result) == 1 else result
+    return pack_result(out, lse, plan, return_lse, return_plan)
