@@ -12,6 +12,8 @@ import torch
 
 import stem
 from tests.reference import masked_attention64
+from tests.test_varlen import alone, pieces
+from tests.test_varlen import packed as cpu_packed
 
 pytestmark = pytest.mark.gpu
 
@@ -19,23 +21,7 @@ MIX = [(4096, 4096), (1000, 1000), (7000 + 37, 7000 + 37), (300, 5000), (0, 200)
 
 
 def packed(gen, lens, Hq, Hkv, D, dtype=torch.bfloat16):
-    q = torch.randn(sum(a for a, _ in lens), Hq, D, generator=gen).to(dtype).cuda()
-    k = torch.randn(sum(b for _, b in lens), Hkv, D, generator=gen).to(dtype).cuda()
-    v = (torch.randn(k.shape, generator=gen) * (0.2 + 3 * torch.rand(k.shape[0], Hkv, 1, generator=gen)))
-    cq = torch.tensor([0] + [sum(a for a, _ in lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32)
-    ck = torch.tensor([0] + [sum(b for _, b in lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32)
-    return q, k, v.to(dtype).cuda(), cq.cuda(), ck.cuda()
-
-
-def seqs(lens):
-    a = b = 0
-    for i, (lq, lk) in enumerate(lens):
-        yield i, slice(a, a + lq), slice(b, b + lk), lq
-        a, b = a + lq, b + lk
-
-
-def alone(t, sl):
-    return t[sl].transpose(0, 1)[None]
+    return tuple(t.cuda() for t in cpu_packed(gen, lens, Hq, Hkv, D, dtype))
 
 
 @pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 128), (4, 4, 64), (4, 1, 256)])
@@ -48,7 +34,7 @@ def test_gpu_varlen_matches_each_sequence_alone(gen, Hq, Hkv, D):
     assert torch.isfinite(out).all() and out.data_ptr() != poison.data_ptr()
     assert not plan.dense
     rows = diff = 0
-    for i, sq, sk, lq in seqs(MIX):
+    for i, sq, sk, lq in pieces(MIX):
         if lq == 0:
             continue
         o1, l1, p1 = stem.attention(alone(q, sq), alone(k, sk), alone(v, sk), config=cfg, return_lse=True,
