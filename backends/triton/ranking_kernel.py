@@ -50,6 +50,19 @@ def qmean_lse_kernel(
 
 
 @triton.jit
+def _sampled_scores(qs, k_base, j, t, dd, pos, Lk, s_kl, scale_log2, BS: tl.constexpr, D: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """log2-domain scores of the sampled rows against key block j, -inf where not causal or past Lk."""
+    kpos = j * BS + t
+    kt = tl.load(k_base + kpos[None, :] * s_kl + dd[:, None], mask=(kpos[None, :] < Lk) & (dd[:, None] < D),
+                 other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    s = tl.dot(qs, kt) * scale_log2
+    return tl.where((kpos[None, :] <= pos[:, None]) & (kpos[None, :] < Lk), s, float("-inf"))
+
+
+@triton.jit
 def sampled_mass_kernel(
     Q, K, ROWS, OUT, TILES, ENDS, q_offset, qbo, nQ, Lk, scale_log2,
     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_ob, s_oh, s_oq,
@@ -78,13 +91,7 @@ def sampled_mass_kernel(
     m_i = tl.full([BLOCK_G * BLOCK_Q * N], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G * BLOCK_Q * N], dtype=tl.float32)
     for j in range(0, end):  # pass 1: each sampled row's softmax normaliser over its causal keys
-        kpos = j * BS + t
-        kt = tl.load(k_base + kpos[None, :] * s_kl + dd[:, None], mask=(kpos[None, :] < Lk) & (dd[:, None] < D),
-                     other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(qs, kt) * scale_log2
-        s = tl.where((kpos[None, :] <= pos[:, None]) & (kpos[None, :] < Lk), s, float("-inf"))
+        s = _sampled_scores(qs, k_base, j, t, dd, pos, Lk, s_kl, scale_log2, BS, D, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
@@ -93,13 +100,7 @@ def sampled_mass_kernel(
     a_q = tl.max(tl.reshape(qbo + qi, (BLOCK_G * BLOCK_Q, N)), 1)
     ok_q = tl.max(tl.reshape(ok.to(tl.int32), (BLOCK_G * BLOCK_Q, N)), 1) > 0
     for j in range(0, end):  # pass 2: mass per key block, mean over the N sampled rows
-        kpos = j * BS + t
-        kt = tl.load(k_base + kpos[None, :] * s_kl + dd[:, None], mask=(kpos[None, :] < Lk) & (dd[:, None] < D),
-                     other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(qs, kt) * scale_log2
-        s = tl.where((kpos[None, :] <= pos[:, None]) & (kpos[None, :] < Lk), s, float("-inf"))
+        s = _sampled_scores(qs, k_base, j, t, dd, pos, Lk, s_kl, scale_log2, BS, D, UPCAST)
         mass = tl.sum(tl.exp2(s - m_i[:, None]), 1) / l_i
         mean = tl.sum(tl.reshape(mass, (BLOCK_G * BLOCK_Q, N)), 1) / N
         tl.store(OUT + off + j, mean, mask=ok_q & (j <= a_q))
