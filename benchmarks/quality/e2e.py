@@ -40,8 +40,8 @@ from .fetch import DEFAULT_CACHE, load_model
 from .methods import METHODS, method_plan
 from .recall import block_mass, row_recall
 
-__all__ = ["patched", "forward_logits", "next_token_metrics", "layer_metrics", "passkey_prompt", "passkey_run",
-           "main"]
+__all__ = ["run_plan", "mean_over_docs", "patched", "forward_logits", "next_token_metrics", "layer_metrics",
+           "passkey_prompt", "passkey_run", "main"]
 
 ATTN_NAME = "stem_quality_method"
 FIRST_SPARSE = 2
@@ -60,10 +60,32 @@ def _register() -> None:
                                           scaling=scaling, is_causal=is_causal, **kwargs)
         plan = method_plan(run["method"], query, key, value, run["config"])
         run["density"][module.layer_idx] = float(plan.density)
-        out = stem.attention(query, key, value, plan=plan, scale=scaling, backend=run["backend"])
+        out = run_plan(query, key, value, plan, scaling, run["backend"])
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register(ATTN_NAME, method_attention)
+
+
+def run_plan(q, k, v, plan: stem.BlockPlan, scale: float | None, backend: str) -> torch.Tensor:
+    """Attention of q (1, Hq, L, D), k, v (1, Hkv, L, D) restricted to ``plan`` (prefill).
+
+    ``backend="masked"``: exact masked attention in the inputs' dtype, one query head at a time
+    (torch SDPA with the plan's token mask; float32 inputs give float32 attention on any device).
+    The quality study uses it on a GPU, where the sparse kernels compute in bf16/fp16 and would add
+    their rounding to the selection's error. Anything else: ``stem.attention(backend=backend)``."""
+    if backend != "masked":
+        return stem.attention(q, k, v, plan=plan, scale=scale, backend=backend)
+    L, G = q.shape[2], q.shape[1] // k.shape[1]
+    blocks = plan.to_dense_mask()[0]  # (Hq, nQ, nK)
+    pos = torch.arange(L, device=q.device)
+    causal = pos[None, :] <= pos[:, None]
+    cell = pos // plan.block_size
+    out = torch.empty_like(q)
+    for h in range(q.shape[1]):
+        mask = blocks[h][cell][:, cell] & causal
+        out[:, h:h + 1] = F.scaled_dot_product_attention(q[:, h:h + 1], k[:, h // G:h // G + 1],
+                                                         v[:, h // G:h // G + 1], attn_mask=mask, scale=scale)
+    return out
 
 
 @contextmanager
@@ -96,6 +118,21 @@ def forward_logits(model, ids: torch.Tensor, method: str, config: stem.StemConfi
     return logits, dict(run["density"])
 
 
+def mean_over_docs(docs: list[dict]) -> dict:
+    """Per method, the mean of each metric over documents (``docs``: one {method: metrics} per
+    document), with ``<metric>_sem`` (standard error of the mean; 0 for one document) and ``docs``."""
+    out = {}
+    for m in docs[0]:
+        rows = [d[m] for d in docs]
+        agg = {"docs": len(rows)}
+        for key in rows[0]:
+            xs = torch.tensor([float(r[key]) for r in rows], dtype=torch.float64)
+            agg[key] = float(xs.mean())
+            agg[key + "_sem"] = float(xs.std() / len(xs) ** 0.5) if len(xs) > 1 else 0.0
+        out[m] = agg
+    return out
+
+
 def next_token_metrics(dense: torch.Tensor, other: torch.Tensor, targets: torch.Tensor) -> dict:
     """KL(dense || other) (mean over positions, nats), top-1 agreement, and the perplexity of
     ``targets`` under both (logits (P, V); targets (P - 1,) are the tokens after the first P - 1)."""
@@ -123,7 +160,7 @@ def layer_metrics(qkv: list, methods: list[str], config: stem.StemConfig, backen
         row = {"layer": li}
         for m in methods:
             plan = method_plan(m, q, k, v, config, chunk=chunk)
-            out = stem.attention(q, k, v, plan=plan, backend=backend)
+            out = run_plan(q, k, v, plan, None, backend)
             rec = row_recall(mass, plan.to_dense_mask()[0], config.block_size)
             p5 = float(torch.quantile(rec.flatten().double(), 0.05))
             row[m] = {"recall_mean": float(rec.mean()), "recall_p5": p5,
@@ -137,19 +174,23 @@ def layer_metrics(qkv: list, methods: list[str], config: stem.StemConfig, backen
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\n\nWhat is the pass key? The pass key is"
+PREFACE = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+           "I will quiz you about the pass key.\n\n")
 
 
-def passkey_prompt(tokenizer, filler: list[int], length: int, depth: float, key: int, offset: int) -> torch.Tensor:
+def passkey_prompt(tokenizer, filler: list[int], length: int, depth: float, key: int, offset: int,
+                   instructed: bool = False) -> torch.Tensor:
     """Token ids (1, length): filler tokens from ``filler[offset:]`` with the needle sentence at
-    relative ``depth`` of the filler, then the question."""
+    relative ``depth`` of the filler, then the question; ``instructed`` opens with :data:`PREFACE`."""
     needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-    n_fill = length - len(needle) - len(question)
+    head = tokenizer(PREFACE, add_special_tokens=False)["input_ids"] if instructed else []
+    n_fill = length - len(needle) - len(question) - len(head)
     if offset + n_fill > len(filler):
         raise ValueError(f"filler too short: {len(filler)} tokens, need {offset + n_fill}")
     body = filler[offset:offset + n_fill]
     at = int(depth * n_fill)
-    return torch.tensor([body[:at] + needle + body[at:] + question])
+    return torch.tensor([head + body[:at] + needle + body[at:] + question])
 
 
 @torch.no_grad()
@@ -165,7 +206,8 @@ def greedy(model, ids: torch.Tensor, steps: int) -> list[int]:
 
 def passkey_run(model, tokenizer, filler: list[int], methods: list[str], config: stem.StemConfig, length: int,
                 depths: list[float], per_depth: int, seed: int = 0, backend: str = "auto",
-                deadline: float | None = None, progress: bool = True, first_sparse: int = FIRST_SPARSE) -> list[dict]:
+                deadline: float | None = None, progress: bool = True, first_sparse: int = FIRST_SPARSE,
+                instructed: bool = False) -> list[dict]:
     """One record per (prompt, method): depth, key, generated text, right or not, densities.
     Stops between prompts once ``time.time() > deadline``."""
     rng = random.Random(seed)
@@ -175,7 +217,7 @@ def passkey_run(model, tokenizer, filler: list[int], methods: list[str], config:
     for n, (depth, key, offset) in enumerate(prompts):
         if deadline is not None and time.time() > deadline:
             break
-        ids = passkey_prompt(tokenizer, filler, length, depth, key, offset)
+        ids = passkey_prompt(tokenizer, filler, length, depth, key, offset, instructed).to(model.device)
         for m in methods:
             with patched(model, m, config, backend, first_sparse) as run:
                 text = tokenizer.decode(greedy(model, ids, 8))
@@ -270,7 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None, help="passkey: stop starting prompts after this")
     p.add_argument("--doc-offset", type=int, default=0,
                    help="layers/kl: skip this many tokens of the document's sources (another document)")
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--docs", type=int, default=1,
+                   help="kl: documents scored, each --length tokens further into the sources (mean and "
+                        "standard error over them)")
+    p.add_argument("--passkey-style", choices=("doc", "instructed"), default="doc",
+                   help="instructed: the prompt opens with a sentence saying a pass key is hidden in the text")
+    p.add_argument("--backend", default="auto",
+                   help="executor for the plans (stem.attention's backend), or 'masked': exact masked attention in "
+                        "float32, one head at a time (for GPU runs, whose kernels compute in bf16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32 on it)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tag", default="")
     return p
@@ -295,13 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {list(METHODS)}")
     model, tok, source = load_model(args.cache)
+    model.to(args.device)
     res = {"model": "SmolLM2-135M-Instruct", "gguf_sha256": source["gguf_sha256"], "part": args.part,
            "length": args.length, "config": cfg.to_dict(), "methods": methods, "first_sparse_layer": FIRST_SPARSE,
            "command": " ".join(["python -m benchmarks.quality.e2e", *(sys.argv[1:] if argv is None else argv)]),
-           "torch": torch.__version__, "threads": torch.get_num_threads()}
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+           "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+           "backend": args.backend}
     if args.part in ("layers", "kl"):
         ids, sources = build_document(tok, args.length + args.doc_offset)
-        ids = ids[:, args.doc_offset:]
+        ids = ids[:, args.doc_offset:].to(args.device)
         res["text_sources"] = sources
         res["doc_offset"] = args.doc_offset
         if args.part == "layers":
@@ -309,18 +362,27 @@ def main(argv: list[str] | None = None) -> int:
             res["layers"] = layer_metrics(qkv, methods, cfg, args.backend)
         else:
             res["last"] = args.last
-            dense, _ = forward_logits(model, ids, "dense", cfg, args.last, args.backend)
-            targets = ids[0, -args.last + 1:]
-            res["kl"] = {}
-            for m in methods:
-                t = time.time()
-                logits, dens = forward_logits(model, ids, m, cfg, args.last, args.backend)
-                r = next_token_metrics(dense, logits, targets)
-                r["density_mean"] = sum(dens.values()) / max(1, len(dens))
-                r["seconds"] = time.time() - t
-                res["kl"][m] = r
-                print(f"{m:14s} KL {r['kl_mean']:.4f} top1 {r['top1_agreement']:.4f} ppl x{r['ppl_ratio']:.4f} "
-                      f"density {r['density_mean']:.3f} ({r['seconds']:.0f} s)", flush=True)
+            res["docs"] = []
+            for d in range(args.docs):
+                offset = args.doc_offset + d * args.length
+                if d:
+                    ids, sources = build_document(tok, args.length + offset)
+                    ids = ids[:, offset:].to(args.device)
+                dense, _ = forward_logits(model, ids, "dense", cfg, args.last, args.backend)
+                targets = ids[0, -args.last + 1:]
+                doc = {"doc_offset": offset, "kl": {}}
+                for m in methods:
+                    t = time.time()
+                    logits, dens = forward_logits(model, ids, m, cfg, args.last, args.backend)
+                    r = next_token_metrics(dense, logits, targets)
+                    r["density_mean"] = sum(dens.values()) / max(1, len(dens))
+                    r["seconds"] = time.time() - t
+                    doc["kl"][m] = r
+                    print(f"doc {d} {m:14s} KL {r['kl_mean']:.4f} top1 {r['top1_agreement']:.4f} "
+                          f"ppl x{r['ppl_ratio']:.4f} density {r['density_mean']:.3f} ({r['seconds']:.1f} s)",
+                          flush=True)
+                res["docs"].append(doc)
+                res["kl"] = mean_over_docs([x["kl"] for x in res["docs"]])
                 Path(args.out, f"quality_e2e_kl{args.tag}.partial.json").write_text(json.dumps(res, indent=1))
     else:
         filler_ids, sources = build_document(tok, 60000 if args.length <= 8192 else 4 * args.length)
@@ -328,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         deadline = None if args.minutes is None else t0 + 60 * args.minutes
         recs = passkey_run(model, tok, filler_ids[0].tolist(), methods, cfg, args.length,
                            [float(d) for d in args.depths.split(",")], args.per_depth, backend=args.backend,
-                           deadline=deadline)
+                           deadline=deadline, instructed=args.passkey_style == "instructed")
+        res["passkey_style"] = args.passkey_style
         res["passkey"] = {"records": recs, "summary": summarise_passkey(recs), "needle": NEEDLE, "question": QUESTION}
     res["seconds"] = time.time() - t0
     Path(args.out).mkdir(parents=True, exist_ok=True)

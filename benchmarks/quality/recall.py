@@ -63,16 +63,16 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, *, chunk: int 
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
     nK = _cdiv(L, block_size)
-    out = torch.zeros(Hq, L, nK, dtype=torch.float32)
-    smax = torch.full((Hq, L, nK), float("-inf")) if return_max else None
+    out = torch.zeros(Hq, L, nK, dtype=torch.float32, device=q.device)
+    smax = torch.full((Hq, L, nK), float("-inf"), device=q.device) if return_max else None
     qf, kf = q.float().reshape(Hkv, G, L, D), k.float()
     for r0 in range(0, L, chunk):
         r1 = min(L, r0 + chunk)
         kend = _cdiv(r1, block_size) * block_size  # keys past r1 - 1 are masked anyway
         kk = kf[:, : min(kend, L)]
         s = torch.matmul(qf[:, :, r0:r1], kk.transpose(-1, -2).unsqueeze(1)) * scale  # (Hkv, G, c, kend)
-        rows = torch.arange(r0, r1)[:, None]
-        s.masked_fill_(torch.arange(kk.shape[1])[None, :] > rows, float("-inf"))
+        rows = torch.arange(r0, r1, device=q.device)[:, None]
+        s.masked_fill_(torch.arange(kk.shape[1], device=q.device)[None, :] > rows, float("-inf"))
         p = torch.softmax(s, dim=-1)
         if kk.shape[1] < kend:
             p = torch.nn.functional.pad(p, (0, kend - kk.shape[1]))
@@ -84,10 +84,10 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, *, chunk: int 
     return (out, smax) if return_max else out
 
 
-def forced_and_causal(nQ: int, nK: int, cfg: stem.StemConfig, q_block_offset: int = 0):
+def forced_and_causal(nQ: int, nK: int, cfg: stem.StemConfig, q_block_offset: int = 0, device=None):
     """bool (nQ, nK) masks: the sinks and window Stem always keeps, and the causal blocks."""
-    rows = torch.arange(nQ)[:, None] + q_block_offset
-    cols = torch.arange(nK)[None, :]
+    rows = torch.arange(nQ, device=device)[:, None] + q_block_offset
+    cols = torch.arange(nK, device=device)[None, :]
     causal = cols <= rows
     forced = ((cols < cfg.sink_blocks) | (cols > rows - cfg.window_blocks)) & causal
     return forced, causal
@@ -99,7 +99,7 @@ def fill_mask(scores: torch.Tensor, counts: torch.Tensor, forced: torch.Tensor, 
     free = causal & ~forced
     s = scores.float().masked_fill(~free, float("-inf"))
     order = torch.argsort(s, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s.shape[-1]).expand_as(order))
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
     extra = (counts.long() - forced.sum(-1)).clamp(min=0)
     extra = torch.minimum(extra, free.sum(-1).expand_as(extra))
     return forced | (free & (rank < extra[..., None]))
@@ -135,7 +135,7 @@ def uniform_counts(totals: torch.Tensor, forced: torch.Tensor, causal: torch.Ten
 def row_recall(mass: torch.Tensor, mask: torch.Tensor, block_size: int) -> torch.Tensor:
     """float32 (H, L): per query row, the mass (H, L, nK) on the blocks kept by ``mask`` (H, nQ, nK)."""
     L = mass.shape[1]
-    rows_mask = mask[:, torch.arange(L) // block_size]  # (H, L, nK)
+    rows_mask = mask[:, torch.arange(L, device=mask.device) // block_size]  # (H, L, nK)
     return (mass * rows_mask).sum(-1)
 
 
@@ -161,7 +161,7 @@ def block_mean_qk(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Te
 
     def means(x):
         pad = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block_size - L)).reshape(x.shape[0], n, block_size, D)
-        sizes = torch.clamp(L - torch.arange(n) * block_size, max=block_size)
+        sizes = torch.clamp(L - torch.arange(n, device=x.device) * block_size, max=block_size)
         return pad.sum(2) / sizes[:, None]
 
     qm, km = means(q), means(k).repeat_interleave(Hq // k.shape[0], dim=0)
@@ -186,7 +186,7 @@ def method_masks(q, k, v, cfg: stem.StemConfig, mass: torch.Tensor,
     stem_mask = stem.plan(qb, kb, vb, cfg).to_dense_mask()[0]
     novb_mask = stem.plan(qb, kb, vb, dataclasses.replace(cfg, value_weight=0.0)).to_dense_mask()[0]
     nQ, nK = stem_mask.shape[-2:]
-    forced, causal = forced_and_causal(nQ, nK, cfg)
+    forced, causal = forced_and_causal(nQ, nK, cfg, device=q.device)
     counts = stem_mask.sum(-1)
     logits = block_logits(qb, kb, vb, cfg)[0]
     uni = fill_mask(logits, uniform_counts(counts.sum(-1), forced, causal), forced, causal)

