@@ -8,7 +8,8 @@ the first two layers dense). Methods:
 - ``stem`` / ``stem_a<alpha>``: ``stem.plan`` with the study's config (alpha 0.7) or another alpha.
 - ``stem_novb``: Stem without the value bonus (``value_weight=0``).
 - ``sampled_mass`` / ``qmean_lse``: Stem's budgets, sinks and window, ranked by
-  ``StemConfig(ranking="sampled_mass")`` / ``StemConfig(ranking="qmean_lse")`` (``stem.ranking``).
+  ``StemConfig(ranking="sampled_mass")`` / ``StemConfig(ranking="qmean_lse")`` (``stem.ranking``);
+  ``sampled_mass_a<alpha>``: the same ranking with another alpha (larger budgets).
 - ``uniform_topk``: Stem's logits and forced blocks, the same number of blocks in every query
   block, the per-head total equal to Stem's (``recall.uniform_counts``).
 - ``sinks_window``: only the blocks Stem always keeps (its own, much lower, density).
@@ -42,7 +43,8 @@ from .recall import _query_block_mass, block_mass, fill_mask, forced_and_causal,
 
 __all__ = ["METHODS", "method_plan", "xattention_block_scores", "threshold_mask"]
 
-METHODS = ("dense", "stem", "stem_a1.0", "stem_a0.85", "stem_a0.5", "stem_novb", "sampled_mass", "qmean_lse",
+METHODS = ("dense", "stem", "stem_a1.0", "stem_a0.85", "stem_a0.5", "stem_novb", "sampled_mass", "sampled_mass_a1.0",
+           "qmean_lse",
            "uniform_topk",
            "sinks_window", "xattention", "oracle", "qmean_lse_vnorm", "s1_mass", "s4_mass")
 
@@ -125,6 +127,8 @@ def method_plan(name: str, q, k, v, cfg: stem.StemConfig, *, chunk: int = 256) -
         return stem.plan(q, k, v, dataclasses.replace(cfg, value_weight=0.0))
     if name in ("sampled_mass", "qmean_lse"):
         return stem.plan(q, k, v, cfg.replace(ranking=name))
+    if name.startswith("sampled_mass_a"):
+        return stem.plan(q, k, v, cfg.replace(ranking="sampled_mass", alpha=float(name[len("sampled_mass_a"):])))
     if name in ("s1_mass", "s4_mass"):
         from stem.planner import select_blocks
 
