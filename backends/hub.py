@@ -186,7 +186,7 @@ class HubExecutor(Executor):
         else:
             answer = None if kernel == "sm90" else (
                 f"the hub kernel would run its {kernel} path here (its sm90 path needs compute capability 9.0, "
-                "head dim 64 or 128 and 128- or 256-token blocks), which is slower than triton")
+                "head dim 64, 128 or 256 and 128- or 256-token blocks), which is slower than triton")
         return answer
 
     @property

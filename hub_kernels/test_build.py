@@ -268,7 +268,7 @@ def spec_path(dtype: int, head_dim: int, block_size: int, cc: tuple[int, int], s
         return 0
     if dtype not in (0, 1) or head_dim not in (64, 128, 256) or block_size not in (64, 128, 256) or cc < (8, 0):
         return 0
-    sm90 = cc == (9, 0) and head_dim in (64, 128) and block_size in (128, 256)
+    sm90 = cc == (9, 0) and block_size in (128, 256)
     if sm == 80:
         return 80
     if sm == 90:
@@ -299,8 +299,9 @@ def test_contract_reasons(contract):
     assert contract.reason(1, 96, 128, 9, 0) == "head dim 96 is not supported (64, 128, 256)"
     assert contract.reason(1, 128, 32, 9, 0) == "plan block size 32 is not supported (64, 128, 256)"
     assert contract.reason(1, 128, 128, 7, 5) == "needs compute capability 8.0 or newer, the device has 7.5"
-    assert "sm90 kernel needs compute capability 9.0" in contract.reason(1, 256, 128, 9, 0, 90)
-    assert "head dim 256" in contract.reason(1, 256, 128, 9, 0, 90)
+    assert contract.reason(1, 256, 128, 9, 0, 90) == ""
+    assert "sm90 kernel needs compute capability 9.0" in contract.reason(1, 256, 64, 9, 0, 90)
+    assert "head dim 256, plan block size 64" in contract.reason(1, 256, 64, 9, 0, 90)
     assert "0 (auto), 80 (sm80), 90 (sm90)" in contract.reason(1, 128, 128, 9, 0, 70)
     assert contract.path_of(1, 128, 128, 9, 0, 70) == 0
 
@@ -340,7 +341,7 @@ def test_instantiations_are_what_the_contract_selects(contract):
     assert set(files) == used, f"files without use: {set(files) - used}; uses without a file: {used - set(files)}"
     listed = set(_kernel_sources())
     assert {f.relative_to(KERNEL_DIR).as_posix() for f in files.values()} <= listed
-    assert len(files) == 10 and sum(k[0] == "sm90" for k in files) == 4
+    assert len(files) == 12 and sum(k[0] == "sm90" for k in files) == 6
 
 
 def test_no_experiment_switches_left_in_the_kernel():
@@ -444,7 +445,7 @@ def test_cuda_sources_compile(compiled):
 @needs_nvcc
 def test_compiled_kernels_are_the_used_instantiations(compiled):
     """The sm_90a code holds one kernel per used configuration and nothing else: one sm90 kernel
-    per (dtype, head dim 64/128); sm80 kernels with 128- and 64-row query tiles for head dims
+    per (dtype, head dim 64/128/256); sm80 kernels with 128- and 64-row query tiles for head dims
     64/128 (plan blocks of 128/256 and of 64 tokens) and 64-row tiles only for head dim 256."""
     total_sm90, total_sm80 = 0, 0
     for src, r in compiled.items():
@@ -460,7 +461,7 @@ def test_compiled_kernels_are_the_used_instantiations(compiled):
             want = 1 if int(m.group(3)) == 256 else 2
             assert len(entries) == want and all("block_sparse_attn_fwd_kernel" in e for e in entries), (src, entries)
             total_sm80 += len(entries)
-    assert (total_sm90, total_sm80) == (4, 10)
+    assert (total_sm90, total_sm80) == (6, 10)
 
 
 def _cuda_include() -> Path | None:
@@ -683,9 +684,10 @@ def test_python_wrapper_asks_the_contract(loaded):
     assert mod.kernel_for(torch.bfloat16, 128, 128, "cuda") == "sm90"
     assert mod.kernel_for(torch.float16, 64, 256, "cuda:0") == "sm90"
     assert mod.kernel_for(torch.bfloat16, 128, 64, "cuda") == "sm80"
-    assert mod.kernel_for(torch.bfloat16, 256, 128, "cuda") == "sm80"
+    assert mod.kernel_for(torch.bfloat16, 256, 128, "cuda") == "sm90"
+    assert mod.kernel_for(torch.bfloat16, 256, 64, "cuda") == "sm80"
     assert mod.kernel_for(torch.bfloat16, 128, 128, "cuda", kernel="sm80") == "sm80"
-    assert "sm90 kernel needs" in mod.supports(torch.bfloat16, 256, 128, "cuda", kernel="sm90")
+    assert "sm90 kernel needs" in mod.supports(torch.bfloat16, 256, 64, "cuda", kernel="sm90")
     assert mod.supports(torch.bfloat16, 96, 128, "cuda") == "head dim 96 is not supported (64, 128, 256)"
     assert "float16, bfloat16" in mod.supports(torch.float32, 128, 128, "cuda")
     assert "not cpu" in mod.supports(torch.bfloat16, 128, 128, "cpu")
@@ -766,7 +768,8 @@ def test_hub_executor_with_the_loaded_variant(loaded):
     assert "float16, bfloat16" in ex.supports(_key(dtype=torch.float32))
     assert ex.supports(_key(block_size=64)) is None
     assert "sm80 path" in ex.auto_skip_reason(_key(block_size=64))
-    assert "sm80 path" in ex.auto_skip_reason(_key(head_dim=256))
+    assert ex.auto_skip_reason(_key(head_dim=256)) is None
+    assert "sm80 path" in ex.auto_skip_reason(_key(head_dim=256, block_size=64))
     assert "head dim 96" in ex.auto_skip_reason(_key(head_dim=96))
     set_cc((8, 9))
     ex2 = HubExecutor()

@@ -58,6 +58,7 @@ def test_executor_reports_the_loaded_build_and_the_contract(hub):
     assert "float16, bfloat16" in hub.supports(_key(dtype=torch.float32))
     hopper = torch.cuda.get_device_capability() == (9, 0)
     assert (hub.auto_skip_reason(_key()) is None) == hopper
+    assert (hub.auto_skip_reason(_key(head_dim=256)) is None) == hopper
     assert "sm80 path" in hub.auto_skip_reason(_key(block_size=64))
 
 
@@ -86,6 +87,12 @@ def test_auto_picks_the_hub_where_its_sm90_kernel_runs(hub, gen):
     assert ("auto -> hub" in stem.last_dispatch()) == hopper, stem.last_dispatch()
     ref = stem.attention(q, k, v, plan=plan, backend="reference")
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    q2, k2, v2 = _qkv(128 * 70 + 77, gen, Hq=8, Hkv=4, D=256)  # long enough that auto does not go dense
+    plan2 = stem.plan(q2, k2, v2, config=StemConfig())
+    out2 = stem.attention(q2, k2, v2, plan=plan2)
+    assert ("auto -> hub" in stem.last_dispatch()) == hopper, stem.last_dispatch()
+    ref2 = stem.attention(q2, k2, v2, plan=plan2, backend="reference")
+    assert float((out2.float() - ref2.float()).norm() / ref2.float().norm()) < 1e-2
     plan64 = stem.plan(q, k, v, config=StemConfig(block_size=64))
     stem.attention(q, k, v, plan=plan64)
     assert "auto -> hub" not in stem.last_dispatch()  # the sm80 path: triton runs it faster

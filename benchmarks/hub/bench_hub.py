@@ -2,10 +2,12 @@
 """Time the compiled stem-attention Hub kernel beside the Triton executor and dense cuDNN SDPA.
 
     python benchmarks/hub/bench_hub.py --lengths 32768 131072 --json out.json
+    python benchmarks/hub/bench_hub.py --shapes 8:4:256 32:8:128 --lengths 32768 131072
 
 Run from the repository root after `python hub_kernels/build.py`; the kernel is loaded with
-kernels.get_kernel from that build (LOCAL_KERNELS). Shapes: B=1, Hq=32, Hkv=8, D=128, bf16, random
-data, the default StemConfig plan. Timings are medians over CUDA-event-timed repeats after warm-up.
+kernels.get_kernel from that build (LOCAL_KERNELS). Shapes (`--shapes Hq:Hkv:D`, default 32:8:128):
+B=1, bf16, random data, the default StemConfig plan (its planning time is timed too, for the end to
+end time plan + hub kernel). Timings are medians over CUDA-event-timed repeats after warm-up.
 The hub kernel is timed as `auto` picks (the sm90 kernel on Hopper) and with kernel="sm80" (the
 same op's sm80 kernel). Reports TFLOP/s of the sparse kernels on the selected blocks (causal pairs
 only) and of dense cuDNN on the causal triangle.
@@ -40,6 +42,7 @@ def selected_pairs(plan) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--shapes", nargs="+", default=["32:8:128"], help="Hq:Hkv:D, each timed at every length")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--hub-only", action="store_true", help="time only the hub kernel (both of its kernels)")
@@ -61,18 +64,21 @@ def main(argv=None) -> int:
             print(f"triton executor unavailable: {e}")
 
     dev = torch.cuda.get_device_name()
-    B, Hq, Hkv, D = 1, 32, 8, 128
-    scale = 1 / math.sqrt(D)
+    B = 1
+    shapes = [tuple(int(x) for x in s.split(":")) for s in args.shapes]
     rows = []
-    for L in args.lengths:
+    for (Hq, Hkv, D), L in ((s, L) for s in shapes for L in args.lengths):
+        scale = 1 / math.sqrt(D)
         q, k, v = random_qkv(B, Hq, Hkv, L, D, dtype=torch.bfloat16, device="cuda", seed=L)
         plan = stem.plan(q, k, v, StemConfig())
         pairs = selected_pairs(plan)
         sparse_flop = 4.0 * D * pairs
         dense_flop = 4.0 * D * B * Hq * L * (L + 1) / 2
-        row = {"L": L, "device": dev, "density": plan.density, "selected_pairs": pairs}
+        row = {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "L": L, "device": dev, "density": plan.density,
+               "selected_pairs": pairs}
+        row["plan_ms"] = time_ms(lambda q=q, k=k, v=v: stem.plan(q, k, v, StemConfig()), reps=args.reps)
 
-        def run_hub(q=q, k=k, v=v, plan=plan, kernel="auto"):
+        def run_hub(q=q, k=k, v=v, plan=plan, kernel="auto", scale=scale):
             return hub.block_sparse_attn_fwd(q, k, v, plan.kv_counts, plan.kv_indices, plan.block_size,
                                              plan.q_offset, scale, False, kernel=kernel)
 
@@ -87,7 +93,7 @@ def main(argv=None) -> int:
             row["sm90_vs_sm80_rel_diff"] = float((out80.float() - out_hub.float()).norm() / out_hub.float().norm())
             del out80
         if triton_run is not None:
-            def run_triton(q=q, k=k, v=v, plan=plan):
+            def run_triton(q=q, k=k, v=v, plan=plan, scale=scale):
                 return triton_run(q, k, v, plan, scale, False)
 
             out_tr = run_triton()[0]
@@ -112,6 +118,8 @@ def main(argv=None) -> int:
         if "cudnn_dense_tflops" in row:
             row["hub_frac_of_cudnn_tflops"] = row["hub_tflops_selected"] / row["cudnn_dense_tflops"]
             row["speedup_vs_cudnn_dense"] = row["cudnn_dense_ms"] / row["hub_ms"]
+            row["end_to_end_ms"] = row["plan_ms"] + row["hub_ms"]
+            row["end_to_end_speedup_vs_cudnn_dense"] = row["cudnn_dense_ms"] / row["end_to_end_ms"]
         rows.append(row)
         del q, k, v, kr, vr, plan, out_hub
         torch.cuda.empty_cache()
@@ -119,16 +127,19 @@ def main(argv=None) -> int:
 
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-    print(f"\n{dev}: B=1 Hq=32 Hkv=8 D=128 bf16, default StemConfig plan")
-    hdr = (f"{'L':>7} {'dens':>5} {'kernel':>6} {'hub ms':>8} {'sm80 ms':>8} {'triton ms':>9} {'x trit':>6} "
-           f"{'cudnn ms':>9} {'hub TF/s':>8} {'cudnn TF/s':>10} {'hub/cudnn':>9}")
+    print(f"\n{dev}: B=1 bf16, default StemConfig plan; e2e = plan + hub")
+    hdr = (f"{'Hq:Hkv:D':>9} {'L':>7} {'dens':>5} {'kernel':>6} {'hub ms':>8} {'sm80 ms':>8} {'triton ms':>9} "
+           f"{'x trit':>6} {'cudnn ms':>9} {'hub TF/s':>8} {'cudnn TF/s':>10} {'hub/cudnn':>9} {'plan ms':>7} "
+           f"{'e2e x cudnn':>11}")
     print(hdr)
     for r in rows:
-        print(f"{r['L']:>7} {r['density']:>5.2f} {r['hub_kernel']:>6} {r['hub_ms']:>8.2f} "
+        print(f"{r['Hq']:>3}:{r['Hkv']}:{r['D']:<3} {r['L']:>7} {r['density']:>5.2f} {r['hub_kernel']:>6} "
+              f"{r['hub_ms']:>8.2f} "
               f"{r.get('hub_sm80_ms', float('nan')):>8.2f} {r.get('triton_ms', float('nan')):>9.2f} "
               f"{r.get('speedup_vs_triton', float('nan')):>6.2f} {r.get('cudnn_dense_ms', float('nan')):>9.2f} "
               f"{r['hub_tflops_selected']:>8.1f} {r.get('cudnn_dense_tflops', float('nan')):>10.1f} "
-              f"{r.get('hub_frac_of_cudnn_tflops', float('nan')):>9.2f}")
+              f"{r.get('hub_frac_of_cudnn_tflops', float('nan')):>9.2f} {r['plan_ms']:>7.2f} "
+              f"{r.get('end_to_end_speedup_vs_cudnn_dense', float('nan')):>11.2f}")
     return 0
 
 

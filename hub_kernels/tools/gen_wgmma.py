@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "stem-attention" / "csrc" / "wgmma.cuh"
-NS = (64, 128)
+NS = (64, 128, 256)
 TYPES = (("__nv_bfloat16", "bf16"), ("__half", "f16"))
 
 

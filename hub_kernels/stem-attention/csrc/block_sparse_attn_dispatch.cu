@@ -1,7 +1,7 @@
 // Dispatch of the block-sparse attention kernels: kernel_path (supported.h) decides, then a switch
 // over dtype and head dim reaches the instantiation. The instantiations live in inst/*.cu, one per
 // kernel x dtype x head dim that kernel_path can select (built in parallel):
-//   sm80: {bf16, fp16} x {64, 128, 256};  sm90: {bf16, fp16} x {64, 128}.
+//   sm80: {bf16, fp16} x {64, 128, 256};  sm90: {bf16, fp16} x {64, 128, 256}.
 #include <atomic>
 
 #include "block_sparse_attn.h"

@@ -2,21 +2,22 @@
 //
 // Same contract as the sm80 kernel (block_sparse_attn_kernel.cuh): one CTA computes 128 query rows
 // of one (batch, query head, plan query block) and walks only the key blocks the plan selected, in
-// key tiles of 128 tokens, with an online softmax in float32 (exp2 of scores pre-scaled by
-// scale * log2(e)).
+// key tiles of 128 tokens (64 for head dim 256, see Cfg), with an online softmax in float32 (exp2
+// of scores pre-scaled by scale * log2(e)).
 //
 // Warp specialisation (384 threads, one CTA per SM):
-//   warpgroup 0  producer: one thread issues the TMA loads (Q once, then K and V tiles into a ring
-//                of 3 shared-memory stages); it gives up registers (setmaxnreg 24).
+//   warpgroup 0  producer: one thread issues the TMA loads (Q once, then K and V tiles into two
+//                rings of shared-memory stages, one for K and one for V); it gives up registers
+//                (setmaxnreg 24).
 //   warpgroups 1, 2  consumers: rows [0, 64) and [64, 128) of the query tile (240 registers each).
 //                S = Q K^T with wgmma (A and B from shared memory), masking and softmax in
 //                registers, O += P V with wgmma (P from registers, V from shared memory,
-//                transposed). Each consumer thread arrives on the stage's "empty" barrier once its
-//                wgmmas have retired, which lets the producer refill the stage. The softmax of
-//                tile j runs while O += P V of tile j - 1 is on the tensor cores (two P register
-//                buffers).
-// Shared memory tiles are TMA boxes of 128 rows x 64 elements (128 bytes) with the 128-byte
-// swizzle, the layout wgmma reads directly (K-major for Q and K, MN-major for V).
+//                transposed). Each consumer thread arrives on a K stage's "empty" barrier once
+//                S has retired and on a V stage's once O += P V has, which lets the producer
+//                refill the stage. The softmax of tile j runs while O += P V of tile j - 1 is on
+//                the tensor cores (two P register buffers).
+// Shared memory tiles are TMA boxes of 128 (Q) or kBlockN (K, V) rows x 64 elements (128 bytes)
+// with the 128-byte swizzle, the layout wgmma reads directly (K-major for Q and K, MN-major for V).
 // TMA zero-fills rows outside the tensor (negative query rows of an unaligned q_offset, keys past
 // Lk), so partial tiles need no special loads; masks handle them in the scores.
 //
@@ -42,18 +43,27 @@ namespace sm90 {
 template <int kD>
 struct Cfg {
   static constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
-  static constexpr int kBlockN = 128;
-  // K/V ring depth: the most that fit for D = 128 (Q + 3 x (K + V) = 224 KB of shared memory).
-  static constexpr int kStages = 3;
+  // Key tile: 128 keys, or 64 for D = 256, where O (64 x 256 float32: 128 registers a consumer
+  // thread) leaves room only for a 64-key S (32 registers) and two 64-key P buffers (16 each).
+  static constexpr int kBlockN = kD == 256 ? 64 : 128;
+  // K and V rings, each with its own barriers: a K stage is free once S = QK^T has retired, a V
+  // stage once O += PV has (a step later). Depths: the most that fit beside Q in 227 KB of shared
+  // memory (D = 128: Q + 3 K + 3 V = 224 KB; D = 256: Q 64 KB + 2 K + 3 V tiles of 32 KB).
+  static constexpr int kStagesK = kD == 256 ? 2 : 3;
+  static constexpr int kStagesV = 3;
   static constexpr int kThreads = 384;
   static constexpr int kBoxCols = 64;                  // elements in one 128-byte swizzled row
   static constexpr int kChunks = kD / kBoxCols;        // TMA boxes per tile
-  static constexpr int kBoxBytes = 128 * 128;          // 128 rows x 128 bytes
-  static constexpr int kTileBytes = kChunks * kBoxBytes;
-  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
+  static constexpr int kBoxBytesQ = kBlockM * 128;     // kBlockM rows x 128 bytes
+  static constexpr int kBoxBytesKV = kBlockN * 128;    // kBlockN rows x 128 bytes
+  static constexpr int kTileBytesQ = kChunks * kBoxBytesQ;
+  static constexpr int kTileBytesKV = kChunks * kBoxBytesKV;
+  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStagesK + 2 * kStagesV);
   // 1024 bytes of slack to align the tiles to the 1024-byte swizzle period.
-  static constexpr int kSmemBytes = 1024 + kTileBytes * (1 + 2 * kStages) + kBarrierBytes;
+  static constexpr int kSmemBytes =
+      1024 + kTileBytesQ + (kStagesK + kStagesV) * kTileBytesKV + kBarrierBytes;
   static_assert(kD % kBoxCols == 0, "head dim must be a multiple of 64");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA exceeds the 227 KB of an sm90 SM");
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -161,15 +171,19 @@ __global__ void __launch_bounds__(384, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<kD>;
   constexpr int kBlockN = C::kBlockN;
-  constexpr int kStages = C::kStages;
+  constexpr int kStagesK = C::kStagesK;
+  constexpr int kStagesV = C::kStagesV;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t s_q = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  const uint32_t s_k = s_q + C::kTileBytes;              // stage s at s_k + s * kTileBytes
-  const uint32_t s_v = s_k + kStages * C::kTileBytes;    // likewise
-  const uint32_t bar_q = s_v + kStages * C::kTileBytes;  // then full[kStages], empty[kStages]
-  const uint32_t bar_full = bar_q + 8;
-  const uint32_t bar_empty = bar_full + 8 * kStages;
+  const uint32_t s_k = s_q + C::kTileBytesQ;               // K stage s at s_k + s * kTileBytesKV
+  const uint32_t s_v = s_k + kStagesK * C::kTileBytesKV;   // V stage s likewise
+  const uint32_t bar_q = s_v + kStagesV * C::kTileBytesKV;
+  // then full and empty barriers of the K stages, then those of the V stages
+  const uint32_t bar_kfull = bar_q + 8;
+  const uint32_t bar_kempty = bar_kfull + 8 * kStagesK;
+  const uint32_t bar_vfull = bar_kempty + 8 * kStagesK;
+  const uint32_t bar_vempty = bar_vfull + 8 * kStagesV;
 
   const int tid = threadIdx.x;
   const int bs = p.block_size;
@@ -199,9 +213,13 @@ __global__ void __launch_bounds__(384, 1)
 
   if (tid == 0) {
     mbar_init(bar_q, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(bar_full + 8 * s, 1);
-      mbar_init(bar_empty + 8 * s, 256);
+    for (int s = 0; s < kStagesK; ++s) {
+      mbar_init(bar_kfull + 8 * s, 1);
+      mbar_init(bar_kempty + 8 * s, 256);
+    }
+    for (int s = 0; s < kStagesV; ++s) {
+      mbar_init(bar_vfull + 8 * s, 1);
+      mbar_init(bar_vempty + 8 * s, 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -211,21 +229,28 @@ __global__ void __launch_bounds__(384, 1)
     // ------------------------------- producer -------------------------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
     if (tid == 0) {
-      mbar_arrive_expect_tx(bar_q, C::kTileBytes);
+      mbar_arrive_expect_tx(bar_q, C::kTileBytesQ);
 #pragma unroll
-      for (int c = 0; c < C::kChunks; ++c) tma_load_4d(s_q + c * C::kBoxBytes, &tm_q, bar_q, c * 64,
+      for (int c = 0; c < C::kChunks; ++c) tma_load_4d(s_q + c * C::kBoxBytesQ, &tm_q, bar_q, c * 64,
                                                        static_cast<int>(sq.q_start) + q_row0, h, tb);
       int it = 0;
       for (int kcur = walk.current(); kcur >= 0; walk.next(), kcur = walk.current(), ++it) {
-        const int s = it % kStages;
-        mbar_wait(bar_empty + 8 * s, ((it / kStages) & 1) ^ 1);
-        mbar_arrive_expect_tx(bar_full + 8 * s, 2 * C::kTileBytes);
+        const int key_row = static_cast<int>(sq.k_start) + kcur;
+        const int sk = it % kStagesK;
+        mbar_wait(bar_kempty + 8 * sk, ((it / kStagesK) & 1) ^ 1);
+        mbar_arrive_expect_tx(bar_kfull + 8 * sk, C::kTileBytesKV);
 #pragma unroll
         for (int c = 0; c < C::kChunks; ++c) {
-          tma_load_4d(s_k + s * C::kTileBytes + c * C::kBoxBytes, &tm_k, bar_full + 8 * s, c * 64,
-                      static_cast<int>(sq.k_start) + kcur, hk, tb);
-          tma_load_4d(s_v + s * C::kTileBytes + c * C::kBoxBytes, &tm_v, bar_full + 8 * s, c * 64,
-                      static_cast<int>(sq.k_start) + kcur, hk, tb);
+          tma_load_4d(s_k + sk * C::kTileBytesKV + c * C::kBoxBytesKV, &tm_k, bar_kfull + 8 * sk, c * 64, key_row,
+                      hk, tb);
+        }
+        const int sv = it % kStagesV;
+        mbar_wait(bar_vempty + 8 * sv, ((it / kStagesV) & 1) ^ 1);
+        mbar_arrive_expect_tx(bar_vfull + 8 * sv, C::kTileBytesKV);
+#pragma unroll
+        for (int c = 0; c < C::kChunks; ++c) {
+          tma_load_4d(s_v + sv * C::kTileBytesKV + c * C::kBoxBytesKV, &tm_v, bar_vfull + 8 * sv, c * 64, key_row,
+                      hk, tb);
         }
       }
     }
@@ -260,28 +285,27 @@ __global__ void __launch_bounds__(384, 1)
       }
     };
 
-    // S = Q K^T for the tile in stage s (64 x 128 per warpgroup), issued, not waited for.
+    // S = Q K^T for the tile in K stage s (64 x kBlockN per warpgroup), issued, not waited for.
     auto issue_s = [&](int s) {
-      const uint32_t k_base = s_k + s * C::kTileBytes;
-      uint64_t dq[kD / 16], dk[kD / 16];
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        const uint32_t off = (kk / 4) * C::kBoxBytes + (kk % 4) * 32;
-        dq[kk] = smem_desc_sw128(q_base + off, 16);
-        dk[kk] = smem_desc_sw128(k_base + off, 16);
-      }
+      // Descriptors of k-step kk: the base descriptor plus the step's byte offset / 16 (address
+      // field, bits 0-13; no carry out of it: shared addresses are below 2^18).
+      const uint64_t dq0 = smem_desc_sw128(q_base, 16);
+      const uint64_t dk0 = smem_desc_sw128(s_k + s * C::kTileBytesKV, 16);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) Wgmma<T, kBlockN>::ss(acc_s, dq[kk], dk[kk], kk > 0);
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        Wgmma<T, kBlockN>::ss(acc_s, dq0 + (((kk / 4) * C::kBoxBytesQ + (kk % 4) * 32) >> 4),
+                              dk0 + (((kk / 4) * C::kBoxBytesKV + (kk % 4) * 32) >> 4), kk > 0);
+      }
       wgmma_commit();
     };
-    // O += P V for the tile in stage s, issued, not waited for.
+    // O += P V for the tile in V stage s, issued, not waited for.
     // No register fences in here: in the overlapped loop it follows issue_s, and any instruction
     // that (re)defines pf or acc_o after a wgmma has started makes ptxas serialise the wgmmas.
     auto v_descs = [&](int s, uint64_t (&dv)[kBlockN / 16]) {
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        dv[kk] = smem_desc_sw128(s_v + s * C::kTileBytes + kk * 16 * 128, C::kBoxBytes);
+        dv[kk] = smem_desc_sw128(s_v + s * C::kTileBytesKV + kk * 16 * 128, C::kBoxBytesKV);
       }
     };
     auto issue_pv = [&](const uint32_t (&pa)[kBlockN / 16][4], const uint64_t (&dv)[kBlockN / 16]) {
@@ -308,27 +332,31 @@ __global__ void __launch_bounds__(384, 1)
     int it = 0;
     float alpha[2];
     // Softmax of tile j overlaps O += P V of tile j - 1 on the tensor cores: S_j and PV_{j-1}
-    // are issued back to back, S_j is waited for alone (wait_group 1), then PV_{j-1}.
+    // are issued back to back, S_j is waited for alone (wait_group 1; its K stage is released),
+    // then PV_{j-1} (its V stage is released).
     // Two P buffers used alternately (the loop body is written out twice), so that the P of
     // tile j is produced while the wgmma of tile j - 1 still reads its own P registers.
     uint32_t pf2[kBlockN / 16][4];
-    int prev = 0;
+    int prev = 0;  // V stage of tile j - 1
     // One steady-state step: S_j and PV_{j-1} in flight together, softmax of S_j under PV_{j-1}.
     auto step = [&](int kcur, uint32_t (&p_in)[kBlockN / 16][4], uint32_t (&p_out)[kBlockN / 16][4]) {
-      const int s = it % kStages;
+      const int sk = it % kStagesK;
       uint64_t dv[kBlockN / 16];
       v_descs(prev, dv);
-      mbar_wait(bar_full + 8 * s, (it / kStages) & 1);
-      issue_s(s);
+      mbar_wait(bar_kfull + 8 * sk, (it / kStagesK) & 1);
+      issue_s(sk);
       issue_pv(p_in, dv);
       asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
       fence_regs(acc_s);
+      mbar_arrive(bar_kempty + 8 * sk);  // this thread's reads of that K stage have retired
       softmax(kcur, p_out, alpha);
       wgmma_wait_all();
       fence_pv(p_in);
-      mbar_arrive(bar_empty + 8 * prev);  // this thread's reads of that stage have retired
+      mbar_arrive(bar_vempty + 8 * prev);  // likewise for the V stage of tile j - 1
       rescale_o(alpha);
-      prev = s;
+      const int sv = it % kStagesV;
+      mbar_wait(bar_vfull + 8 * sv, (it / kStagesV) & 1);  // V of tile j, for the next step
+      prev = sv;
       walk.next();
       ++it;
     };
@@ -338,16 +366,18 @@ __global__ void __launch_bounds__(384, 1)
       issue_pv(p_in, dv);
       wgmma_wait_all();
       fence_pv(p_in);
-      mbar_arrive(bar_empty + 8 * prev);
+      mbar_arrive(bar_vempty + 8 * prev);
     };
     // Prologue: S and P of the first tile.
     int kcur = walk.current();
     if (kcur >= 0) {
-      mbar_wait(bar_full, 0);
+      mbar_wait(bar_kfull, 0);
       issue_s(0);
       wgmma_wait_all();
       fence_regs(acc_s);
+      mbar_arrive(bar_kempty);
       softmax(kcur, pf, alpha);  // alpha multiplies an all-zero O: not needed
+      mbar_wait(bar_vfull, 0);
       walk.next();
       ++it;
       while (true) {
@@ -418,9 +448,9 @@ inline EncodeTiledFn encode_tiled() {
 }
 
 // 4-d tensor map over a (B, H, L, D) tensor with element strides (sb, sh, sl, 1): boxes of
-// 128 rows x 64 elements, 128-byte swizzle, zero fill outside the tensor.
+// `rows` rows x 64 elements, 128-byte swizzle, zero fill outside the tensor.
 inline bool make_tile_map(CUtensorMap* map, const void* base, bool is_bf16, int B, int H, int L, int D, int64_t sb,
-                          int64_t sh, int64_t sl) {
+                          int64_t sh, int64_t sl, int rows) {
   const EncodeTiledFn enc = encode_tiled();
   if (enc == nullptr) return false;
   auto stride_bytes = [](int64_t s, int n, uint64_t fallback) -> cuuint64_t {
@@ -433,7 +463,7 @@ inline bool make_tile_map(CUtensorMap* map, const void* base, bool is_bf16, int 
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(L), static_cast<cuuint64_t>(H),
                               static_cast<cuuint64_t>(B)};
   const cuuint64_t strides[3] = {l_bytes, h_bytes, b_bytes};
-  const cuuint32_t box[4] = {64, 128, 1, 1};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(rows), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   const CUresult r =
       enc(map, is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, const_cast<void*>(base),
@@ -468,9 +498,12 @@ cudaError_t run(const Params& p, cudaStream_t stream) {
   }
   CUtensorMap tm_q, tm_k, tm_v;
   const int tensor_b = p.cu_seqlens_q != nullptr ? 1 : p.B;  // a packed batch is one (1, H, total, D) tensor
-  if (!make_tile_map(&tm_q, p.q, p.is_bf16, tensor_b, p.Hq, p.Lq, kD, p.q_stride_b, p.q_stride_h, p.q_stride_l) ||
-      !make_tile_map(&tm_k, p.k, p.is_bf16, tensor_b, p.Hkv, p.Lk, kD, p.k_stride_b, p.k_stride_h, p.k_stride_l) ||
-      !make_tile_map(&tm_v, p.v, p.is_bf16, tensor_b, p.Hkv, p.Lk, kD, p.v_stride_b, p.v_stride_h, p.v_stride_l)) {
+  if (!make_tile_map(&tm_q, p.q, p.is_bf16, tensor_b, p.Hq, p.Lq, kD, p.q_stride_b, p.q_stride_h, p.q_stride_l,
+                     C::kBlockM) ||
+      !make_tile_map(&tm_k, p.k, p.is_bf16, tensor_b, p.Hkv, p.Lk, kD, p.k_stride_b, p.k_stride_h, p.k_stride_l,
+                     C::kBlockN) ||
+      !make_tile_map(&tm_v, p.v, p.is_bf16, tensor_b, p.Hkv, p.Lk, kD, p.v_stride_b, p.v_stride_h, p.v_stride_l,
+                     C::kBlockN)) {
     return cudaErrorNotSupported;
   }
   auto kernel = block_sparse_attn_sm90_kernel<T, kD>;

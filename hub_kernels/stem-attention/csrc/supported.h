@@ -31,9 +31,8 @@ struct Support {
 
 constexpr bool supported_head_dim(int d) { return d == 64 || d == 128 || d == 256; }
 constexpr bool supported_block_size(int b) { return b == 64 || b == 128 || b == 256; }
-// The sm90 kernel keeps O of 64 rows x D in registers of one warpgroup (D = 256 does not fit
-// beside S) and works on query tiles of 128 rows, so a plan block must hold whole tiles.
-constexpr bool sm90_head_dim(int d) { return d == 64 || d == 128; }
+// The sm90 kernel works on query tiles of 128 rows, so a plan block must hold whole tiles.
+constexpr bool sm90_head_dim(int d) { return d == 64 || d == 128 || d == 256; }
 constexpr bool sm90_block_size(int b) { return b == 128 || b == 256; }
 
 // The kernel that runs (dtype, head dim, plan block size) on a device of compute capability
@@ -70,7 +69,7 @@ inline std::string kernel_path_reason(int dtype, int head_dim, int block_size, i
     case Why::kDevice:
       return "needs compute capability 8.0 or newer, the device has " + cc;
     case Why::kSm90:
-      return "the sm90 kernel needs compute capability 9.0, head dim 64 or 128 and plan blocks of 128 or 256 "
+      return "the sm90 kernel needs compute capability 9.0, head dim 64, 128 or 256 and plan blocks of 128 or 256 "
              "tokens; got compute capability " +
              cc + ", head dim " + std::to_string(head_dim) + ", plan block size " + std::to_string(block_size);
   }

@@ -2,7 +2,7 @@
 
 ``LOCAL_KERNELS=stem-attention/stem-attention=<this kernel's directory>`` points ``get_kernel`` at
 the build tree (``build/<variant>/``, made by ``python hub_kernels/build.py``). The tests need
-torch, ``kernels`` and a CUDA GPU, nothing else: the oracle is a dense float32 attention over the
+torch, ``kernels`` and a CUDA GPU, nothing else: the oracle is a dense float64 attention over the
 same plan written below. Outputs are poisoned first (NaN-filled memory is freed into the caching
 allocator right before the kernel allocates its outputs), so an unwritten element shows up as NaN.
 Both kernels are tested on every device through the op's ``kernel`` argument (``"sm80"`` runs
@@ -86,7 +86,7 @@ def random_plan(B, Hq, Lq, Lk, bs, q_offset, density, gen, device="cuda") -> Pla
 
 
 def reference(q, k, v, plan: Plan, scale: float):
-    """Dense float32 attention restricted to the plan's blocks and the causal mask:
+    """Dense float64 attention restricted to the plan's blocks and the causal mask:
     (out float32, lse float32); rows that see no key get 0 and -inf."""
     B, Hq, Lq, D = q.shape
     Lk, bs = k.shape[2], plan.block_size
@@ -95,18 +95,18 @@ def reference(q, k, v, plan: Plan, scale: float):
     qblock = pos // bs - plan.q_offset // bs
     allowed = plan.mask[:, :, qblock][..., keys // bs] & (keys[None, :] <= pos[:, None])
     g = Hq // k.shape[1]
-    kf, vf = k.float().repeat_interleave(g, dim=1), v.float().repeat_interleave(g, dim=1)
-    s = (q.float() @ kf.transpose(-1, -2)) * scale
+    kf, vf = k.double().repeat_interleave(g, dim=1), v.double().repeat_interleave(g, dim=1)
+    s = (q.double() @ kf.transpose(-1, -2)) * scale
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0).unsqueeze(-1))
-    return p @ vf, lse
+    return (p @ vf).float(), lse.float()
 
 
 def expected_path(kernel: str, D: int, bs: int) -> int:
-    """The specification: the sm90 kernel on compute capability 9.0 for head dims 64/128 and plan
-    blocks of 128 or 256 tokens, unless the sm80 kernel is asked for; else the sm80 kernel."""
-    sm90 = torch.cuda.get_device_capability() == (9, 0) and D in (64, 128) and bs in (128, 256)
+    """The specification: the sm90 kernel on compute capability 9.0 for head dims 64/128/256 and
+    plan blocks of 128 or 256 tokens, unless the sm80 kernel is asked for; else the sm80 kernel."""
+    sm90 = torch.cuda.get_device_capability() == (9, 0) and D in (64, 128, 256) and bs in (128, 256)
     return 90 if sm90 and kernel != "sm80" else 80
 
 
@@ -166,7 +166,7 @@ def test_kernel_path_op_matches_the_specification(hubmod):
                 for cc in ((7, 5), (8, 0), (8, 9), (9, 0), (10, 0)):
                     for kernel, sm in (("auto", 0), ("sm80", 80), ("sm90", 90)):
                         ok = code >= 0 and D in (64, 128, 256) and bs in (64, 128, 256) and cc >= (8, 0)
-                        sm90 = ok and cc == (9, 0) and D in (64, 128) and bs in (128, 256)
+                        sm90 = ok and cc == (9, 0) and bs in (128, 256)
                         want = 0 if not ok or (kernel == "sm90" and not sm90) else (90 if sm90 and sm != 80 else 80)
                         got = hubmod.ops.kernel_path(code, D, bs, cc[0], cc[1], sm)
                         reason = hubmod.ops.kernel_path_reason(code, D, bs, cc[0], cc[1], sm)
@@ -270,19 +270,21 @@ def test_varlen_matches_each_sequence(hubmod, gen, kernel, D, bs):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_long_walk_wraps_the_pipeline(hubmod, gen, kernel):
-    """Many key tiles per query tile (the sm90 ring of stages wraps dozens of times), GQA, bf16."""
-    if kernel == "sm90" and expected_path("sm90", 128, 128) != 90:
+@pytest.mark.parametrize("D", [128, 256])
+def test_long_walk_wraps_the_pipeline(hubmod, gen, kernel, D):
+    """Many key tiles per query tile (the sm90 K and V rings wrap dozens of times), GQA, bf16."""
+    if kernel == "sm90" and expected_path("sm90", D, 128) != 90:
         pytest.skip("no sm90 kernel on this device")
-    B, Hq, Hkv, L, D = 1, 8, 2, 128 * 40 + 5, 128
+    B, Hq, Hkv, L = 1, 8, 2, 128 * 40 + 5
     q, k, v = (randn((B, H, L, D), torch.bfloat16, gen) for H in (Hq, Hkv, Hkv))
     run_and_check(hubmod, q, k, v, random_plan(B, Hq, L, L, 128, 0, 0.9, gen), kernel=kernel)
 
 
 @pytest.mark.parametrize("kernel", ["auto", "sm80"])
-def test_strided_inputs(hubmod, gen, kernel):
+@pytest.mark.parametrize("D", [128, 256])
+def test_strided_inputs(hubmod, gen, kernel, D):
     """(B, L, H, D) tensors viewed as (B, H, L, D): strided rows, no copy needed."""
-    B, Hq, Hkv, L, D = 1, 4, 2, 300, 128
+    B, Hq, Hkv, L = 1, 4, 2, 300
     q, k, v = (randn((B, L, H, D), torch.bfloat16, gen).transpose(1, 2) for H in (Hq, Hkv, Hkv))
     run_and_check(hubmod, q, k, v, random_plan(B, Hq, L, L, 128, 0, 0.5, gen), kernel=kernel, return_lse=False)
 
@@ -299,12 +301,15 @@ def test_dense_plan_equals_sdpa(hubmod, gen, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["auto", "sm80"])
-def test_zero_count_rows_give_zero_and_minus_inf(hubmod, gen, kernel):
-    B, Hq, L, D, bs = 1, 2, 256, 64, 128
+@pytest.mark.parametrize("D", [64, 256])
+def test_zero_count_rows_give_zero_and_minus_inf(hubmod, gen, kernel, D):
+    B, Hq, L, bs = 1, 2, 256, 128
     q, k, v = (randn((B, Hq, L, D), torch.bfloat16, gen) for _ in range(3))
     counts = torch.tensor([[[1, 0], [0, 2]]], dtype=torch.int32, device="cuda")
     idx = torch.tensor([[[[0, 0], [0, 0]], [[0, 0], [0, 1]]]], dtype=torch.int32, device="cuda")
+    poison_allocator(((B, Hq, L, D), q.dtype), ((B, Hq, L), torch.float32))
     out, lse = hubmod.block_sparse_attn_fwd(q, k, v, counts, idx, bs, 0, D ** -0.5, True, kernel=kernel)
+    assert hubmod.ops.last_kernel_path() == expected_path(kernel, D, bs)
     assert (out[0, 0, 128:] == 0).all() and (out[0, 1, :128] == 0).all()
     assert torch.isinf(lse[0, 0, 128:]).all() and (lse[0, 0, 128:] < 0).all()
     assert torch.isfinite(out[0, 0, :128]).all() and torch.isfinite(lse[0, 1, 128:]).all()
@@ -350,7 +355,7 @@ OP_CHECKS = [
     ("block size 100", "call(bs=100)", r"plan block size 100 is not supported \(64, 128, 256\)"),
     ("kernel request 70", "call(sm=70)", r"kernel request 70 is not one of 0 \(auto\), 80 \(sm80\), 90 \(sm90\)"),
     ("sm90 for 64-token blocks", "call(bs=64, counts=ones(1, 4, 4), idx=zeros(1, 4, 4, 1), sm=90)",
-     "the sm90 kernel needs compute capability 9.0, head dim 64 or 128 and plan blocks of 128 or 256 tokens"),
+     "the sm90 kernel needs compute capability 9.0, head dim 64, 128 or 256 and plan blocks of 128 or 256 tokens"),
     ("v shape differs from k", "call(v=v[:, :, :128])", r"k and v must be \(B, Hkv, Lk, D\) matching q"),
     ("batch of k differs", "call(k=k.expand(2, -1, -1, -1), v=v.expand(2, -1, -1, -1))",
      r"k and v must be \(B, Hkv, Lk, D\) matching q; got q \[1, 4, 256, 128\], k \[2, 2, 256, 128\]"),

@@ -75,7 +75,7 @@ def supports(dtype: torch.dtype, head_dim: int, block_size: int, device=None, ke
 def kernel_for(dtype: torch.dtype, head_dim: int, block_size: int, device=None, kernel: str = "auto") -> str:
     """Which compiled kernel ``block_sparse_attn_fwd`` runs for these inputs: ``"sm90"`` (wgmma +
     TMA) or ``"sm80"`` (mma.sync); ValueError when it runs neither. ``kernel="auto"`` picks the sm90
-    kernel where it applies (compute capability 9.0, head dim 64/128, plan blocks of 128 or 256
+    kernel where it applies (compute capability 9.0, head dim 64/128/256, plan blocks of 128 or 256
     tokens). ``ops.last_kernel_path()`` reports what the last call ran (90 or 80)."""
     path, why = _resolve(dtype, head_dim, block_size, device, kernel)
     if not path:
