@@ -33,6 +33,10 @@ ATTN_CASES = {
     "fp32_dense_plan": (1, 2, 1, 64, 64, 16, 16, "float32", None, {"dense": True}),
     "fp32_tma_descriptors": (2, 4, 2, 50, 120, 16, 32, "float32", None, {"use_tma": True, "block_n": 16}),
     "bf16_tma_descriptors": (1, 2, 1, 33, 99, 16, 16, "bfloat16", 40, {"use_tma": True}),
+    "fp32_pipeline_qk_subtiles": (1, 4, 2, 90, 150, 16, 32, "float32", None, {"pipeline_qk": True, "block_n": 16}),
+    "bf16_pipeline_qk_tma": (1, 2, 1, 45, 120, 16, 16, "bfloat16", 30, {"pipeline_qk": True, "use_tma": True}),
+    "fp32_unfolded_scale": (1, 2, 2, 70, 70, 16, 16, "float32", None, {"fold_scale": False}),
+    "fp32_warp_specialize_flag": (1, 2, 1, 40, 40, 16, 16, "float32", None, {"warp_specialize": True}),
 }
 # packed batches: name -> (per-sequence (len_q, len_k), Hq, Hkv, D, block_size, dtype)
 VARLEN_CASES = {

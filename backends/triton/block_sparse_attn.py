@@ -36,41 +36,71 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attn_tile(acc, l_i, m_i, q, k_base, v_base, kd, vd, kv_row0, ks, qpos, Lk, stride_kn, stride_vn, qk_scale,
-               offs_n, offs_d, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-               USE_TMA: tl.constexpr):
-    """One key tile [ks, ks + BLOCK_N) folded into the running (acc, l_i, m_i). Unmasked tiles
-    lie wholly inside the sequence; with USE_TMA they are read through tensor descriptors over
-    K/V viewed as (B*Hkv*Lk, D) (row kv_row0 + ks)."""
+def _load_kT(k_base, kd, kv_row0, ks, Lk, stride_kn, offs_n, offs_d, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """The (HEAD_DIM, BLOCK_N) transposed key tile at key position ks (float32 with UPCAST: the
+    interpreter's bf16 tl.dot is wrong, so bf16 values are multiplied in fp32 there)."""
     kpos = ks + offs_n
     if MASKED:
-        kin = kpos < Lk
-        kT = tl.load(k_base + kpos[None, :] * stride_kn + offs_d[:, None], mask=kin[None, :], other=0.0)
+        kT = tl.load(k_base + kpos[None, :] * stride_kn + offs_d[:, None], mask=kpos[None, :] < Lk, other=0.0)
     elif USE_TMA:
         kT = tl.trans(kd.load([kv_row0 + ks, 0]))
     else:
         kT = tl.load(k_base + kpos[None, :] * stride_kn + offs_d[:, None])
-    if UPCAST:  # interpreter only: its bf16 tl.dot is wrong, so multiply bf16 values in fp32
+    if UPCAST:
         kT = kT.to(tl.float32)
-    qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+    return kT
+
+
+@triton.jit
+def _load_v(v_base, vd, kv_row0, ks, Lk, stride_vn, offs_n, offs_d, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """The (BLOCK_N, HEAD_DIM) value tile at key position ks."""
+    kpos = ks + offs_n
     if MASKED:
-        qk = tl.where(kpos[None, :] <= qpos[:, None], qk, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_ij[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=kin[:, None], other=0.0)
+        v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=kpos[:, None] < Lk, other=0.0)
     elif USE_TMA:
         v = vd.load([kv_row0 + ks, 0])
     else:
         v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :])
+    return v
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, qk, v, ks, qpos, qk_scale, offs_n, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+                UPCAST: tl.constexpr, FOLD: tl.constexpr):
+    """Fold raw scores qk = q @ k^T of the key tile at ks and its values v into (acc, l_i, m_i).
+    m_i is in log2 units of the scaled scores. FOLD (scale > 0): the scale is applied inside the
+    exp2 argument (one FMA per score) instead of a separate multiply."""
+    if MASKED:
+        qk = tl.where((ks + offs_n)[None, :] <= qpos[:, None], qk, float("-inf"))
+    if FOLD:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    else:
+        qk = qk * qk_scale
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if UPCAST:
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PREC)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_ij
+
+
+@triton.jit
+def _attn_tile(acc, l_i, m_i, q, k_base, v_base, kd, vd, kv_row0, ks, qpos, Lk, stride_kn, stride_vn, qk_scale,
+               offs_n, offs_d, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+               USE_TMA: tl.constexpr, FOLD: tl.constexpr):
+    """One key tile [ks, ks + BLOCK_N) folded into the running (acc, l_i, m_i). Unmasked tiles
+    lie wholly inside the sequence; with USE_TMA they are read through tensor descriptors over
+    K/V viewed as (B*Hkv*Lk, D) (row kv_row0 + ks)."""
+    kT = _load_kT(k_base, kd, kv_row0, ks, Lk, stride_kn, offs_n, offs_d, MASKED, USE_TMA, UPCAST)
+    qk = tl.dot(q, kT, input_precision=DOT_PREC)
+    v = _load_v(v_base, vd, kv_row0, ks, Lk, stride_vn, offs_n, offs_d, MASKED, USE_TMA)
+    return _softmax_pv(acc, l_i, m_i, qk, v, ks, qpos, qk_scale, offs_n, MASKED, DOT_PREC, UPCAST, FOLD)
 
 
 @triton.jit
@@ -88,7 +118,8 @@ def _stem_sparse_attn_fwd(
     BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, W_P2: tl.constexpr,
     USE_ORDER: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
+    USE_TMA: tl.constexpr, VARLEN: tl.constexpr, FOLD: tl.constexpr, WS: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, PIPE_QK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     item = pid // SUB_M
@@ -145,16 +176,37 @@ def _stem_sparse_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    for t in range(0, n_full * SUB_N):
-        blk = tl.load(idx_base + t // SUB_N)
-        ks = blk * BS + (t % SUB_N) * BLOCK_N
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, kv_row0, ks, qpos, seq_lk,
-                                   stride_kn, stride_vn, qk_scale, offs_n, offs_d, False, DOT_PREC, UPCAST, USE_TMA)
+    n_unmasked = n_full * SUB_N
+    if PIPE_QK:  # the scores of tile t + 1 are issued before the softmax of tile t (overlap MMA and exp)
+        if n_unmasked > 0:
+            ks = tl.load(idx_base) * BS
+            kT = _load_kT(k_base, KD, kv_row0, ks, seq_lk, stride_kn, offs_n, offs_d, False, USE_TMA, UPCAST)
+            qk = tl.dot(q, kT, input_precision=DOT_PREC)
+            for t in range(1, n_unmasked):
+                ks_next = tl.load(idx_base + t // SUB_N) * BS + (t % SUB_N) * BLOCK_N
+                kT = _load_kT(k_base, KD, kv_row0, ks_next, seq_lk, stride_kn, offs_n, offs_d, False, USE_TMA, UPCAST)
+                qk_next = tl.dot(q, kT, input_precision=DOT_PREC)
+                v = _load_v(v_base, VD, kv_row0, ks, seq_lk, stride_vn, offs_n, offs_d, False, USE_TMA)
+                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, ks, qpos, qk_scale, offs_n, False, DOT_PREC,
+                                            UPCAST, FOLD)
+                qk = qk_next
+                ks = ks_next
+            v = _load_v(v_base, VD, kv_row0, ks, seq_lk, stride_vn, offs_n, offs_d, False, USE_TMA)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, ks, qpos, qk_scale, offs_n, False, DOT_PREC,
+                                        UPCAST, FOLD)
+    else:
+        for t in tl.range(0, n_unmasked, num_stages=LOOP_STAGES, warp_specialize=WS):
+            blk = tl.load(idx_base + t // SUB_N)
+            ks = blk * BS + (t % SUB_N) * BLOCK_N
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, kv_row0, ks, qpos, seq_lk,
+                                       stride_kn, stride_vn, qk_scale, offs_n, offs_d, False, DOT_PREC, UPCAST,
+                                       USE_TMA, FOLD)
     for t in range(n_full * SUB_N, n * SUB_N):
         blk = tl.load(idx_base + t // SUB_N)
         ks = blk * BS + (t % SUB_N) * BLOCK_N
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, kv_row0, ks, qpos, seq_lk,
-                                   stride_kn, stride_vn, qk_scale, offs_n, offs_d, True, DOT_PREC, UPCAST, USE_TMA)
+                                   stride_kn, stride_vn, qk_scale, offs_n, offs_d, True, DOT_PREC, UPCAST, USE_TMA,
+                                   FOLD)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -205,7 +257,7 @@ def block_sparse_attention(q, k, v, kv_counts, kv_indices, *, block_size: int, q
                            block_m: int | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
                            out: torch.Tensor | None = None, lse_out: torch.Tensor | None = None,
-                           use_tma: bool | None = None):
+                           use_tma: bool | None = None, **loop):
     """Launch the kernel. q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) with unit stride on D; kv_counts
     int32 (B, Hq, nQ), kv_indices int32 (B, Hq, nQ, W). Returns (out like q, lse float32 or None).
 
@@ -243,14 +295,26 @@ def block_sparse_attention(q, k, v, kv_counts, kv_indices, *, block_size: int, q
         use_tma, kd, vd = False, k, v
     grid = (nQ * B * Hq * (bs // bm),)
     _launch(q, k, v, out, lse, kv_counts, kv_indices, order, kd, vd, None, None, scale, grid,
-            (Hq * Lq, Lq), B, Hq, nQ, Lq, Lk, q_offset, bs, bm, bn, nw, ns, W, schedule, return_lse, use_tma)
+            (Hq * Lq, Lq), B, Hq, nQ, Lq, Lk, q_offset, bs, bm, bn, nw, ns, W, schedule, return_lse, use_tma, loop)
     return out, (lse if return_lse else None)
 
 
+_LOOP_DEFAULTS = {"warp_specialize": False, "loop_stages": None, "pipeline_qk": False, "fold_scale": True}
+
+
+def _loop_options(loop: dict) -> dict:
+    """Main-loop code-generation options (see _LOOP_DEFAULTS) with the defaults filled in."""
+    bad = set(loop) - set(_LOOP_DEFAULTS)
+    if bad:
+        raise TypeError(f"unknown kernel options {sorted(bad)}; known: {sorted(_LOOP_DEFAULTS)}")
+    return {**_LOOP_DEFAULTS, **loop}
+
+
 def _launch(q, k, v, out, lse, kv_counts, kv_indices, order, kd, vd, cu_q, cu_k, scale, grid, lse_strides,
-            B, Hq, nQ, Lq, Lk, q_offset, bs, bm, bn, nw, ns, W, schedule, return_lse, use_tma):
+            B, Hq, nQ, Lq, Lk, q_offset, bs, bm, bn, nw, ns, W, schedule, return_lse, use_tma, loop):
     """The kernel launch shared by the batched (B, H, L, D) and the packed varlen layouts."""
     varlen = cu_q is not None
+    opt = _loop_options(loop)
     D, Hkv = q.shape[-1], k.shape[1]
     _stem_sparse_attn_fwd[grid](
         q, k, v, out, lse, kv_counts, kv_indices, order, kd, vd,
@@ -268,6 +332,8 @@ def _launch(q, k, v, out, lse, kv_counts, kv_indices, order, kd, vd, cu_q, cu_k,
         W_P2=max(16, triton.next_power_of_2(W)), USE_ORDER=schedule == "sorted", RETURN_LSE=return_lse,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=bool(knobs.runtime.interpret) and q.dtype == torch.bfloat16, USE_TMA=use_tma, VARLEN=varlen,
+        FOLD=bool(opt["fold_scale"]) and scale > 0, WS=bool(opt["warp_specialize"]),
+        LOOP_STAGES=opt["loop_stages"] or ns, PIPE_QK=bool(opt["pipeline_qk"]),
         num_warps=nw, num_stages=ns,
     )
 
@@ -275,7 +341,7 @@ def _launch(q, k, v, out, lse, kv_counts, kv_indices, order, kd, vd, cu_q, cu_k,
 def block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_counts, kv_indices, *, block_size: int,
                                   scale: float, return_lse: bool = False, out=None, lse_out=None,
                                   block_m: int | None = None, block_n: int | None = None,
-                                  num_warps: int | None = None, num_stages: int | None = None):
+                                  num_warps: int | None = None, num_stages: int | None = None, **loop):
     """Launch the kernel on a packed batch: q (total_q, Hq, D), k/v (total_k, Hkv, D) (unit stride
     on D), int32 cumulative lengths (B + 1,), kv_counts (B, Hq, nQ), kv_indices (B, Hq, nQ, W).
     One launch for every sequence; each program reads its sequence's offsets and lengths from the
@@ -294,5 +360,5 @@ def block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_counts
     grid = (nQ * B * Hq * (bs // bm),)
     if grid[0]:
         _launch(q4, k4, v4, o4, lse, kv_counts, kv_indices, kv_counts, k4, v4, cu_seqlens_q, cu_seqlens_k, scale,
-                grid, (0, Tq), B, Hq, nQ, 0, 0, 0, bs, bm, bn, nw, ns, W, "reversed", return_lse, False)
+                grid, (0, Tq), B, Hq, nQ, 0, 0, 0, bs, bm, bn, nw, ns, W, "reversed", return_lse, False, loop)
     return out, (lse if return_lse else None)
