@@ -217,9 +217,18 @@ def _stem_sparse_attn_fwd(
         tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows, lse, mask=row_ok)
 
 
-# Measured on one NVIDIA H200, B=1 Hq=32 Hkv=8 D=128 bf16, Stem plan at 128K (benchmarks/gpu_triton_check.py):
-# (BLOCK_M, BLOCK_N, warps, stages, TMA) = (128,128,8,2,on) 68.3 ms; (128,128,8,3,off) 71.0; (128,128,8,3,on) 71.1;
-# (128,64,8,3,on) 80.4; (128,64,8,4,on) 80.0; (128,128,8,4,on) exceeds shared memory.
+# Tiles per head dim for 16-bit inputs (16 and 32 use the 64 row): (BLOCK_M, BLOCK_N, num_warps,
+# num_stages). Chosen on one NVIDIA H200 with the default Stem plan
+# (python -m benchmarks.triton.bench_triton --sweep --extra; numbers in benchmarks/NOTES.md).
+# Shared memory decides: a program that leaves room for a second one on the same SM lets one
+# program's softmax overlap the other's matrix products.
+_TILES_16BIT = {
+    64: (128, 128, 4, 3),  # 128K Hq14 Hkv2: 15.4 ms; (128, 128, 8, 2) 21.7 ms
+    128: (128, 128, 8, 3),  # 128K Hq32 Hkv8: 67.0 ms; 2 stages 68.5-68.9; BLOCK_N 64, 3 stages 74.2
+    256: (128, 64, 8, 2),  # 32K Hq8 Hkv4: 2.81 ms; (64, 64, 4, 2) 3.88; (64, 64, 8, 2) 6.19
+}
+# TMA tensor descriptors for the unmasked K/V tiles: within noise of plain loads (128K: 67.0 vs
+# 67.0 ms with 3 stages, 68.9 vs 68.7 with 2); kept on for Hopper+.
 DEFAULT_TMA = True
 
 
@@ -231,14 +240,15 @@ def _tma_capable(device: torch.device) -> bool:
 
 def pick_tiles(block_size: int, head_dim: int, dtype: torch.dtype, block_m: int | None = None,
                block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a plan block size and head dim (H100-tuned
-    defaults; explicit arguments override them). Tiles never exceed the plan block."""
-    big = dtype == torch.float32 or head_dim > 128
-    bm = block_m or (64 if head_dim > 128 else 128)
-    bn = block_n or (64 if big else 128)  # H200, D=128 bf16, 64K: BN=128 21.3 ms vs BN=64 23.2 ms
-    nw = num_warps or 8
-    ns = num_stages or 2  # see DEFAULT_TMA's note
-    bm, bn = min(bm, block_size), min(bn, block_size)
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a plan block size, head dim and dtype (H200-tuned
+    defaults, a fixed table: no autotuning, no host sync; explicit arguments override them).
+    Tiles never exceed the plan block."""
+    if dtype == torch.float32:
+        dm, dn, dw, ds = (64 if head_dim > 128 else 128), 64, 8, 2
+    else:
+        dm, dn, dw, ds = _TILES_16BIT[max(head_dim, 64)]  # head dims are powers of two in [16, 256]
+    bm, bn = min(block_m or dm, block_size), min(block_n or dn, block_size)
+    nw, ns = num_warps or dw, num_stages or ds
     if block_size % bm or block_size % bn:
         raise ValueError(f"tiles ({bm}, {bn}) must divide the plan block size {block_size}")
     return bm, bn, nw, ns
@@ -299,22 +309,28 @@ def block_sparse_attention(q, k, v, kv_counts, kv_indices, *, block_size: int, q
     return out, (lse if return_lse else None)
 
 
-_LOOP_DEFAULTS = {"warp_specialize": False, "loop_stages": None, "pipeline_qk": False, "fold_scale": True}
+# Code-generation options of the kernel (keyword arguments of the launchers): warp_specialize and
+# loop_stages go to the unmasked loop's tl.range, pipeline_qk issues the next tile's scores before
+# this tile's softmax, fold_scale applies the softmax scale inside the exp2 argument (scale > 0),
+# maxnreg caps registers per thread (room for more programs per SM).
+_CODEGEN_DEFAULTS = {"warp_specialize": False, "loop_stages": None, "pipeline_qk": False, "fold_scale": True,
+                     "maxnreg": None}
 
 
-def _loop_options(loop: dict) -> dict:
-    """Main-loop code-generation options (see _LOOP_DEFAULTS) with the defaults filled in."""
-    bad = set(loop) - set(_LOOP_DEFAULTS)
+def _codegen_options(loop: dict) -> dict:
+    """The code-generation options (see _CODEGEN_DEFAULTS) with the defaults filled in."""
+    bad = set(loop) - set(_CODEGEN_DEFAULTS)
     if bad:
-        raise TypeError(f"unknown kernel options {sorted(bad)}; known: {sorted(_LOOP_DEFAULTS)}")
-    return {**_LOOP_DEFAULTS, **loop}
+        raise TypeError(f"unknown kernel options {sorted(bad)}; known: {sorted(_CODEGEN_DEFAULTS)}")
+    return {**_CODEGEN_DEFAULTS, **loop}
 
 
 def _launch(q, k, v, out, lse, kv_counts, kv_indices, order, kd, vd, cu_q, cu_k, scale, grid, lse_strides,
             B, Hq, nQ, Lq, Lk, q_offset, bs, bm, bn, nw, ns, W, schedule, return_lse, use_tma, loop):
     """The kernel launch shared by the batched (B, H, L, D) and the packed varlen layouts."""
     varlen = cu_q is not None
-    opt = _loop_options(loop)
+    opt = _codegen_options(loop)
+    extra = {} if opt["maxnreg"] is None or knobs.runtime.interpret else {"maxnreg": opt["maxnreg"]}
     D, Hkv = q.shape[-1], k.shape[1]
     _stem_sparse_attn_fwd[grid](
         q, k, v, out, lse, kv_counts, kv_indices, order, kd, vd,
@@ -334,7 +350,7 @@ def _launch(q, k, v, out, lse, kv_counts, kv_indices, order, kd, vd, cu_q, cu_k,
         UPCAST=bool(knobs.runtime.interpret) and q.dtype == torch.bfloat16, USE_TMA=use_tma, VARLEN=varlen,
         FOLD=bool(opt["fold_scale"]) and scale > 0, WS=bool(opt["warp_specialize"]),
         LOOP_STAGES=opt["loop_stages"] or ns, PIPE_QK=bool(opt["pipeline_qk"]),
-        num_warps=nw, num_stages=ns,
+        num_warps=nw, num_stages=ns, **extra,
     )
 
 

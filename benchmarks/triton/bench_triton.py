@@ -11,8 +11,8 @@ Shapes: B=1, Hq=32, Hkv=8, D=128, bf16, default StemConfig plan, random data
 FlexAttention (compiled) runs the identical plan through ``BlockPlan.to_flex_block_mask``. FLOPs
 are counted on the selected blocks only: 4·D per causal (query, key) pair inside them (diagonal
 blocks count their lower triangle); dense cuDNN on the causal triangle. Times: ``stem.bench.time_ms``
-medians (CUDA events, warm L2). ``--sweep`` first times the kernel's code-generation variants at
-``--sweep-lengths``. Writes bench_triton_<card>.json (+ .png) into --out and prints a table last.
+medians (CUDA events, warm L2). ``--sweep`` also times the kernel's other tile and code-generation
+configurations (``VARIANTS``) in every row. Writes bench_triton_<card>.json (+ .png) into --out and prints a table last.
 """
 
 from __future__ import annotations
@@ -36,37 +36,30 @@ from stem_backends.triton.executor import run_block_sparse_attention  # noqa: E4
 
 HUB_REPO = "stem-attention/stem-attention"
 
-# name -> options of run_block_sparse_attention; "default" is what the executor runs
+# head dim -> variant name -> options of run_block_sparse_attention ("default": what the executor runs)
 VARIANTS = {
-    "default": {},
-    "v0_unfolded": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True, fold_scale=False),
-    "fold_s2_tma": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True),
-    "fold_s3_tma": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True),
-    "fold_s2_ld": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=False),
-    "fold_s3_ld": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=False),
-    "ws_s2_tma": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True, warp_specialize=True),
-    "ws_s3_tma": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, warp_specialize=True),
-    "ws_s2_ld": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=False, warp_specialize=True),
-    "pipe_s2_tma": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True, pipeline_qk=True),
-    "pipe_s3_tma": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, pipeline_qk=True),
-    "pipe_s2_ld": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=False, pipeline_qk=True),
-    "m64_n128_w4_s2": dict(block_m=64, block_n=128, num_warps=4, num_stages=2, use_tma=True),
-    "m64_n128_w4_s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=True),
-    "m128_n64_w8_s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3, use_tma=True),
-    "m128_n128_w4_s2": dict(block_m=128, block_n=128, num_warps=4, num_stages=2, use_tma=True),
-    "sorted": dict(schedule="sorted"),
-}
-# variants for the other head dims (--extra)
-EXTRA_VARIANTS = {
-    64: {"default": {}, "m128_n128_w8_s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
-         "m128_n128_w4_s3": dict(block_m=128, block_n=128, num_warps=4, num_stages=3),
-         "m64_n128_w4_s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
-         "m128_n64_w4_s4": dict(block_m=128, block_n=64, num_warps=4, num_stages=4)},
-    256: {"default": {}, "m64_n64_w4_s2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
-          "m64_n64_w8_s2": dict(block_m=64, block_n=64, num_warps=8, num_stages=2),
+    128: {"default": {},
+          "m128_n128_w8_s2": dict(block_m=128, block_n=128, num_warps=8, num_stages=2),
+          "m128_n128_w8_s1": dict(block_m=128, block_n=128, num_warps=8, num_stages=1),
           "m128_n64_w8_s2": dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
-          "m64_n128_w8_s2": dict(block_m=64, block_n=128, num_warps=8, num_stages=2),
-          "m64_n64_w4_s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3)},
+          "m128_n64_w8_s2_r128": dict(block_m=128, block_n=64, num_warps=8, num_stages=2, maxnreg=128),
+          "m128_n64_w8_s1": dict(block_m=128, block_n=64, num_warps=8, num_stages=1),
+          "m128_n128_w8_s1_r128": dict(block_m=128, block_n=128, num_warps=8, num_stages=1, maxnreg=128),
+          "m64_n64_w4_s1": dict(block_m=64, block_n=64, num_warps=4, num_stages=1),
+          "m128_n64_w8_s2_ld": dict(block_m=128, block_n=64, num_warps=8, num_stages=2, use_tma=False),
+          "m128_n64_w8_s2_pipe": dict(block_m=128, block_n=64, num_warps=8, num_stages=2, pipeline_qk=True),
+          "m64_n64_w4_s2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
+          "m64_n64_w4_s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+          "m64_n128_w4_s1": dict(block_m=64, block_n=128, num_warps=4, num_stages=1),
+          "ws": dict(warp_specialize=True), "unfolded": dict(fold_scale=False), "sorted": dict(schedule="sorted")},
+    64: {"default": {}, "m128_n128_w4_s2": dict(block_m=128, block_n=128, num_warps=4, num_stages=2),
+         "m128_n64_w4_s3": dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
+         "m64_n64_w4_s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+         "m128_n128_w8_s2": dict(block_m=128, block_n=128, num_warps=8, num_stages=2)},
+    256: {"default": {}, "m64_n64_w4_s2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
+          "m128_n32_w8_s3": dict(block_m=128, block_n=32, num_warps=8, num_stages=3),
+          "m128_n64_w8_s1": dict(block_m=128, block_n=64, num_warps=8, num_stages=1),
+          "m64_n32_w4_s3": dict(block_m=64, block_n=32, num_warps=4, num_stages=3)},
 }
 
 
@@ -217,8 +210,7 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="32768,65536,131072")
-    ap.add_argument("--sweep", action="store_true", help="time every code-generation variant (VARIANTS)")
-    ap.add_argument("--sweep-lengths", default="131072")
+    ap.add_argument("--sweep", action="store_true", help="also time the kernel's other configurations (VARIANTS)")
     ap.add_argument("--extra", action="store_true", help="add D=64 Hq=14 Hkv=2 128K and D=256 Hq=8 Hkv=4 32K")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
@@ -230,16 +222,17 @@ def main(argv=None):
                "timing": "stem.bench.time_ms: CUDA events, median, warm L2",
                "flops": "selected blocks: 4*D per causal (q, k) pair inside them; cuDNN: causal triangle"}
     hub = load_hub()
-    if args.sweep:
-        results["sweep"] = [measure((32, 8, 128), int(L), args.reps, hub, VARIANTS, with_cudnn=False)
-                            for L in args.sweep_lengths.split(",") if L]
+
+    def variants(D):
+        return VARIANTS[D] if args.sweep else {"default": {}}
+
     table = []
     for L in (int(x) for x in args.lengths.split(",") if x):
-        table.append(measure((32, 8, 128), L, args.reps, hub, {"default": {}}))
+        table.append(measure((32, 8, 128), L, args.reps, hub, variants(128)))
         torch.cuda.empty_cache()
     if args.extra:
-        table.append(measure((14, 2, 64), 131072, args.reps, hub, EXTRA_VARIANTS[64]))
-        table.append(measure((8, 4, 256), 32768, args.reps, hub, EXTRA_VARIANTS[256]))
+        table.append(measure((14, 2, 64), 131072, args.reps, hub, variants(64)))
+        table.append(measure((8, 4, 256), 32768, args.reps, hub, variants(256)))
     results["table"] = table
     results["seconds"] = round(time.time() - t0)
     os.makedirs(args.out, exist_ok=True)
@@ -250,10 +243,11 @@ def main(argv=None):
         plot(results, os.path.join(args.out, f"bench_triton_{tag}.png"))
     except Exception as e:  # noqa: BLE001
         print(f"[plot] {e}", flush=True)
-    for s in results.get("sweep", []):
-        print(f"\nsweep L={s['L']}: flex {s.get('flex_ms')} ms")
-        for n, r in sorted(s["triton"].items(), key=lambda kv: kv[1].get("ms") or 1e9):
-            print(f"  {n:>18} {r.get('ms') or float('nan'):8.3f} ms  {r.get('tflops', 0):5.0f} TF/s")
+    for r in table:
+        if len(r["triton"]) > 1:
+            print(f"\nvariants L={r['L']} D={r['D']}: flex {r.get('flex_ms')} ms")
+            for n, t in sorted(r["triton"].items(), key=lambda kv: kv[1].get("ms") or 1e9):
+                print(f"  {n:>20} {t.get('ms') or float('nan'):8.3f} ms  {t.get('tflops', 0):5.0f} TF/s")
     print(f"\n{card}  torch {torch.__version__}  triton {triton.__version__}")
     print(f"{'shape':>22} {'dens':>5} {'triton':>8} {'best':>8} {'flex':>8} {'hub':>8} {'cudnn':>8} "
           f"{'flex/tri':>8} {'tri/hub':>7} {'TF tri':>6} {'TF flex':>7} {'TF hub':>6} {'TF cudnn':>8}")
