@@ -39,12 +39,14 @@ _LOG2E = 1.4426950408889634
 def _load_kT(k_base, kd, kv_row0, ks, Lk, stride_kn, offs_n, offs_d, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
              UPCAST: tl.constexpr):
     """The (HEAD_DIM, BLOCK_N) transposed key tile at key position ks (float32 with UPCAST: the
-    interpreter's bf16 tl.dot is wrong, so bf16 values are multiplied in fp32 there)."""
+    interpreter's bf16 tl.dot is wrong, so bf16 values are multiplied in fp32 there). With USE_TMA
+    masked tiles too are read through the descriptor (no per-element pointers: fewer registers);
+    their columns past Lk are other rows of the (B*Hkv*Lk, D) view, which the causal mask drops."""
     kpos = ks + offs_n
-    if MASKED:
-        kT = tl.load(k_base + kpos[None, :] * stride_kn + offs_d[:, None], mask=kpos[None, :] < Lk, other=0.0)
-    elif USE_TMA:
+    if USE_TMA:
         kT = tl.trans(kd.load([kv_row0 + ks, 0]))
+    elif MASKED:
+        kT = tl.load(k_base + kpos[None, :] * stride_kn + offs_d[:, None], mask=kpos[None, :] < Lk, other=0.0)
     else:
         kT = tl.load(k_base + kpos[None, :] * stride_kn + offs_d[:, None])
     if UPCAST:
@@ -56,10 +58,12 @@ def _load_kT(k_base, kd, kv_row0, ks, Lk, stride_kn, offs_n, offs_d, MASKED: tl.
 def _load_v(v_base, vd, kv_row0, ks, Lk, stride_vn, offs_n, offs_d, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """The (BLOCK_N, HEAD_DIM) value tile at key position ks."""
     kpos = ks + offs_n
-    if MASKED:
-        v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=kpos[:, None] < Lk, other=0.0)
-    elif USE_TMA:
+    if USE_TMA:
         v = vd.load([kv_row0 + ks, 0])
+        if MASKED:  # rows past Lk belong to the next head (or are zero-filled): weight 0, but 0 * inf is NaN
+            v = tl.where(kpos[:, None] < Lk, v, 0.0)
+    elif MASKED:
+        v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=kpos[:, None] < Lk, other=0.0)
     else:
         v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :])
     return v
