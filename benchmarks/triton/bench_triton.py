@@ -36,27 +36,21 @@ from stem_backends.triton.executor import run_block_sparse_attention  # noqa: E4
 
 HUB_REPO = "stem-attention/stem-attention"
 
-# head dim -> variant name -> options of run_block_sparse_attention ("default": what the executor runs)
+# head dim -> variant name -> options of run_block_sparse_attention ("default": what the executor
+# runs, i.e. pick_tiles' table). With explicit tiles the register cap and masked-tile TMA are off
+# unless given.
 VARIANTS = {
     128: {"default": {},
-          "m128_n64_w8_s2": dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
-          "m128_n64_w8_s2_r128": dict(block_m=128, block_n=64, num_warps=8, num_stages=2, maxnreg=128),
-          "m128_n64_w8_s1": dict(block_m=128, block_n=64, num_warps=8, num_stages=1),
-          "m128_n128_w8_s1_r128": dict(block_m=128, block_n=128, num_warps=8, num_stages=1, maxnreg=128),
-          "m64_n64_w4_s1": dict(block_m=64, block_n=64, num_warps=4, num_stages=1),
-          "m128_n64_w8_s2_pipe": dict(block_m=128, block_n=64, num_warps=8, num_stages=2, pipeline_qk=True),
+          "m128_n128_w8_s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
+          "m128_n128_w8_s3_tmamask": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, tma_masked=True),
+          "m128_n64_w8_s2_nocap": dict(block_m=128, block_n=64, num_warps=8, num_stages=2, tma_masked=True),
           "m64_n64_w4_s2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
-          "m64_n64_w4_s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-          "m64_n128_w4_s1": dict(block_m=64, block_n=128, num_warps=4, num_stages=1),
-          },
-    64: {"default": {}, "m128_n128_w4_s2": dict(block_m=128, block_n=128, num_warps=4, num_stages=2),
-         "m128_n64_w4_s3": dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
-         "m64_n64_w4_s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-         "m128_n128_w8_s2": dict(block_m=128, block_n=128, num_warps=8, num_stages=2)},
+          "plain_loads": dict(use_tma=False)},
+    64: {"default": {}, "m128_n128_w4_s2_tmamask": dict(block_m=128, block_n=128, num_warps=4, num_stages=2,
+                                                       tma_masked=True),
+         "m128_n64_w4_s3": dict(block_m=128, block_n=64, num_warps=4, num_stages=3)},
     256: {"default": {}, "m64_n64_w4_s2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
-          "m128_n32_w8_s3": dict(block_m=128, block_n=32, num_warps=8, num_stages=3),
-          "m128_n64_w8_s1": dict(block_m=128, block_n=64, num_warps=8, num_stages=1),
-          "m64_n32_w4_s3": dict(block_m=64, block_n=32, num_warps=4, num_stages=3)},
+          "m128_n64_w8_s2_tmamask": dict(block_m=128, block_n=64, num_warps=8, num_stages=2, tma_masked=True)},
 }
 
 
@@ -176,17 +170,22 @@ def plot(results, path):
 
     rows = results["table"]
     labels = [f"{r['L'] // 1024}K D{r['D']}\nHq{r['Hq']} Hkv{r['Hkv']}" for r in rows]
-    series = [("Triton", lambda r: r["triton"].get("default", {}).get("ms")),
+
+    def best(r):
+        return r["triton"].get(r.get("triton_best"), {}).get("ms")
+
+    series = [("Triton, default tiles", lambda r: r["triton"].get("default", {}).get("ms")),
+              ("Triton, best tiles of the row", best),
               ("Flex, same plan", lambda r: r.get("flex_ms")), ("Hub kernel", lambda r: r.get("hub_ms")),
               ("cuDNN dense", lambda r: r.get("cudnn_dense_ms"))]
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
-    w = 0.2
+    w = 0.16
     for j, (name, get) in enumerate(series):
         ms = [get(r) or 0.0 for r in rows]
-        tf = [(r["selected_tflop"] * 1e9 / get(r)) if get(r) else 0.0 for r in rows]
+        tf = [(r["selected_tflop"] * 1e3 / get(r)) if get(r) else 0.0 for r in rows]
         if name == "cuDNN dense":
             tf = [r.get("cudnn_dense_tflops", 0.0) for r in rows]
-        x = [i + (j - 1.5) * w for i in range(len(rows))]
+        x = [i + (j - 2) * w for i in range(len(rows))]
         ax[0].bar(x, ms, w, label=name)
         ax[1].bar(x, tf, w, label=name)
     ax[0].set_yscale("log")
@@ -195,11 +194,24 @@ def plot(results, path):
     for a in ax:
         a.set_xticks(range(len(rows)))
         a.set_xticklabels(labels, fontsize=8)
-        a.legend(fontsize=8)
+        a.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{results['card']}, bf16, B=1, default Stem plan; torch {results['torch']}, "
                  f"triton {results['triton']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _without_out(args):
+    """The command line without ``--out DIR`` (a local folder, not a parameter of the measurement)."""
+    out, skip = [], False
+    for a in args:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        skip = a == "--out"
+        if not skip:
+            out.append(a)
+    return out
 
 
 def main(argv=None):
@@ -215,7 +227,7 @@ def main(argv=None):
     t0 = time.time()
     card = torch.cuda.get_device_name()
     results = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "stem": stem.__version__,
-               "command": " ".join(["python -m benchmarks.triton.bench_triton", *(argv or sys.argv[1:])]),
+               "command": " ".join(["python -m benchmarks.triton.bench_triton", *_without_out(argv or sys.argv[1:])]),
                "timing": "stem.bench.time_ms: CUDA events, median, warm L2",
                "flops": "selected blocks: 4*D per causal (q, k) pair inside them; cuDNN: causal triangle"}
     hub = load_hub()
