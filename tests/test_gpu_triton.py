@@ -27,7 +27,9 @@ def _exec_or_skip():
     return ex
 
 
-def _random_plan(B, Hq, Lq, Lk, bs, off, density, gen):
+def _random_plan(B, Hq, Lq, Lk, bs, off, density, gen, empty=0.0):
+    """Random block plan; every row keeps its diagonal and first block, then a fraction ``empty``
+    of the (batch, head, query block) rows is emptied (kv_counts 0)."""
     from stem.plan import BlockPlan
 
     qbo = off // bs
@@ -36,6 +38,8 @@ def _random_plan(B, Hq, Lq, Lk, bs, off, density, gen):
     mask = torch.rand(B, Hq, nQ, nK, generator=gen, device="cuda") < density
     mask[..., torch.arange(nQ), torch.arange(nQ) + qbo] = True
     mask[..., :1] = True
+    if empty:
+        mask &= ~(torch.rand(B, Hq, nQ, 1, generator=gen, device="cuda") < empty)
     return BlockPlan.from_dense_mask(mask, block_size=bs, q_len=Lq, kv_len=Lk, q_offset=off)
 
 
@@ -83,6 +87,48 @@ def test_executor_matches_float64_and_reference(D, dtype, group, Lq, Lk, seed):
     assert rel <= 1e-2, f"relative error vs reference executor {rel:.3e}"
     assert (lse.double() - lse64).abs().max().item() <= 1e-3
     assert (lse - ref_lse).abs().max().item() <= 1e-3
+
+
+# the default table's entries (pick_tiles) and the alternatives the benchmark's sweep runs
+TILE_CASES = [
+    (64, {}), (64, dict(block_m=128, block_n=64, num_warps=4, num_stages=3)),
+    (64, dict(block_m=128, block_n=128, num_warps=4, num_stages=3, tma_masked=True)),
+    (128, {}), (128, dict(block_m=128, block_n=128, num_warps=8, num_stages=3, tma_masked=True)),
+    (128, dict(block_m=128, block_n=64, num_warps=8, num_stages=2)),
+    (128, dict(block_m=64, block_n=64, num_warps=4, num_stages=2)),
+    (128, dict(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=False)),
+    (256, {}), (256, dict(block_m=64, block_n=64, num_warps=4, num_stages=2, tma_masked=True)),
+    (256, dict(block_m=128, block_n=32, num_warps=8, num_stages=3)),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("group", [1, 8])
+@pytest.mark.parametrize("D,tiles", TILE_CASES)
+def test_tile_configs_match_float64(D, tiles, group, seed):
+    """Each tile configuration against float64: bf16, odd lengths, queries in the middle of the keys
+    (Lq < Lk, q_offset), GQA 1/4/8, a fifth of the rows empty (output 0, LSE -inf), poisoned outputs."""
+    from stem_backends.reference import reference_attention
+
+    _exec_or_skip()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    B, Hkv, Lq, Lk, off = 1, 2, 1111, 2999, 1500
+    Hq = Hkv * group
+    q = torch.randn(B, Hq, Lq, D, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(B, Hkv, Lk, D, device="cuda", generator=gen).bfloat16()
+    v = torch.randn(B, Hkv, Lk, D, device="cuda", generator=gen).bfloat16()
+    plan = _random_plan(B, Hq, Lq, Lk, 128, off, 0.5, gen, empty=0.2)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = _poisoned_launch(q, k, v, plan, scale, True, **tiles)
+    torch.cuda.synchronize()
+    assert not out.isnan().any() and not lse.isnan().any(), "unwritten (NaN) outputs"
+    ref64, lse64 = reference_attention(q.double(), k.double(), v.double(), plan, scale, True)
+    rel = ((out.double() - ref64).norm() / ref64.norm()).item()
+    assert rel <= 1e-2, f"relative error vs float64 {rel:.3e}"
+    empty = (plan.kv_counts == 0).repeat_interleave(128, dim=-1)[..., off % 128: off % 128 + Lq]
+    assert empty.any() and (~empty).any()
+    assert (out[empty] == 0).all() and (lse[empty] == float("-inf")).all()
+    assert (lse[~empty].double() - lse64[~empty]).abs().max().item() <= 1e-3
 
 
 @needs_cuda

@@ -33,6 +33,12 @@ ATTN_CASES = {
     "fp32_dense_plan": (1, 2, 1, 64, 64, 16, 16, "float32", None, {"dense": True}),
     "fp32_tma_descriptors": (2, 4, 2, 50, 120, 16, 32, "float32", None, {"use_tma": True, "block_n": 16}),
     "bf16_tma_descriptors": (1, 2, 1, 33, 99, 16, 16, "bfloat16", 40, {"use_tma": True}),
+    # masked (diagonal) tiles through the descriptors too: the last tile of each head runs past Lk
+    # into the next head's rows (or the zero fill at the end), which the causal mask must drop
+    "bf16_tma_masked_odd": (2, 4, 2, 45, 99, 16, 16, "bfloat16", 30, {"use_tma": True, "tma_masked": True}),
+    "fp32_tma_masked_subtiles": (1, 4, 1, 70, 130, 16, 32, "float32", None,
+                                 {"use_tma": True, "tma_masked": True, "block_n": 16, "maxnreg": 128}),
+    "fp32_negative_scale": (1, 2, 2, 50, 50, 16, 16, "float32", None, {"scale": -0.2}),  # scale not folded
 }
 # packed batches: name -> (per-sequence (len_q, len_k), Hq, Hkv, D, block_size, dtype)
 VARLEN_CASES = {
@@ -74,7 +80,7 @@ def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, extra, seed):
     off = Lk - Lq if q_offset is None else q_offset
     extra = dict(extra)
     plan = _random_plan(B, Hq, Lq, Lk, bs, off, extra.pop("dense", False), gen)
-    scale = 1.0 / math.sqrt(D)
+    scale = extra.pop("scale", 1.0 / math.sqrt(D))
     out = torch.full_like(q, float("nan"))  # poisoned: unwritten rows stay NaN
     lse = torch.full(q.shape[:3], float("nan"))
     out, lse = run_block_sparse_attention(q, k, v, plan, scale, True, out=out, lse_out=lse, **extra)

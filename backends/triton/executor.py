@@ -71,7 +71,8 @@ def _work_order(plan):
 def run_block_sparse_attention(q, k, v, plan, scale: float, return_lse: bool = False, *,
                                schedule: str = DEFAULT_SCHEDULE, out=None, lse_out=None, **tiles):
     """Run ``plan`` with the Triton kernel: out (B, Hq, Lq, D) in q.dtype, lse float32 (B, Hq, Lq)
-    (natural log) or None. ``tiles`` may override block_m, block_n, num_warps, num_stages;
+    (natural log) or None. ``tiles`` may override the kernel configuration (use_tma, and
+    block_m, block_n, num_warps, num_stages, maxnreg, tma_masked: see ``pick_tiles``);
     ``out``/``lse_out`` are optional preallocated contiguous outputs (the tests poison them).
     Works on CUDA, and on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported."""
     why = check_inputs(q, k, v, plan)
