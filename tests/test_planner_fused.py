@@ -26,7 +26,8 @@ CASES = {
     "fp16_chunked_batch2": (2, 2, 1, 16 * 30, 16 * 100 + 3, 16, 16, 8, "float16", None, {}, None),
     "fp32_q_offset_middle": (1, 2, 2, 16 * 40, 16 * 120, 16, 16, 4, "float32", 16 * 50 + 7, {}, None),
     "fp32_chunks_of_one_pair": (2, 4, 2, 16 * 64, 16 * 64, 16, 16, 4, "float32", None, {}, 1),
-    "bf16_exact_ties": (1, 2, 1, 16 * 70, 16 * 70, 16, 16, 4, "bfloat16", None, {"ties": True, "value_weight": 0.0}, None),
+    "bf16_exact_ties": (1, 2, 1, 16 * 70, 16 * 70, 16, 16, 4, "bfloat16", None,
+                        {"ties": True, "value_weight": 0.0}, None),
     "fp32_no_sinks_wide_window": (1, 2, 1, 32 * 60, 32 * 60, 8, 32, 8, "float32", None,
                                   {"sink_blocks": 0, "window_blocks": 7, "value_weight": 0.5}, None),
 }

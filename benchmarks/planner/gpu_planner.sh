@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The planner's GPU checks and benchmarks on one CUDA card, from the repository root:
+#   bash benchmarks/planner/gpu_planner.sh OUT_DIR [STEPS]
+# STEPS (default "test bench calibrate"): any of test (GPU planner tests), bench
+# (benchmarks.planner.bench_planner), calibrate (benchmarks.planner.calibrate_auto with the Triton
+# executor), hub (build the hub kernel, then calibrate with it and run bench again).
+set -u
+cd "$(dirname "$0")/../.."
+out=${1:?output folder}
+steps=${2:-"test bench calibrate"}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+for s in $steps; do
+  case $s in
+    test) timeout 300 python3 -m pytest -q -x -m gpu tests/test_gpu_planner_fused.py \
+            "tests/test_gpu_triton.py::test_planner_kernel_matches_torch" 2>&1 | tail -15 | tee "$out/test.log" ;;
+    bench) timeout 300 python3 -m benchmarks.planner.bench_planner --out "$out" 2>&1 | tail -60 ;;
+    calibrate) timeout 300 python3 -m benchmarks.planner.calibrate_auto --out "$out" --tag triton 2>&1 | tail -80 ;;
+    hub) timeout 200 python3 hub_kernels/build.py --jobs 16 > "$out/hub_build.log" 2>&1 || tail -20 "$out/hub_build.log"
+         export LOCAL_KERNELS=stem-attention/stem-attention=$PWD/hub_kernels/stem-attention
+         timeout 300 python3 -m benchmarks.planner.calibrate_auto --out "$out" --tag hub 2>&1 | tail -80 ;;
+  esac
+done
