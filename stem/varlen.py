@@ -63,7 +63,7 @@ def varlen_plan_shape(batch: int, heads: int, max_seqlen_q: int, max_seqlen_k: i
         return batch, heads, 0, 1
     nk = _cdiv(max_seqlen_k, bs)
     nq = min(_cdiv(max_seqlen_q, bs) + (max_seqlen_q % bs != 0 or max_seqlen_q < max_seqlen_k), nk)
-    if auto_dense and config.auto_dense_above <= 1.0:
+    if auto_dense and (config.auto_dense_above is None or config.auto_dense_above <= 1.0):
         return batch, heads, nq, nk
     return batch, heads, nq, _width_bound(nk, config)
 

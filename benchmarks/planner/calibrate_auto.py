@@ -61,6 +61,23 @@ def _measure(Hq: int, Hkv: int, L: int, D: int, cfg, reps: int) -> dict:
     return row
 
 
+def write_table(table: dict) -> None:
+    """Replace the ``_CROSSOVER = ...`` line of stem/api.py with ``table`` merged into it."""
+    import stem.api
+
+    merged = {ex: dict(rows) for ex, rows in stem.api._CROSSOVER.items()}
+    for ex, rows in table.items():
+        merged.setdefault(ex, {}).update({tuple(int(x) for x in key.split(",")): val for key, val in rows.items()})
+    path = stem.api.__file__
+    lines = open(path).read().split("\n")
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("_CROSSOVER = "))
+    body = {ex: dict(sorted(rows.items())) for ex, rows in sorted(merged.items())}
+    lines[at] = f"_CROSSOVER = {body!r}  # noqa: E501"
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print(lines[at])
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -75,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--gqa", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
     p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--write-table", action="store_true",
+                   help="write the measured crossovers into stem/api.py's _CROSSOVER (other executors' rows kept)")
     args = p.parse_args(argv)
     cfg = stem.StemConfig()
     rows, table = [], {}
@@ -102,6 +121,8 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print("crossover density (auto runs dense above it):", json.dumps(table))
+    if args.write_table:
+        write_table(table)
     print(f"-> {path}")
     return 0
 
