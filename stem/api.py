@@ -185,10 +185,11 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
     global _last
     dense_why = None
     config = StemConfig() if config is None else config
-    if plan is None and backend == "auto" and q.is_cuda:
-        dense_why = auto_dense_reason("cuda", q.shape[2], k.shape[2], config, q_offset, head_dim=q.shape[-1],
+    if plan is None and backend == "auto":
+        dense_why = auto_dense_reason(q.device.type, q.shape[2], k.shape[2], config, q_offset, head_dim=q.shape[-1],
                                       gqa=q.shape[1] // k.shape[1],
-                                      executor=sparse_executor(q.device, q.dtype, q.shape[-1], config, return_lse))
+                                      executor=sparse_executor(q.device, q.dtype, q.shape[-1], config, return_lse)
+                                      if q.is_cuda else "triton")
         if dense_why is not None:
             # the plan only tells the dense executor "every causal block": a cached one costs no launch
             make = dense_plan if return_plan else cached_dense_plan
