@@ -12,10 +12,10 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 for s in $steps; do
   case $s in
-    test) timeout 80 python3 -m pytest -q -x -m gpu tests/test_gpu_planner_fused.py \
+    test) timeout ${TEST_TIMEOUT:-80} python3 -m pytest -q -x -m gpu tests/test_gpu_planner_fused.py \
             "tests/test_gpu_triton.py::test_planner_kernel_matches_torch" 2>&1 | tail -15 | tee "$out/test.log" ;;
-    bench) timeout 170 python3 -m benchmarks.planner.bench_planner --out "$out" --reps 5 ${BENCH_ARGS:-} 2>&1 | tail -60 ;;
-    calibrate) timeout 190 python3 -m benchmarks.planner.calibrate_auto --out "$out" --tag triton --reps 3 \
+    bench) timeout ${BENCH_TIMEOUT:-170} python3 -m benchmarks.planner.bench_planner --out "$out" --reps 5 ${BENCH_ARGS:-} 2>&1 | tail -60 ;;
+    calibrate) timeout ${CAL_TIMEOUT:-190} python3 -m benchmarks.planner.calibrate_auto --out "$out" --tag triton --reps 3 \
                  --lengths ${CAL_LENGTHS:-8192 12288 16384 20480 24576 32768} --write-table 2>&1 | tail -80
                cp stem/api.py "$out/api.py" ;;
     hub) timeout 200 python3 hub_kernels/build.py --jobs 16 > "$out/hub_build.log" 2>&1 || tail -20 "$out/hub_build.log"
