@@ -23,8 +23,10 @@ _warned: set[str] = set()
 
 # Budget density (stem.budget.min_density) above which backend="auto" runs dense SDPA, per sparse
 # executor and (head dim, GQA ratio): the crossover of sparse end to end (plan + executor) against
-# cuDNN SDPA measured on an NVIDIA H200, bf16, Hq 32, default StemConfig, 8K-64K tokens
-# (python -m benchmarks.planner.calibrate_auto; benchmarks/results/calibrate_auto_*.json).
+# dense SDPA (cuDNN first), bf16, Hq 32, default StemConfig, 8K-64K tokens, written by
+# `python -m benchmarks.planner.calibrate_auto --write-table` on the card it should serve. Until that
+# has run, every entry is 0.55: the crossover measured on an NVIDIA H200 for D 128, GQA 4 with the
+# earlier planner (benchmarks/NOTES.md).
 _CROSSOVER = {"triton": {(64, 1): 0.55, (64, 4): 0.55, (64, 8): 0.55, (128, 1): 0.55, (128, 4): 0.55, (128, 8): 0.55, (256, 1): 0.55, (256, 4): 0.55, (256, 8): 0.55}}  # noqa: E501
 
 
