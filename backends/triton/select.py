@@ -17,7 +17,7 @@ Stages (``stem.planner`` explains the factorised scoring):
 
 Scratch is bounded: the q sums and logits are made for a chunk of (batch, kv head) pairs at a
 time, as many as fit ``SCRATCH_BYTES`` beside the key sums (one chunk up to 64K tokens at
-B 1, Hq 32, Hkv 8, D 128; four at 128K). The per-row budgets are a host computation from shapes,
+B 1, Hq 32, Hkv 8, D 128: 118 MB there; four chunks at 128K: 101 MB). The per-row budgets are a host computation from shapes,
 copied to the device once per geometry and cached (so CUDA-graph capture after a warm-up call
 does no copy).
 """
@@ -38,7 +38,7 @@ from .block_pool import _launch_pool
 
 __all__ = ["plan_triton", "SCRATCH_BYTES"]
 
-SCRATCH_BYTES = 112 * 2**20  # q sums + logits of one chunk + key sums (the plan itself not counted)
+SCRATCH_BYTES = 120 * 2**20  # key sums, value maxima, bonus + one chunk's q sums and logits (not the plan)
 
 
 @triton.jit
@@ -177,10 +177,10 @@ def _keep_counts(config, n_total: int, qbo: int, nQ: int, nK: int, device) -> tu
     return hit
 
 
-def _chunk_pairs(pairs: int, G: int, nQ: int, nK: int, SD: int, scratch: int) -> int:
-    """(batch, kv head) pairs planned per chunk so that key sums + one chunk's q sums and logits
-    stay within ``scratch`` bytes (at least one pair)."""
-    fixed = pairs * nK * SD * 4 + pairs * nK * 4
+def _chunk_pairs(pairs: int, G: int, nQ: int, nK: int, SD: int, gpb: int, scratch: int) -> int:
+    """(batch, kv head) pairs planned per chunk so that the key sums, value maxima and bonus plus
+    one chunk's q sums and logits stay within ``scratch`` bytes (at least one pair)."""
+    fixed = pairs * nK * (SD + gpb + 1) * 4
     per_pair = G * nQ * (SD + nK) * 4
     return max(1, min(pairs, (scratch - fixed) // per_pair))
 
@@ -211,7 +211,7 @@ def plan_triton(q, k, v, config, q_offset: int, n_total: int, *, scratch_bytes: 
     counts = torch.empty(B, Hq, nQ, dtype=torch.int32, device=dev)
     indices = torch.empty(B, Hq, nQ, W, dtype=torch.int32, device=dev)
     scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
-    chunk = _chunk_pairs(pairs, G, nQ, nK, SD, SCRATCH_BYTES if scratch_bytes is None else scratch_bytes)
+    chunk = _chunk_pairs(pairs, G, nQ, nK, SD, gpb, SCRATCH_BYTES if scratch_bytes is None else scratch_bytes)
     front = q_offset - qbo * bs
     if B > 1 and q.stride(0) != Hq * q.stride(1):  # (batch, head) do not flatten into a view
         chunk = min(chunk, Hkv)  # then no chunk crosses a batch (chunks start at multiples of it)
@@ -221,7 +221,6 @@ def plan_triton(q, k, v, config, q_offset: int, n_total: int, *, scratch_bytes: 
     NKP = triton.next_power_of_2(nK)
     R = max(1, min(8, 4096 // NKP))
     nw_sel = 4 if NKP * R <= 4096 else 8
-    logits = None
     for p0 in range(0, pairs, chunk):
         pc = min(chunk, pairs - p0)
         # 1: q sums of the chunk's query heads (flattened heads p0*G .. (p0+pc)*G)
@@ -240,6 +239,7 @@ def plan_triton(q, k, v, config, q_offset: int, n_total: int, *, scratch_bytes: 
         if stages is not None:
             stages.setdefault("q_sum", []).append(q_sum)
             stages.setdefault("logits", []).append(logits)
+        q_sum = logits = None  # freed before the next chunk allocates its own (the scratch bound)
     if stages is not None:
         stages.update(k_sum=k_sum, v_max=vmax, bonus=bonus, keep=keep, chunk_pairs=chunk)
     return counts, indices
