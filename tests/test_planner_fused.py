@@ -65,6 +65,28 @@ def _check(B, Hq, Hkv, Lq, Lk, D, bs, S, dtype, q_offset, extra, scratch, seed):
         assert differ <= rows // 50, f"{differ} of {rows} rows differ from the float64 plan"
 
 
+def _check_bonus(seed):
+    """The bonus kernel with small chunks (several loop trips per pass) against the torch bonus."""
+    from stem_backends.triton import interpreter_compat
+    from stem_backends.triton.select import _bonus_kernel
+
+    from stem.config import StemConfig
+    from stem.planner import bonus_from_group_max
+
+    interpreter_compat()
+    gen = torch.Generator().manual_seed(seed)
+    cfg = StemConfig(block_size=16, stride=4, value_weight=0.3)
+    pairs, n_blocks, gpb = 3, 37, 4
+    for kv_len in (n_blocks * 16, n_blocks * 16 - 9, 3):
+        vmax = torch.rand(pairs, n_blocks * gpb, generator=gen) * 5
+        n_valid = -(-kv_len // 4)
+        vmax[:, n_valid:] = 0.0
+        got = torch.full((pairs, n_blocks), float("nan"))
+        _bonus_kernel[(pairs,)](vmax, got, n_valid, n_blocks * gpb, n_blocks, 0.3, GPB=gpb, CHUNK=16, NB=8)
+        want = bonus_from_group_max(vmax[None], cfg, n_blocks, kv_len)[0]
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (kv_len, (got - want).abs().max())
+
+
 def _child_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     seed = int(os.environ["STEM_CHILD_SEED"])
@@ -76,6 +98,11 @@ def _child_main() -> None:
             results[name] = None
         except Exception:
             results[name] = traceback.format_exc(limit=6)
+    try:
+        _check_bonus(seed)
+        results["bonus_multi_chunk"] = None
+    except Exception:
+        results["bonus_multi_chunk"] = traceback.format_exc(limit=6)
     print(json.dumps(results))
 
 
@@ -99,7 +126,7 @@ def _results(seed: int) -> dict:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, "bonus_multi_chunk"])
 def test_triton_planner_matches_float64_planner(case, seed):
     err = _results(seed)[case]
     assert err is None, err

@@ -16,10 +16,10 @@ Stages (``stem.planner`` explains the factorised scoring):
    CSR row and its count, padding zeroed.
 
 Scratch is bounded: the q sums and logits are made for a chunk of (batch, kv head) pairs at a
-time, as many as fit ``SCRATCH_BYTES`` beside the key sums (one chunk up to 64K tokens at
-B 1, Hq 32, Hkv 8, D 128: 118 MB there; four chunks at 128K: 101 MB). The per-row budgets are a host computation from shapes,
-copied to the device once per geometry and cached (so CUDA-graph capture after a warm-up call
-does no copy).
+time, as many as fit ``SCRATCH_BYTES`` beside the key sums (B 1, Hq 32, Hkv 8, D 128: one chunk up
+to 64K tokens, 112 MB there; four chunks at 128K, 97 MB). The per-row budgets are a host
+computation from shapes, copied to the device once per geometry and cached (so CUDA-graph capture
+after a warm-up call does no copy).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def plan_triton(q, k, v, config, q_offset: int, n_total: int, *, scratch_bytes: 
     bonus = torch.empty(pairs, nK, dtype=torch.float32, device=dev)
     gpb = bs // S
     _bonus_kernel[(pairs,)](vmax, bonus, -(-Lk // S), nK * gpb, nK, float(config.value_weight),
-                            GPB=gpb, CHUNK=1024, NB=max(1, 1024 // gpb), num_warps=4)
+                            GPB=gpb, CHUNK=4096, NB=max(1, 4096 // gpb), num_warps=8)
     counts = torch.empty(B, Hq, nQ, dtype=torch.int32, device=dev)
     indices = torch.empty(B, Hq, nQ, W, dtype=torch.int32, device=dev)
     scale = 1.0 / (math.sqrt(D) * S * config.norm) / (bs // S) ** 2
