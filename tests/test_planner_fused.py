@@ -26,6 +26,7 @@ CASES = {
     "fp16_chunked_batch2": (2, 2, 1, 16 * 30, 16 * 100 + 3, 16, 16, 8, "float16", None, {}, None),
     "fp32_q_offset_middle": (1, 2, 2, 16 * 40, 16 * 120, 16, 16, 4, "float32", 16 * 50 + 7, {}, None),
     "fp32_chunks_of_one_pair": (2, 4, 2, 16 * 64, 16 * 64, 16, 16, 4, "float32", None, {}, 1),
+    "fp32_batch2_blhd_layout": (2, 4, 2, 16 * 64 + 3, 16 * 64 + 3, 16, 16, 4, "float32", None, {"blhd": True}, None),
     "bf16_exact_ties": (1, 2, 1, 16 * 70, 16 * 70, 16, 16, 4, "bfloat16", None,
                         {"ties": True, "value_weight": 0.0}, None),
     "fp32_no_sinks_wide_window": (1, 2, 1, 32 * 60, 32 * 60, 8, 32, 8, "float32", None,
@@ -52,6 +53,8 @@ def _check(B, Hq, Hkv, Lq, Lk, D, bs, S, dtype, q_offset, extra, scratch, seed):
         n_blocks = -(-Lk // bs)
         mult = torch.tensor([3.0 if j < 4 else 1.0 + j % 2 for j in range(n_blocks)]).repeat_interleave(bs)[:Lk]
         k = (k[:, :, :S].float().repeat(1, 1, bs * n_blocks // S, 1)[:, :, :Lk] * mult[:, None]).to(dt)
+    if extra.pop("blhd", False):  # (B, L, H, D) storage seen through a transpose: (batch, head) do not flatten
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     cfg = StemConfig(block_size=bs, stride=S, **extra)
     off = Lk - Lq if q_offset is None else q_offset
     n_total = -(-Lk // bs)
