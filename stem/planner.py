@@ -316,18 +316,16 @@ def cached_dense_plan(
     batch: int, heads: int, q_len: int, kv_len: int, block_size: int, device, config: StemConfig | None = None,
     q_offset: int | None = None,
 ) -> BlockPlan:
-    """:func:`dense_plan`, its tensors cached per geometry and device (no launch after the first
-    call). For plans that stay internal (the dense shortcut of ``stem.attention``): a caller that
-    hands the plan out must make a fresh one, or in-place edits would reach the cache."""
-    key = (batch, heads, q_len, kv_len, block_size, str(device), q_offset)
+    """:func:`dense_plan`, cached per geometry, device and config (no launch and no object after
+    the first call). For plans that stay internal (the dense shortcut of ``stem.attention``): a
+    caller that hands the plan out must make a fresh one, or in-place edits would reach the cache."""
+    key = (batch, heads, q_len, kv_len, block_size, str(device), q_offset, config)
     hit = _DENSE_CACHE.get(key)
     if hit is None:
         if len(_DENSE_CACHE) >= 8:
             _DENSE_CACHE.clear()
-        p = dense_plan(batch, heads, q_len, kv_len, block_size, device, None, q_offset)
-        hit = _DENSE_CACHE[key] = (p.kv_counts, p.kv_indices, p.q_offset)
-    counts, indices, off = hit
-    return BlockPlan(counts, indices, block_size, q_len, kv_len, config, dense=True, q_offset=off, _trusted=True)
+        hit = _DENSE_CACHE[key] = dense_plan(batch, heads, q_len, kv_len, block_size, device, config, q_offset)
+    return hit
 
 
 def plan(
