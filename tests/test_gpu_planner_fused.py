@@ -35,7 +35,8 @@ def test_plan_matches_float64_planner(gen, B, Hq, Hkv, Lq, Lk, D, dtype, q_offse
     cfg = stem.StemConfig()
     plan = stem.plan(q, k, v, cfg, q_offset=q_offset)
     assert not plan.dense
-    rows, differ, bad = plan_mismatches(plan.kv_counts, plan.kv_indices, q, k, v, cfg, q_offset)
+    # 3xTF32 sums of 1024-term products: about 1e-5 of the row's largest logit (float32 GEMMs: ~1e-6)
+    rows, differ, bad = plan_mismatches(plan.kv_counts, plan.kv_indices, q, k, v, cfg, q_offset, rel_tol=1e-4)
     assert not bad, f"{len(bad)} of {rows} rows break the selection rule, e.g. {bad[:3]}"
     assert differ <= max(2, rows // 200), f"{differ} of {rows} rows differ from the float64 plan"
 
@@ -52,7 +53,7 @@ def test_chunked_scratch_gives_the_same_plan(gen):
     assert stages["chunk_pairs"] == 1
     c1, i1 = plan_triton(q, k, v, cfg, 0, n)
     assert torch.equal(counts, c1) and torch.equal(indices, i1)
-    rows, differ, bad = plan_mismatches(counts, indices, q, k, v, cfg)
+    rows, differ, bad = plan_mismatches(counts, indices, q, k, v, cfg, rel_tol=1e-4)
     assert not bad, bad[:3]
 
 
