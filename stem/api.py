@@ -11,7 +11,7 @@ from .budget import is_dense_budget, min_density
 from .config import StemConfig
 from .dispatch import DispatchKey, resolve
 from .plan import BlockPlan
-from .planner import dense_plan, plan_validated
+from .planner import cached_dense_plan, dense_plan, plan_validated
 from .validation import on_device, pack_result, requires_grad, validate_plan, validate_qkv, validate_scalars
 
 __all__ = ["attention"]
@@ -21,11 +21,46 @@ _last: str | None = None  # the last call's executor and why (see last_dispatch)
 _warned: set[str] = set()
 
 
+# Budget density (stem.budget.min_density) above which backend="auto" runs dense SDPA, per sparse
+# executor and (head dim, GQA ratio): the crossover of sparse end to end (plan + executor) against
+# dense SDPA (cuDNN first), bf16, Hq 32, default StemConfig, 8K-64K tokens, written by
+# `python -m benchmarks.planner.calibrate_auto --write-table` on the card it should serve. Until that
+# has run, every entry is 0.55: the crossover measured on an NVIDIA H200 for D 128, GQA 4 with the
+# earlier planner (benchmarks/NOTES.md).
+_CROSSOVER = {"triton": {(64, 1): 0.55, (64, 4): 0.55, (64, 8): 0.55, (128, 1): 0.55, (128, 4): 0.55, (128, 8): 0.55, (256, 1): 0.55, (256, 4): 0.55, (256, 8): 0.55}}  # noqa: E501
+
+
+def auto_dense_threshold(executor: str, head_dim: int, gqa: int) -> float:
+    """The measured crossover density for ``executor`` (an executor without its own row uses the
+    Triton executor's) at the nearest calibrated head dim and GQA ratio (by ratio)."""
+    table = _CROSSOVER.get(executor) or _CROSSOVER["triton"]
+    lg = math.log2
+
+    def near(x, options):
+        return min(options, key=lambda o: (abs(lg(max(x, 1)) - lg(o)), o))
+
+    d = near(head_dim, sorted({k[0] for k in table}))
+    g = near(gqa, sorted({k[1] for k in table if k[0] == d}))
+    return table[(d, g)]
+
+
+def sparse_executor(device, dtype, head_dim: int, config: StemConfig, need_lse: bool) -> str:
+    """Name of the executor ``backend="auto"`` runs a sparse plan with ("triton" when none can:
+    the sparse path then raises its own error)."""
+    try:
+        return resolve("auto", DispatchKey(device, dtype, int(head_dim), config.block_size, False, need_lse))[0].name
+    except RuntimeError:
+        return "triton"
+
+
 def auto_dense_reason(
-    device_type: str, Lq: int, Lk: int, config: StemConfig, q_offset: int | None = None
+    device_type: str, Lq: int, Lk: int, config: StemConfig, q_offset: int | None = None, *,
+    head_dim: int = 128, gqa: int = 4, executor: str = "triton",
 ) -> str | None:
-    """Why ``backend="auto"`` runs dense attention without planning, or None (host arithmetic only):
-    on CUDA, when the budgets alone keep at least ``config.auto_dense_above`` of the causal blocks."""
+    """Why ``backend="auto"`` runs dense attention without planning, or None (host arithmetic only,
+    from shapes and the config): on CUDA, when the budgets alone keep at least
+    ``config.auto_dense_above`` of the causal blocks, or by default the crossover measured for the
+    sparse ``executor`` that auto would run, ``head_dim`` and ``gqa`` (Hq / Hkv)."""
     if device_type != "cuda" or config.dense:
         return None
     bs = config.block_size
@@ -34,10 +69,14 @@ def auto_dense_reason(
         return None  # the planner returns a dense plan by itself
     off = Lk - Lq if q_offset is None else q_offset
     d = min_density(n, config.alpha, config.k_rate, config.k_bias, off // bs, (off + Lq - 1) // bs + 1)
-    if d < config.auto_dense_above:
+    if config.auto_dense_above is not None:
+        limit, what = config.auto_dense_above, f"StemConfig.auto_dense_above={config.auto_dense_above}"
+    else:
+        limit = auto_dense_threshold(executor, head_dim, gqa)
+        what = f"{limit:.3f}, the crossover measured for {executor} at head dim {head_dim}, GQA {gqa}"
+    if d < limit:
         return None
-    return (f"budgets keep >= {d:.2f} of the causal blocks at {n} blocks (>= StemConfig.auto_dense_above="
-            f"{config.auto_dense_above}): dense attention is faster here and exact")
+    return f"budgets keep >= {d:.2f} of the causal blocks at {n} blocks (>= {what}): dense attention is faster here"
 
 
 def last_dispatch() -> str | None:
@@ -118,7 +157,8 @@ def _attention_traced(q, k, v, config, plan, backend, scale, return_plan, return
     Lq, D, Lk = q.shape[2], q.shape[3], k.shape[2]
     off = Lk - Lq if q_offset is None else q_offset
     fields = config_fields(config)
-    name, dense, differentiable, _ = decide(backend, q.device, q.dtype, D, Lq, Lk, q_offset, fields, return_lse)
+    name, dense, differentiable, _ = decide(backend, q.device, q.dtype, D, Lq, Lk, q_offset, fields, return_lse,
+                                            q.shape[1] // k.shape[1])
     if requires_grad(q, k, v):
         raise RuntimeError("stem.attention is forward-only inside torch.compile (its ops have no backward): run the "
                            "compiled prefill under torch.no_grad() or torch.inference_mode()")
@@ -148,10 +188,15 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
     dense_why = None
     config = StemConfig() if config is None else config
     if plan is None and backend == "auto":
-        dense_why = auto_dense_reason(q.device.type, q.shape[2], k.shape[2], config, q_offset)
+        dense_why = auto_dense_reason(q.device.type, q.shape[2], k.shape[2], config, q_offset, head_dim=q.shape[-1],
+                                      gqa=q.shape[1] // k.shape[1],
+                                      executor=sparse_executor(q.device, q.dtype, q.shape[-1], config, return_lse)
+                                      if q.is_cuda else "triton")
         if dense_why is not None:
-            plan = dense_plan(q.shape[0], q.shape[1], q.shape[2], k.shape[2], config.block_size, q.device, config,
-                              q_offset)
+            # the plan only tells the dense executor "every causal block": a cached one costs no launch
+            make = dense_plan if return_plan else cached_dense_plan
+            plan = make(q.shape[0], q.shape[1], q.shape[2], k.shape[2], config.block_size, q.device, config,
+                        q_offset)
     if plan is None:
         plan = plan_validated(q, k, v, config, q_offset=q_offset)
     else:

@@ -218,7 +218,8 @@ def _info(args) -> int:
     while auto_dense_reason("cuda", n * cfg.block_size, n * cfg.block_size, cfg) is not None:
         n += 1
     print(f"  on CUDA, prefill shorter than {n * cfg.block_size} tokens runs dense SDPA without planning: the budgets "
-          f"keep >= {cfg.auto_dense_above} of the causal blocks there (StemConfig.auto_dense_above)")
+          f"keep >= {stem.api.auto_dense_threshold('triton', 128, 4)} of the causal blocks there (the crossover "
+          f"measured for the Triton executor at head dim 128, GQA 4; StemConfig.auto_dense_above overrides it)")
     return 0
 
 

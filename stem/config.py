@@ -28,9 +28,10 @@ class StemConfig:
         norm: extra divisor of the score scale ``1 / (sqrt(D) * S * norm)``.
         dense: keep every causal block (a dense layer).
         auto_dense_above: ``backend="auto"`` on CUDA runs exact dense attention instead of
-            planning when the budgets alone keep at least this fraction of the causal blocks (there
-            the sparse path cannot beat a dense kernel; 0.55 is the crossover measured on an H200,
-            see benchmarks/NOTES.md). It never changes a plan; values above 1 switch it off.
+            planning when the budgets alone keep at least this fraction of the causal blocks.
+            None (default): the crossover measured per sparse executor, head dim and GQA ratio
+            (``stem.api.auto_dense_threshold``). It never changes a plan; values above 1 switch it
+            off.
         ranking: the score that ranks key blocks inside each query block's budget. ``"stem"``
             (default): the paper's output-aware metric. Opt-in, not in the paper (see
             ``stem.ranking``): ``"sampled_mass"``, the exact softmax mass that 4 sampled query
@@ -49,7 +50,7 @@ class StemConfig:
     value_weight: float = 0.2
     norm: float = 1.0
     dense: bool = False
-    auto_dense_above: float = 0.55
+    auto_dense_above: float | None = None
     ranking: str = "stem"
 
     def __post_init__(self) -> None:
@@ -59,6 +60,8 @@ class StemConfig:
                 raise TypeError(f"StemConfig.{name} must be an int, got {type(val).__name__} ({val!r})")
         for name in ("alpha", "k_rate", "value_weight", "norm", "auto_dense_above"):
             val = getattr(self, name)
+            if val is None and name == "auto_dense_above":
+                continue
             if isinstance(val, bool) or not isinstance(val, (int, float)):
                 raise TypeError(f"StemConfig.{name} must be a float, got {type(val).__name__} ({val!r})")
             if not math.isfinite(val):
@@ -88,7 +91,7 @@ class StemConfig:
             raise ValueError(f"StemConfig.value_weight must be >= 0, got {self.value_weight}")
         if self.norm <= 0:
             raise ValueError(f"StemConfig.norm must be > 0, got {self.norm}")
-        if self.auto_dense_above <= 0:
+        if self.auto_dense_above is not None and self.auto_dense_above <= 0:
             raise ValueError(f"StemConfig.auto_dense_above must be > 0 (above 1 switches it off), got "
                              f"{self.auto_dense_above}")
 

@@ -38,7 +38,7 @@ __all__ = [
     "plan", "PooledStats", "pool", "pool_torch", "register_pooling", "poolings", "block_logits",
     "logits_from_stats", "select_blocks", "plan_from_stats", "dense_plan", "block_row_sums",
     "group_max_value_norms", "bonus_from_group_max", "register_varlen_pooling", "pool_varlen_torch",
-    "plan_varlen_batched", "plan_width",
+    "plan_varlen_batched", "plan_width", "register_planner",
 ]
 
 log = logging.getLogger("stem")
@@ -72,6 +72,8 @@ class PooledStats:
 
 PoolFn = Callable[..., PooledStats]  # fn(q, k, v, config, q_offset) -> PooledStats
 _POOLINGS: dict[str, tuple[PoolFn, tuple[str, ...]]] = {}
+PlanFn = Callable[..., tuple]  # fn(q, k, v, config, q_offset, n_total) -> (kv_counts, kv_indices)
+_PLANNERS: dict[str, tuple[PlanFn, tuple[str, ...]]] = {}
 _PLUGINS_LOADED = False
 
 
@@ -83,6 +85,16 @@ def register_pooling(name: str, fn: PoolFn, device_types: tuple[str, ...] = ("cu
     kernel for the tensors' device type.
     """
     _POOLINGS[name] = (fn, tuple(device_types))
+
+
+def register_planner(name: str, fn: PlanFn, device_types: tuple[str, ...] = ("cuda",)) -> None:
+    """Register a whole-planner kernel under the pooling name ``name``: ``fn(q, k, v, config,
+    q_offset, n_total)`` returns int32 ``(kv_counts (B, Hq, nQ), kv_indices (B, Hq, nQ, W))`` equal
+    to the torch planner's plan up to float32 rounding (logits within float32 error of each other
+    may swap places at a row's budget boundary). It serves float16/bfloat16/float32 inputs and
+    the default ranking; ``pooling="auto"`` or ``pooling=name`` uses it (register the pooling
+    kernel of the same name too)."""
+    _PLANNERS[name] = (fn, tuple(device_types))
 
 
 def poolings() -> dict[str, tuple[PoolFn, tuple[str, ...]]]:
@@ -297,6 +309,25 @@ def dense_plan(
                      _trusted=True)
 
 
+_DENSE_CACHE: dict = {}
+
+
+def cached_dense_plan(
+    batch: int, heads: int, q_len: int, kv_len: int, block_size: int, device, config: StemConfig | None = None,
+    q_offset: int | None = None,
+) -> BlockPlan:
+    """:func:`dense_plan`, cached per geometry, device and config (no launch and no object after
+    the first call). For plans that stay internal (the dense shortcut of ``stem.attention``): a
+    caller that hands the plan out must make a fresh one, or in-place edits would reach the cache."""
+    key = (batch, heads, q_len, kv_len, block_size, str(device), q_offset, config)
+    hit = _DENSE_CACHE.get(key)
+    if hit is None:
+        if len(_DENSE_CACHE) >= 8:
+            _DENSE_CACHE.clear()
+        hit = _DENSE_CACHE[key] = dense_plan(batch, heads, q_len, kv_len, block_size, device, config, q_offset)
+    return hit
+
+
 def plan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -352,7 +383,23 @@ def plan_validated(q, k, v, config: StemConfig, *, q_offset: int | None = None, 
         if config.ranking != "stem":  # an opt-in ranking (stem/ranking.py): same budgets, other scores
             from .ranking import plan_ranked
             return plan_ranked(q, k, v, config, q_offset, n_total, "torch" if pooling == "torch" else "auto")
+        fused = _fused_planner(q, pooling)
+        if fused is not None:  # the whole planner in a few kernels (no logits -> torch.topk round trip)
+            counts, indices = fused(q, k, v, config, q_offset, n_total)
+            return BlockPlan(counts, indices, bs, Lq, Lk, config, dense=False, q_offset=q_offset, _trusted=True)
         return plan_from_stats(pool(q, k, v, config, q_offset, pooling), config, Lq, q_offset, n_total)
+
+
+def _fused_planner(q: torch.Tensor, pooling: str) -> PlanFn | None:
+    """The registered whole-planner kernel for ``pooling`` on q's device, or None (float64 input
+    keeps the torch planner: the kernels compute in float32)."""
+    if pooling == "torch" or q.dtype == torch.float64:
+        return None
+    poolings()  # loads the plugins (they register their planners)
+    if pooling == "auto":
+        return next((fn for fn, devs in _PLANNERS.values() if q.device.type in devs), None)
+    hit = _PLANNERS.get(pooling)
+    return hit[0] if hit is not None and q.device.type in hit[1] else None
 
 
 # ---- packed variable-length batches (stem.varlen) --------------------------------------------------

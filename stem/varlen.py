@@ -63,7 +63,7 @@ def varlen_plan_shape(batch: int, heads: int, max_seqlen_q: int, max_seqlen_k: i
         return batch, heads, 0, 1
     nk = _cdiv(max_seqlen_k, bs)
     nq = min(_cdiv(max_seqlen_q, bs) + (max_seqlen_q % bs != 0 or max_seqlen_q < max_seqlen_k), nk)
-    if auto_dense and config.auto_dense_above <= 1.0:
+    if auto_dense and (config.auto_dense_above is None or config.auto_dense_above <= 1.0):
         return batch, heads, nq, nk
     return batch, heads, nq, _width_bound(nk, config)
 
@@ -400,7 +400,8 @@ def _seq_view(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return x[a:b].transpose(0, 1).unsqueeze(0)
 
 
-def _dense_seq(lq: int, lk: int, config: StemConfig, device_type: str, auto_dense: bool) -> bool:
+def _dense_seq(lq: int, lk: int, config: StemConfig, device_type: str, auto_dense: bool, head_dim: int = 128,
+               gqa: int = 4) -> bool:
     """Whether a sequence gets a dense plan: a dense config or budget, or (auto_dense) the auto
     shortcut of stem.attention on CUDA."""
     from .api import auto_dense_reason
@@ -408,7 +409,7 @@ def _dense_seq(lq: int, lk: int, config: StemConfig, device_type: str, auto_dens
     n = _cdiv(lk, config.block_size)
     if config.dense or is_dense_budget(n, config.k_rate, config.k_bias):
         return True
-    return auto_dense and auto_dense_reason(device_type, lq, lk, config) is not None
+    return auto_dense and auto_dense_reason(device_type, lq, lk, config, head_dim=head_dim, gqa=gqa) is not None
 
 
 def plan_varlen_rows(q, k, v, cu_q, lens, max_q: int, max_k: int, config: StemConfig, *, pooling: str = "auto",
@@ -424,7 +425,7 @@ def plan_varlen_rows(q, k, v, cu_q, lens, max_q: int, max_k: int, config: StemCo
     dev, bs = q.device, config.block_size
     auto_dense = auto_dense and dev.type == "cuda"  # the shortcut is a CUDA speed rule (see auto_dense_reason)
     _, _, nQ, W = varlen_plan_shape(B, Hq, max_q, max_k, config, auto_dense)
-    dense = [_dense_seq(lq, lk, config, dev.type, auto_dense) for lq, lk in lens]
+    dense = [_dense_seq(lq, lk, config, dev.type, auto_dense, q.shape[2], q.shape[1] // k.shape[1]) for lq, lk in lens]
     all_dense = all(dense)
     if impl == "auto":
         # an opt-in ranking (StemConfig.ranking) plans sequence by sequence: its scores need each

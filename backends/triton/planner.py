@@ -11,9 +11,9 @@ import warnings
 
 import torch
 
-from stem.planner import PooledStats, pool_torch, register_pooling, register_varlen_pooling
+from stem.planner import PooledStats, pool_torch, register_planner, register_pooling, register_varlen_pooling
 
-__all__ = ["register", "pool_triton", "pool_triton_varlen"]
+__all__ = ["register", "pool_triton", "pool_triton_varlen", "plan_triton"]
 
 
 def pool_triton(q, k, v, config, q_offset) -> PooledStats:
@@ -36,6 +36,14 @@ def pool_triton_varlen(q, k, v, seqs, nQ, nK, config):
     return pooled_block_sums_varlen(q, k, v, seqs, nQ, nK, config.block_size, config.stride)
 
 
+def plan_triton(q, k, v, config, q_offset, n_total):
+    """int32 ``(kv_counts, kv_indices)`` of the plan from the Triton planner kernels
+    (``select.plan_triton``: pooling, bonus, logits, selection; no host synchronisation)."""
+    from stem_backends.triton.select import plan_triton as run
+
+    return run(q, k, v, config, q_offset, n_total)
+
+
 def register() -> None:
     """Register ``pool_triton`` for CUDA tensors, or warn why not."""
     if importlib.util.find_spec("triton") is None:
@@ -48,4 +56,5 @@ def register() -> None:
             )
         return
     register_pooling("triton", pool_triton, ("cuda",))
+    register_planner("triton", plan_triton, ("cuda",))
     register_varlen_pooling("triton", pool_triton_varlen, ("cuda",))
