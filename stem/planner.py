@@ -92,8 +92,10 @@ def register_planner(name: str, fn: PlanFn, device_types: tuple[str, ...] = ("cu
     q_offset, n_total)`` returns int32 ``(kv_counts (B, Hq, nQ), kv_indices (B, Hq, nQ, W))`` equal
     to the torch planner's plan up to float32 rounding (logits within float32 error of each other
     may swap places at a row's budget boundary). It serves float16/bfloat16/float32 inputs and
-    the default ranking; ``pooling="auto"`` or ``pooling=name`` uses it (register the pooling
-    kernel of the same name too)."""
+    the default ranking; ``pooling=name`` uses it (register the pooling kernel of the same name
+    too). ``pooling="auto"`` does not: a whole-planner kernel is opt-in, and the first-party one
+    (``pooling="triton"``) has so far been checked under the Triton interpreter only
+    (benchmarks/NOTES.md)."""
     _PLANNERS[name] = (fn, tuple(device_types))
 
 
@@ -349,7 +351,9 @@ def plan(
             equals those rows of the plan for the whole sequence.
         pooling: the kernel that computes the planner's :class:`PooledStats`: "auto" (an
             accelerated kernel where one is registered for the device, else torch), "torch", or
-            a registered name (see :func:`poolings`).
+            a registered name (see :func:`poolings`). A name with a whole-planner kernel
+            (:func:`register_planner`) runs that instead: on CUDA, ``"triton"`` plans in four
+            Triton kernels with no host synchronisation (opt-in; same plan up to near-ties).
 
     Returns:
         BlockPlan on q's device with int32 kv_counts (B, Hq, nQ), kv_indices (B, Hq, nQ, W).
@@ -393,11 +397,9 @@ def plan_validated(q, k, v, config: StemConfig, *, q_offset: int | None = None, 
 def _fused_planner(q: torch.Tensor, pooling: str) -> PlanFn | None:
     """The registered whole-planner kernel for ``pooling`` on q's device, or None (float64 input
     keeps the torch planner: the kernels compute in float32)."""
-    if pooling == "torch" or q.dtype == torch.float64:
-        return None
+    if pooling in ("torch", "auto") or q.dtype == torch.float64:
+        return None  # "auto": opt-in only (see register_planner)
     poolings()  # loads the plugins (they register their planners)
-    if pooling == "auto":
-        return next((fn for fn, devs in _PLANNERS.values() if q.device.type in devs), None)
     hit = _PLANNERS.get(pooling)
     return hit[0] if hit is not None and q.device.type in hit[1] else None
 

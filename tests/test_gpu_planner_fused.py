@@ -1,4 +1,4 @@
-"""The Triton planner (backends/triton/select.py, what ``stem.plan`` runs on CUDA) against the float64
+"""The Triton planner (backends/triton/select.py, ``stem.plan(..., pooling="triton")`` on CUDA) against the float64
 CPU planner: the same plan up to near ties at a row's budget boundary (tests/plan_compare.py
 states the rule). Also: no host synchronisation, CUDA-graph capture, bounded scratch."""
 
@@ -33,7 +33,7 @@ def _qkv(B, Hq, Hkv, Lq, Lk, D, dtype, gen, layout="bhld"):
 def test_plan_matches_float64_planner(gen, B, Hq, Hkv, Lq, Lk, D, dtype, q_offset, layout):
     q, k, v = _qkv(B, Hq, Hkv, Lq, Lk, D, dtype, gen, layout)
     cfg = stem.StemConfig()
-    plan = stem.plan(q, k, v, cfg, q_offset=q_offset)
+    plan = stem.plan(q, k, v, cfg, q_offset=q_offset, pooling="triton")
     assert not plan.dense
     # 3xTF32 sums of 1024-term products: about 1e-5 of the row's largest logit (float32 GEMMs: ~1e-6)
     rows, differ, bad = plan_mismatches(plan.kv_counts, plan.kv_indices, q, k, v, cfg, q_offset, rel_tol=1e-4)
@@ -60,38 +60,38 @@ def test_chunked_scratch_gives_the_same_plan(gen):
 def test_plan_makes_no_host_sync_and_captures_in_a_cuda_graph(gen):
     q, k, v = _qkv(1, 8, 2, 30000, 30000, 128, torch.bfloat16, gen)
     cfg = stem.StemConfig()
-    want = stem.plan(q, k, v, cfg)  # warm-up: compiles the kernels, caches the budgets on the device
+    want = stem.plan(q, k, v, cfg, pooling="triton")  # warm-up: compiles the kernels, caches the budgets on the device
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        stem.plan(q, k, v, cfg)
+        stem.plan(q, k, v, cfg, pooling="triton")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        stem.plan(q, k, v, cfg)
+        stem.plan(q, k, v, cfg, pooling="triton")
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        got = stem.plan(q, k, v, cfg)
+        got = stem.plan(q, k, v, cfg, pooling="triton")
     q2, k2, v2 = _qkv(1, 8, 2, 30000, 30000, 128, torch.bfloat16, gen)
     q.copy_(q2), k.copy_(k2), v.copy_(v2)
     got.kv_indices.fill_(-1), got.kv_counts.fill_(-1)
     graph.replay()
     torch.cuda.synchronize()
-    want = stem.plan(q, k, v, cfg)
+    want = stem.plan(q, k, v, cfg, pooling="triton")
     assert torch.equal(got.kv_counts, want.kv_counts) and torch.equal(got.kv_indices, want.kv_indices)
 
 
 def test_scratch_stays_bounded():
     B, Hq, Hkv, L, D = 1, 32, 8, 65536, 128
     q, k, v = (torch.randn(B, h, L, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
-    stem.plan(q, k, v)
+    stem.plan(q, k, v, pooling="triton")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    plan = stem.plan(q, k, v)
+    plan = stem.plan(q, k, v, pooling="triton")
     torch.cuda.synchronize()
     out_bytes = plan.kv_counts.numel() * 4 + plan.kv_indices.numel() * 4
     extra = torch.cuda.max_memory_allocated() - base - out_bytes

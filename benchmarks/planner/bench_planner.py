@@ -96,18 +96,18 @@ def bench_case(B, Hq, Hkv, L, D, reps) -> dict:
     row["before"] = old
 
     new = {}
-    new["total_ms"] = time_ms(lambda: stem.plan(q, k, v, cfg), reps)
-    new["host_ms"] = _host_ms(lambda: stem.plan(q, k, v, cfg))
+    new["total_ms"] = time_ms(lambda: stem.plan(q, k, v, cfg, pooling="triton"), reps)
+    new["host_ms"] = _host_ms(lambda: stem.plan(q, k, v, cfg, pooling="triton"))
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    plan = stem.plan(q, k, v, cfg)
+    plan = stem.plan(q, k, v, cfg, pooling="triton")
     torch.cuda.synchronize()
     out_mb = (plan.kv_counts.numel() + plan.kv_indices.numel()) * 4 / 2**20
     new["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     new["plan_mb"] = out_mb
     new["scratch_mb"] = new["peak_extra_mb"] - out_mb
-    new["kernels_ms"] = _kernel_times(lambda: stem.plan(q, k, v, cfg))
+    new["kernels_ms"] = _kernel_times(lambda: stem.plan(q, k, v, cfg, pooling="triton"))
     new["device_ms"] = sum(new["kernels_ms"].values())
     row["after"] = new
     a, b = plan.to_dense_mask(), ref.to_dense_mask()
