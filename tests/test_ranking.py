@@ -19,16 +19,23 @@ from stem.ranking import qmean_lse_scores, sampled_mass_scores
 RANKED = stem.StemConfig(block_size=16, stride=4, ranking="qmean_lse")
 
 
+def _literal_geometry(q, k, bs, q_offset):
+    """First absolute query block, query and key block counts, and a float64 -inf score tensor
+    (B, Hq, nQ, nK) for the literal references below."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    qbo = q_offset // bs
+    nQ = (q_offset + Lq - 1) // bs - qbo + 1
+    nK = math.ceil(Lk / bs)
+    return qbo, nQ, nK, torch.full((q.shape[0], q.shape[1], nQ, nK), float("-inf"), dtype=torch.float64)
+
+
 def literal_scores(q, k, bs, q_offset):
     """float64 loops: mean of each query block's rows, log-sum-exp of its scaled scores over the
     keys of each causal key block."""
     q, k = q.double(), k.double()
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    qbo = q_offset // bs
-    nQ = (q_offset + Lq - 1) // bs - qbo + 1
-    nK = math.ceil(Lk / bs)
-    out = torch.full((B, Hq, nQ, nK), float("-inf"), dtype=torch.float64)
+    qbo, nQ, nK, out = _literal_geometry(q, k, bs, q_offset)
     for b in range(B):
         for h in range(Hq):
             kh = k[b, h // (Hq // Hkv)]
@@ -47,11 +54,8 @@ def literal_sampled_mass(q, k, bs, q_offset, n=4):
     rows), each row's causal softmax, mass per key block, mean over the rows."""
     q, k = q.double(), k.double()
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    qbo = q_offset // bs
-    nQ = (q_offset + Lq - 1) // bs - qbo + 1
-    nK = math.ceil(Lk / bs)
-    out = torch.full((B, Hq, nQ, nK), float("-inf"), dtype=torch.float64)
+    Hkv = k.shape[1]
+    qbo, nQ, nK, out = _literal_geometry(q, k, bs, q_offset)
     for i in range(nQ):
         a = qbo + i
         lo, hi = max(a * bs, q_offset), min((a + 1) * bs, q_offset + Lq) - 1
