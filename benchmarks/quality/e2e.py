@@ -354,10 +354,13 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
            "backend": args.backend}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.part in ("layers", "kl"):
-        ids, sources = build_document(tok, args.length + args.doc_offset)
-        ids = ids[:, args.doc_offset:].to(args.device)
-        res["text_sources"] = sources
+        def document(offset: int) -> tuple[torch.Tensor, list[dict]]:
+            ids, sources = build_document(tok, args.length + offset)
+            return ids[:, offset:].to(args.device), sources
+
+        ids, res["text_sources"] = document(args.doc_offset)
         res["doc_offset"] = args.doc_offset
         if args.part == "layers":
             qkv, _ = capture_qkv(model, ids)
@@ -368,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             for d in range(args.docs):
                 offset = args.doc_offset + d * args.length
                 if d:
-                    ids, sources = build_document(tok, args.length + offset)
-                    ids = ids[:, offset:].to(args.device)
+                    ids, _ = document(offset)
                 dense, _ = forward_logits(model, ids, "dense", cfg, args.last, args.backend)
                 targets = ids[0, -args.last + 1:]
                 doc = {"doc_offset": offset, "kl": {}}
@@ -396,7 +398,6 @@ def main(argv: list[str] | None = None) -> int:
         res["passkey_style"] = args.passkey_style
         res["passkey"] = {"records": recs, "summary": summarise_passkey(recs), "needle": NEEDLE, "question": QUESTION}
     res["seconds"] = time.time() - t0
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"quality_e2e_{args.part}_{args.model}_{args.length // 1024}k{args.tag}.json"
     path.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {path} ({res['seconds']:.0f} s)")
