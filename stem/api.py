@@ -23,11 +23,12 @@ _warned: set[str] = set()
 
 # Budget density (stem.budget.min_density) above which backend="auto" runs dense SDPA, per sparse
 # executor and (head dim, GQA ratio): the crossover of sparse end to end (plan + executor) against
-# dense SDPA (cuDNN first), bf16, Hq 32, default StemConfig, 8K-64K tokens, written by
-# `python -m benchmarks.planner.calibrate_auto --write-table` on the card it should serve. Until that
-# has run, every entry is 0.55: the crossover measured on an NVIDIA H200 for D 128, GQA 4 with the
-# earlier planner (benchmarks/NOTES.md).
-_CROSSOVER = {"triton": {(64, 1): 0.55, (64, 4): 0.55, (64, 8): 0.55, (128, 1): 0.55, (128, 4): 0.55, (128, 8): 0.55, (256, 1): 0.55, (256, 4): 0.55, (256, 8): 0.55}}  # noqa: E501
+# dense SDPA (cuDNN first), bf16, Hq 32, default StemConfig, written by
+# `python -m benchmarks.planner.calibrate_auto --write-table` on the card it should serve. These
+# rows were measured on an NVIDIA H200 (benchmarks/results/calibrate_auto_{hub,triton}_NVIDIA_H200.json):
+# the midpoint between the densities of the longest length where dense won and the shortest from
+# which sparse won (hub: 8K-32K tokens; Triton: 8K-64K).
+_CROSSOVER = {'hub': {(64, 1): 0.6371, (64, 4): 0.6371, (64, 8): 0.6371, (128, 1): 0.7432, (128, 4): 0.7432, (128, 8): 0.7432, (256, 1): 0.7432, (256, 4): 0.8087, (256, 8): 0.7432}, 'triton': {(64, 1): 0.7016, (64, 4): 0.7016, (64, 8): 0.7016, (128, 1): 0.4896, (128, 4): 0.7016, (128, 8): 0.7016, (256, 1): 0.4896, (256, 4): 0.7016, (256, 8): 0.7016}}  # noqa: E501
 
 
 def auto_dense_threshold(executor: str, head_dim: int, gqa: int) -> float:

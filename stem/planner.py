@@ -93,9 +93,8 @@ def register_planner(name: str, fn: PlanFn, device_types: tuple[str, ...] = ("cu
     to the torch planner's plan up to float32 rounding (logits within float32 error of each other
     may swap places at a row's budget boundary). It serves float16/bfloat16/float32 inputs and
     the default ranking; ``pooling=name`` uses it (register the pooling kernel of the same name
-    too). ``pooling="auto"`` does not: a whole-planner kernel is opt-in, and the first-party one
-    (``pooling="triton"``) has so far been checked under the Triton interpreter only
-    (benchmarks/NOTES.md)."""
+    too), and ``pooling="auto"`` uses the first one registered for the device (the first-party
+    ``"triton"`` planner on CUDA)."""
     _PLANNERS[name] = (fn, tuple(device_types))
 
 
@@ -352,8 +351,9 @@ def plan(
         pooling: the kernel that computes the planner's :class:`PooledStats`: "auto" (an
             accelerated kernel where one is registered for the device, else torch), "torch", or
             a registered name (see :func:`poolings`). A name with a whole-planner kernel
-            (:func:`register_planner`) runs that instead: on CUDA, ``"triton"`` plans in four
-            Triton kernels with no host synchronisation (opt-in; same plan up to near-ties).
+            (:func:`register_planner`) runs that instead; on CUDA, "auto" and ``"triton"`` plan
+            in four Triton kernels with no host synchronisation (the torch planner's plan up to
+            float32 near-ties at a row's budget boundary).
 
     Returns:
         BlockPlan on q's device with int32 kv_counts (B, Hq, nQ), kv_indices (B, Hq, nQ, W).
@@ -397,10 +397,13 @@ def plan_validated(q, k, v, config: StemConfig, *, q_offset: int | None = None, 
 def _fused_planner(q: torch.Tensor, pooling: str) -> PlanFn | None:
     """The registered whole-planner kernel for ``pooling`` on q's device, or None (float64 input
     keeps the torch planner: the kernels compute in float32)."""
-    if pooling in ("torch", "auto") or q.dtype == torch.float64:
-        return None  # "auto": opt-in only (see register_planner)
+    if pooling == "torch" or q.dtype == torch.float64:
+        return None
     poolings()  # loads the plugins (they register their planners)
-    hit = _PLANNERS.get(pooling)
+    if pooling == "auto":  # the first registered whole-planner kernel for q's device
+        hit = next((h for h in _PLANNERS.values() if q.device.type in h[1]), None)
+    else:
+        hit = _PLANNERS.get(pooling)
     return hit[0] if hit is not None and q.device.type in hit[1] else None
 
 

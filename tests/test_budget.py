@@ -51,8 +51,8 @@ def test_min_density_and_auto_dense_rule(monkeypatch):
     assert abs(min_density(128, 0.7, 0.1, 30) - expect) < 1e-12
     cfg = StemConfig()
     assert auto_dense_reason("cpu", 16384, 16384, cfg) is None            # CPU: never
-    assert "dense attention is faster" in auto_dense_reason("cuda", 16384, 16384, cfg)   # 0.60 >= 0.55
-    assert auto_dense_reason("cuda", 32768, 32768, cfg) is None           # 0.43 < 0.55
+    assert "dense attention is faster" in auto_dense_reason("cuda", 8192, 8192, cfg)   # 0.81 >= 0.70 (measured)
+    assert auto_dense_reason("cuda", 16384, 16384, cfg) is None           # 0.60 < 0.70
     assert auto_dense_reason("cuda", 4096, 4096, cfg) is None             # planner is dense by itself
     assert auto_dense_reason("cuda", 16384, 16384, cfg.replace(dense=True)) is None
     assert auto_dense_reason("cuda", 16384, 16384, cfg.replace(auto_dense_above=1.01)) is None

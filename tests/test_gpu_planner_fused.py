@@ -24,21 +24,32 @@ def _qkv(B, Hq, Hkv, Lq, Lk, D, dtype, gen, layout="bhld"):
     return out
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,dtype,q_offset,layout", [
-    (1, 8, 2, 20000, 20000, 128, torch.bfloat16, None, "bhld"),
-    (2, 4, 1, 5000, 23000, 64, torch.float16, None, "blhd"),
-    (1, 4, 4, 4000, 23000, 256, torch.bfloat16, 9000, "bhld"),
-    (1, 2, 1, 16384 * 2 + 100, 16384 * 2 + 100, 128, torch.float32, None, "bhld"),
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,dtype,q_offset,layout,pooling", [
+    (1, 8, 2, 20000, 20000, 128, torch.bfloat16, None, "bhld", "triton"),
+    (2, 4, 1, 5000, 23000, 64, torch.float16, None, "blhd", "triton"),
+    (1, 4, 4, 4000, 23000, 256, torch.bfloat16, 9000, "bhld", "triton"),
+    (1, 2, 1, 16384 * 2 + 100, 16384 * 2 + 100, 128, torch.float32, None, "bhld", "triton"),
+    (1, 8, 2, 17000, 17000, 128, torch.bfloat16, None, "blhd", "auto"),  # the default takes this planner
 ])
-def test_plan_matches_float64_planner(gen, B, Hq, Hkv, Lq, Lk, D, dtype, q_offset, layout):
+def test_plan_matches_float64_planner(gen, B, Hq, Hkv, Lq, Lk, D, dtype, q_offset, layout, pooling):
     q, k, v = _qkv(B, Hq, Hkv, Lq, Lk, D, dtype, gen, layout)
     cfg = stem.StemConfig()
-    plan = stem.plan(q, k, v, cfg, q_offset=q_offset, pooling="triton")
+    plan = stem.plan(q, k, v, cfg, q_offset=q_offset, pooling=pooling)
     assert not plan.dense
     # 3xTF32 sums of 1024-term products: about 1e-5 of the row's largest logit (float32 GEMMs: ~1e-6)
     rows, differ, bad = plan_mismatches(plan.kv_counts, plan.kv_indices, q, k, v, cfg, q_offset, rel_tol=1e-4)
     assert not bad, f"{len(bad)} of {rows} rows break the selection rule, e.g. {bad[:3]}"
     assert differ <= max(2, rows // 200), f"{differ} of {rows} rows differ from the float64 plan"
+
+
+def test_auto_pooling_runs_the_triton_planner(monkeypatch):
+    calls = []
+    stem.planner.poolings()
+    fn, devs = stem.planner._PLANNERS["triton"]
+    monkeypatch.setitem(stem.planner._PLANNERS, "triton", (lambda *a, **kw: calls.append(1) or fn(*a, **kw), devs))
+    q = torch.randn(1, 4, 9000, 64, device="cuda", dtype=torch.bfloat16)
+    stem.plan(q, q[:, :2], q[:, :2])
+    assert calls, "pooling='auto' on CUDA did not run the registered whole-planner kernel"
 
 
 def test_chunked_scratch_gives_the_same_plan(gen):

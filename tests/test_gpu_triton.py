@@ -152,9 +152,13 @@ def test_executor_tma_path(D, seed):
     rel = ((out.double() - ref64).norm() / ref64.norm()).item()
     assert rel <= 1e-2, rel
     assert (lse.double() - lse64).abs().max().item() <= 1e-3
-    plain, _ = _poisoned_launch(q, k, v, plan, 0.08, False, use_tma=False)
-    rel_plain = ((out.float() - plain.float()).norm() / plain.float().norm()).item()
-    assert rel_plain <= 1e-5, rel_plain  # same arithmetic, only the loads differ
+    # the same tiles through both load paths: the same arithmetic, only the loads differ (the default
+    # tiles of the two paths differ, and with them the summation order)
+    tiles = dict(block_m=64 if D > 128 else 128, block_n=64, num_warps=8, num_stages=2)
+    via_tma, _ = _poisoned_launch(q, k, v, plan, 0.08, False, use_tma=True, **tiles)
+    plain, _ = _poisoned_launch(q, k, v, plan, 0.08, False, use_tma=False, **tiles)
+    rel_plain = ((via_tma.float() - plain.float()).norm() / plain.float().norm()).item()
+    assert rel_plain <= 1e-5, rel_plain
 
 
 @needs_cuda
@@ -273,7 +277,7 @@ def test_auto_dispatch_dense_below_threshold_sparse_above(monkeypatch):
 
     _exec_or_skip()
     D = 128
-    for L, expect in ((16384, "sdpa"), (24576, "triton")):
+    for L, expect in ((8192, "sdpa"), (16384, "triton")):  # budget densities 0.81 and 0.60 (stem/api.py)
         q, k, v = (torch.randn(1, h, L, D, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
         out = stem.attention(q, k, v)
         why = stem.last_dispatch()

@@ -97,6 +97,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = stem.StemConfig()
     rows, table = [], {}
+    card = torch.cuda.get_device_name(0)
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or card.replace(" ", "_").replace("/", "_")
+    path = os.path.join(args.out, f"calibrate_auto_{tag}.json")
+
+    def save():  # after every (D, G): a run cut short keeps what it measured
+        res = {"card": card, "versions": _versions(), "config": cfg.to_dict(), "dtype": "bfloat16",
+               "command": " ".join(["python", "-m", "benchmarks.planner.calibrate_auto",
+                                    *(argv if argv is not None else sys.argv[1:])]),
+               "crossover_density": table, "rows": rows}
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+        if args.write_table:
+            write_table(table)
+
     for D in args.head_dims:
         for G in args.gqa:
             Hq, Hkv = args.heads, args.heads // G
@@ -110,19 +125,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             ex = pts[-1]["executor"]
             table.setdefault(ex, {})[f"{D},{G}"] = crossover(pts)
-    card = torch.cuda.get_device_name(0)
-    res = {"card": card, "versions": _versions(), "config": cfg.to_dict(), "dtype": "bfloat16",
-           "command": " ".join(["python", "-m", "benchmarks.planner.calibrate_auto",
-                                *(argv if argv is not None else sys.argv[1:])]),
-           "crossover_density": table, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    tag = args.tag or card.replace(" ", "_").replace("/", "_")
-    path = os.path.join(args.out, f"calibrate_auto_{tag}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+            save()
     print("crossover density (auto runs dense above it):", json.dumps(table))
-    if args.write_table:
-        write_table(table)
     print(f"-> {path}")
     return 0
 

@@ -8,6 +8,7 @@
 #   hub        builds the hub kernel, loads it (LOCAL_KERNELS) for the later steps and calibrates
 #              with it (auto's sparse executor on sm90)
 #   bench      benchmarks.planner.bench_planner (planner stages before/after, e2e auto vs cuDNN)
+#   ranking    benchmarks.quality.gpu_ranking (the opt-in rankings' kernels: check and planner time)
 # Each step is bounded by `timeout` (TEST_TIMEOUT, CAL_TIMEOUT, BENCH_TIMEOUT seconds);
 # CAL_LENGTHS and BENCH_ARGS narrow the calibration lengths and the benchmark cases.
 set -u
@@ -36,6 +37,8 @@ for s in $steps; do
     # shellcheck disable=SC2086
     bench) timeout "${BENCH_TIMEOUT:-400}" python3 -m benchmarks.planner.bench_planner --out "$out" --reps 5 \
              ${BENCH_ARGS:-} 2>&1 | tail -60 ;;
-    *) echo "unknown step $s (test, calibrate, hub, bench)"; exit 2 ;;
+    ranking) timeout "${RANK_TIMEOUT:-150}" python3 -m benchmarks.quality.gpu_ranking --reps 20 \
+               --out "$out/quality_ranking_gpu.json" 2>&1 | tail -30 ;;
+    *) echo "unknown step $s (test, calibrate, hub, bench, ranking)"; exit 2 ;;
   esac
 done

@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "float32, one head at a time (for GPU runs, whose kernels compute in bf16)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32 on it)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--first-sparse", type=int, default=FIRST_SPARSE,
+                   help="layers below this index stay dense (transformers' own SDPA)")
     p.add_argument("--tag", default="")
     return p
 
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok, source = load_model(args.cache, args.model)
     model.to(args.device)
     res = {"model": source["model"], "gguf_sha256": source["gguf_sha256"], "part": args.part,
-           "length": args.length, "config": cfg.to_dict(), "methods": methods, "first_sparse_layer": FIRST_SPARSE,
+           "length": args.length, "config": cfg.to_dict(), "methods": methods, "first_sparse_layer": args.first_sparse,
            "command": " ".join(["python -m benchmarks.quality.e2e", *(sys.argv[1:] if argv is None else argv)]),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         res["doc_offset"] = args.doc_offset
         if args.part == "layers":
             qkv, _ = capture_qkv(model, ids)
-            res["layers"] = layer_metrics(qkv, methods, cfg, args.backend)
+            res["layers"] = layer_metrics(qkv, methods, cfg, args.backend, args.first_sparse)
         else:
             res["last"] = args.last
             res["docs"] = []
@@ -372,12 +374,12 @@ def main(argv: list[str] | None = None) -> int:
                 offset = args.doc_offset + d * args.length
                 if d:
                     ids, _ = document(offset)
-                dense, _ = forward_logits(model, ids, "dense", cfg, args.last, args.backend)
+                dense, _ = forward_logits(model, ids, "dense", cfg, args.last, args.backend, args.first_sparse)
                 targets = ids[0, -args.last + 1:]
                 doc = {"doc_offset": offset, "kl": {}}
                 for m in methods:
                     t = time.time()
-                    logits, dens = forward_logits(model, ids, m, cfg, args.last, args.backend)
+                    logits, dens = forward_logits(model, ids, m, cfg, args.last, args.backend, args.first_sparse)
                     r = next_token_metrics(dense, logits, targets)
                     r["density_mean"] = sum(dens.values()) / max(1, len(dens))
                     r["seconds"] = time.time() - t
@@ -394,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         deadline = None if args.minutes is None else t0 + 60 * args.minutes
         recs = passkey_run(model, tok, filler_ids[0].tolist(), methods, cfg, args.length,
                            [float(d) for d in args.depths.split(",")], args.per_depth, backend=args.backend,
-                           deadline=deadline, instructed=args.passkey_style == "instructed")
+                           deadline=deadline, instructed=args.passkey_style == "instructed",
+                           first_sparse=args.first_sparse)
         res["passkey_style"] = args.passkey_style
         res["passkey"] = {"records": recs, "summary": summarise_passkey(recs), "needle": NEEDLE, "question": QUESTION}
     res["seconds"] = time.time() - t0
