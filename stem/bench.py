@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-__all__ = ["add_arguments", "main", "random_qkv", "run_bench", "time_ms"]
+__all__ = ["add_arguments", "main", "parse_shape", "random_qkv", "run_bench", "time_ms"]
 
 
 def add_arguments(p) -> None:
@@ -41,6 +41,26 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="stem_bench",
                    help="folder for bench_attention_<tag>.json and .png (default: ./stem_bench)")
     p.add_argument("--tag", default=None, help="file name tag (default: the card's name)")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="HQ:HKV:D[:B]",
+                   help="a matrix: one run per shape (query heads, kv heads, head dim, batch) over --lengths, "
+                        "in one JSON and one PNG; overrides --heads/--kv-heads/--head-dim/--batch (default: one "
+                        "shape from those options)")
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """``"HQ:HKV:D[:B]"`` -> (B, Hq, Hkv, D); ValueError naming the problem otherwise."""
+    parts = text.split(":")
+    try:
+        vals = [int(x) for x in parts]
+    except ValueError:
+        vals = []
+    if len(vals) not in (3, 4) or min(vals) < 1:
+        raise ValueError(f"shape {text!r}: expected HQ:HKV:D or HQ:HKV:D:B with integers >= 1, e.g. 32:8:128")
+    hq, hkv, d = vals[:3]
+    b = vals[3] if len(vals) == 4 else 1
+    if hq % hkv:
+        raise ValueError(f"shape {text!r}: query heads ({hq}) must be a multiple of kv heads ({hkv})")
+    return b, hq, hkv, d
 
 
 def time_ms(fn, reps: int = 7, warmup: int = 2, *, device=None, before=None, samples=None) -> float:
@@ -306,15 +326,68 @@ def _table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _plot_matrix(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in res["runs"]:
+        sh = run["shape"]
+        label = f"B{sh['B']} Hq{sh['Hq']} Hkv{sh['Hkv']} D{sh['D']}"
+        rows = [r for r in run["rows"] if "dense_cudnn_ms" in r]
+        line = ax[0].plot([r["L"] for r in rows], [r["dense_cudnn_ms"] / r["e2e_ms"] for r in rows], marker="o",
+                          label=label)[0]
+        ex = [r for r in rows if "exec_hub_tflops" in r or "exec_triton_tflops" in r]
+        ax[1].plot([r["L"] for r in ex], [r.get("exec_hub_tflops", r.get("exec_triton_tflops")) for r in ex],
+                   marker="o", color=line.get_color(), label=label)
+        ax[1].plot([r["L"] for r in rows], [r["dense_cudnn_tflops"] for r in rows], ls=":", color=line.get_color())
+    ax[0].axhline(1.0, color="grey", lw=0.8)
+    ax[0].set_ylabel("stem.attention (plan + execute) speed-up vs cuDNN dense")
+    ax[1].set_ylabel("TFLOP/s: sparse executor on its blocks (solid), cuDNN dense (dotted)")
+    for a in ax:
+        a.set_xscale("log", base=2)
+        a.set_xlabel("sequence length")
+        a.legend(fontsize=7)
+    fig.suptitle(f"{res['card']}, {res['dtype']}, default config", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(args) -> int:
+    import copy
+
     import torch
 
     if not torch.cuda.is_available():
         print("stem bench: needs a CUDA GPU (torch.cuda.is_available() is False); `stem info` says what this "
               "machine has", file=sys.stderr)
         return 1
-    res = run_bench(args)
     os.makedirs(args.out, exist_ok=True)
+    if args.shapes:
+        runs = []
+        for text in args.shapes:
+            one = copy.copy(args)
+            one.batch, one.heads, one.kv_heads, one.head_dim = parse_shape(text)
+            runs.append(run_bench(one))
+            print(f"B {one.batch} Hq {one.heads} Hkv {one.kv_heads} D {one.head_dim}")
+            print(_table(runs[-1]), flush=True)
+        res = {k: runs[0][k] for k in ("card", "torch", "cuda", "versions", "config", "command")}
+        res["dtype"] = args.dtype
+        res["runs"] = [{"shape": r["shape"], "rows": r["rows"]} for r in runs]
+        tag = args.tag or "matrix_" + res["card"].replace(" ", "_").replace("/", "_")
+        jpath = os.path.join(args.out, f"bench_attention_{tag}.json")
+        with open(jpath, "w") as f:
+            json.dump(res, f, indent=1)
+        try:
+            _plot_matrix(res, jpath[:-5] + ".png")
+        except ImportError:
+            print("(matplotlib missing: no plot)")
+        print(f"card: {res['card']}  torch {res['torch']}  -> {jpath}")
+        return 0
+    res = run_bench(args)
     tag = args.tag or res["card"].replace(" ", "_").replace("/", "_")
     jpath = os.path.join(args.out, f"bench_attention_{tag}.json")
     with open(jpath, "w") as f:

@@ -113,6 +113,14 @@ def _check_bench(p: argparse.ArgumentParser, args) -> None:
                 p.error(f"argument --{name.replace('_', '-')}: must be an integer >= 1, got {x}")
     if args.heads % args.kv_heads:
         p.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    if args.shapes:
+        from stem.bench import parse_shape
+
+        for text in args.shapes:
+            try:
+                parse_shape(text)
+            except ValueError as e:
+                p.error(f"argument --shapes: {e}")
     bs = args.block_size
     if not (16 <= bs <= 256) or bs & (bs - 1):
         p.error(f"argument --block-size: must be a power of two in [16, 256], got {bs}")

@@ -83,6 +83,9 @@ BAD_ARGS = [
     (["bench", "--block-size", "100"], "argument --block-size: must be a power of two in [16, 256], got 100"),
     (["bench", "--heads", "6", "--kv-heads", "4"], "--heads (6) must be a multiple of --kv-heads (4)"),
     (["bench", "--alpha", "0"], "argument --alpha: must be in (0, 1], got 0.0"),
+    (["bench", "--shapes", "32:8"], "argument --shapes: shape '32:8': expected HQ:HKV:D or HQ:HKV:D:B"),
+    (["bench", "--shapes", "32:8:x"], "argument --shapes: shape '32:8:x': expected HQ:HKV:D"),
+    (["bench", "--shapes", "30:8:128"], "shape '30:8:128': query heads (30) must be a multiple of kv heads (8)"),
     ([], "a command is required: info, demo or bench"),
     (["frob"], "invalid choice: 'frob'"),
 ]
@@ -214,3 +217,12 @@ def test_closed_pipe_stops_quietly():
             p.wait()
     assert p.returncode == 141, (p.returncode, err)
     assert err == "", err
+
+
+def test_bench_shape_parsing():
+    from stem.bench import parse_shape
+
+    assert parse_shape("32:8:128") == (1, 32, 8, 128)
+    assert parse_shape("32:8:128:4") == (4, 32, 8, 128)
+    with pytest.raises(ValueError, match="integers >= 1"):
+        parse_shape("32:8:0")
