@@ -142,6 +142,9 @@ ATTN_CASES = {
     "bf16_gqa_chunked": (1, 4, 2, 80, 150, 32, 32, "bfloat16", None, {"block_m": 16}, 0.0, "random"),
     "fp16_offset_subtiles": (2, 2, 1, 50, 170, 32, 64, "float16", 37, {"block_m": 32, "block_n": 32}, 0.0,
                              "random"),
+    # the sm90 load path: K8/VT8 tiles through TMA tensor descriptors (the last head's tail is padding)
+    "bf16_tma_descriptors": (2, 4, 2, 70, 100, 32, 32, "bfloat16", None, {"use_tma": True, "block_m": 16}, 0.0,
+                             "random"),
     # K with a large common per-channel offset (as real models have): the smoothing keeps it accurate
     "bf16_k_offset_dense": (1, 2, 1, 96, 96, 64, 32, "bfloat16", None, {}, 4.0, "dense"),
 }

@@ -114,18 +114,25 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pad_to: int, smo
             k, v, kmean, k8, vt8, ks, vs,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             H, Lk, Lp, nt, BLOCK_N=block_n, HEAD_DIM=D, EXACT_CAST=bool(knobs.runtime.interpret),
-            num_warps=4,
+            num_warps=8,
         )
     return k8, vt8, ks, vs, kmean
 
 
 @triton.jit
-def _fp8_tile(acc, l_i, m_i, q8, rq, k8_base, vt8_base, KS_base, VS_base, ks, qpos, LKP,
+def _fp8_tile(acc, l_i, m_i, sv_acc, q8, rq, k8_base, vt8_base, KD, VD, kv_row0, KS_base, VS_base, ks, qpos, LKP,
               offs_n, offs_d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-              EXACT_CAST: tl.constexpr):
-    """Key tile [ks, ks + BLOCK_N) folded into (acc, l_i, m_i); m_i in log2 units of scaled scores."""
+              EXACT_CAST: tl.constexpr, USE_TMA: tl.constexpr):
+    """Key tile [ks, ks + BLOCK_N) folded into (acc, l_i, m_i, sv_acc); m_i in log2 units of scaled
+    scores. acc is kept in units of the latest tile's V scales ``sv_acc`` (per channel: the true
+    accumulator is acc * sv_acc), so that the tensor-core product accumulates into it in place.
+    With USE_TMA the e4m3 tiles are read through tensor descriptors (no per-element pointers in
+    registers): K8 as (B*Hkv*Lp, D) rows kv_row0 + ks, VT8 as (B*Hkv*D, Lp)."""
     kpos = ks + offs_n
-    kT = tl.load(k8_base + kpos[None, :] * HEAD_DIM + offs_d[:, None])  # (D, BLOCK_N), D contiguous
+    if USE_TMA:
+        kT = tl.trans(KD.load([kv_row0 + ks, 0]))
+    else:
+        kT = tl.load(k8_base + kpos[None, :] * HEAD_DIM + offs_d[:, None])  # (D, BLOCK_N), D contiguous
     qk = tl.dot(q8, kT)
     tile = ks // BLOCK_N
     r = rq * tl.load(KS_base + tile)  # per row: q scale * k scale * softmax scale * log2(e), > 0
@@ -135,16 +142,19 @@ def _fp8_tile(acc, l_i, m_i, q8, rq, k8_base, vt8_base, KS_base, VS_base, ks, qp
     p = tl.math.exp2(qk * r[:, None] - m_ij[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
-    vT = tl.load(vt8_base + offs_d[:, None] * LKP + kpos[None, :])  # (D, BLOCK_N), keys contiguous
-    pv = tl.dot(_to_e4m3(p * 256.0, EXACT_CAST), tl.trans(vT))
+    if USE_TMA:
+        vT = VD.load([(kv_row0 // LKP) * HEAD_DIM, ks])
+    else:
+        vT = tl.load(vt8_base + offs_d[:, None] * LKP + kpos[None, :])  # (D, BLOCK_N), keys contiguous
     sv = tl.load(VS_base + tile * HEAD_DIM + offs_d)
-    acc = acc * alpha[:, None] + pv * sv[None, :]
-    return acc, l_i, m_ij
+    acc = acc * (alpha[:, None] * (sv_acc / sv)[None, :])
+    acc = tl.dot(_to_e4m3(p * 256.0, EXACT_CAST), tl.trans(vT), acc)
+    return acc, l_i, m_ij, sv
 
 
 @triton.jit
 def _stem_sparse_attn_fp8_fwd(
-    Q, K8, VT8, KS, VS, KMEAN, O, LSE, COUNTS, INDICES,
+    Q, K8, VT8, KD, VD, KS, VS, KMEAN, O, LSE, COUNTS, INDICES,
     qk_scale,
     stride_qb, stride_qh, stride_qm,
     stride_ob, stride_oh, stride_om,
@@ -153,7 +163,7 @@ def _stem_sparse_attn_fp8_fwd(
     B, HQ, HKV, NQ, NT, Lq, LKP, q_offset, q_block_offset, GROUP,
     BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, W_P2: tl.constexpr, RETURN_LSE: tl.constexpr,
-    EXACT_CAST: tl.constexpr,
+    EXACT_CAST: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     item = pid // SUB_M
@@ -184,6 +194,7 @@ def _stem_sparse_attn_fp8_fwd(
     q8 = _to_e4m3(q * (1.0 / sq)[:, None], EXACT_CAST)
     rq = sq * qk_scale
 
+    kv_row0 = (b * HKV + hk) * LKP  # first row of this kv head in the (B*Hkv*Lp, D) view of K8
     k8_base = K8 + kvh * LKP * HEAD_DIM
     vt8_base = VT8 + kvh * HEAD_DIM * LKP
     KS_base = KS + kvh * NT
@@ -198,17 +209,20 @@ def _stem_sparse_attn_fp8_fwd(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    sv_acc = tl.full([HEAD_DIM], 1.0, dtype=tl.float32)
     for t in range(0, n_full * SUB_N):
         ks = tl.load(idx_base + t // SUB_N) * BS + (t % SUB_N) * BLOCK_N
-        acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q8, rq, k8_base, vt8_base, KS_base, VS_base, ks, qpos, LKP,
-                                  offs_n, offs_d, BLOCK_N, HEAD_DIM, False, EXACT_CAST)
+        acc, l_i, m_i, sv_acc = _fp8_tile(acc, l_i, m_i, sv_acc, q8, rq, k8_base, vt8_base, KD, VD, kv_row0,
+                                          KS_base, VS_base, ks, qpos, LKP, offs_n, offs_d, BLOCK_N, HEAD_DIM,
+                                          False, EXACT_CAST, USE_TMA)
     for t in range(n_full * SUB_N, n * SUB_N):
         ks = tl.load(idx_base + t // SUB_N) * BS + (t % SUB_N) * BLOCK_N
-        acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q8, rq, k8_base, vt8_base, KS_base, VS_base, ks, qpos, LKP,
-                                  offs_n, offs_d, BLOCK_N, HEAD_DIM, True, EXACT_CAST)
+        acc, l_i, m_i, sv_acc = _fp8_tile(acc, l_i, m_i, sv_acc, q8, rq, k8_base, vt8_base, KD, VD, kv_row0,
+                                          KS_base, VS_base, ks, qpos, LKP, offs_n, offs_d, BLOCK_N, HEAD_DIM,
+                                          True, EXACT_CAST, USE_TMA)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = acc * sv_acc[None, :] / l_safe[:, None]
     o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + rows[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     if RETURN_LSE:
@@ -221,21 +235,26 @@ def _stem_sparse_attn_fp8_fwd(
 def fp8_tiles(block_size: int, head_dim: int, *, block_m: int | None = None, block_n: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages) of the FP8 kernel: 128x128 tiles, 8 warps, 3
-    stages (64-wide key tiles, 2 stages for D 256); tiles never exceed the plan block; key tiles
-    are at least 32 wide (the reduction of one FP8 tensor-core product). Not tuned
-    on hardware yet (benchmarks/NOTES.md). Explicit arguments override."""
-    bm = min(block_m or 128, block_size)
-    bn = min(block_n or (64 if head_dim > 128 else 128), block_size)
+    stages; 64x64, 8 warps, 2 stages for D 256 (the fewest ptxas spills among those compiled for
+    sm90: python -m benchmarks.triton.fp8_compile). Not timed on hardware yet
+    (benchmarks/NOTES.md). Tiles never exceed the plan block; key tiles are at least 32 wide (the
+    reduction of one FP8 tensor-core product). Explicit arguments override."""
+    big = head_dim > 128
+    bm = min(block_m or (64 if big else 128), block_size)
+    bn = min(block_n or (64 if big else 128), block_size)
     if block_size % bm or block_size % bn or bn < 32:
         raise ValueError(f"tiles ({bm}, {bn}) must divide the plan block size {block_size} (key tiles >= 32)")
-    return bm, bn, num_warps or 8, num_stages or (2 if head_dim > 128 else 3)
+    return bm, bn, num_warps or 8, num_stages or (2 if big else 3)
 
 
 def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices, *, block_size: int, q_offset: int, scale: float,
-                               return_lse: bool = False, out=None, lse_out=None, smooth_k: bool = True, **tiles):
+                               return_lse: bool = False, out=None, lse_out=None, smooth_k: bool = True,
+                               use_tma: bool | None = None, **tiles):
     """FP8 launch. q (B, Hq, Lq, D) and k/v (B, Hkv, Lk, D) float16/bfloat16 with unit stride on D;
     kv_counts int32 (B, Hq, nQ), kv_indices int32 (B, Hq, nQ, W); ``scale`` > 0. Returns (out like
     q, lse float32 (B, Hq, Lq) or None). Inputs are assumed valid (the executor checks them).
+    ``use_tma``: read the e4m3 K/V tiles through TMA tensor descriptors (default: on sm90+, off
+    elsewhere; per-element pointers would cost the registers of a whole tile per thread).
     ``tiles``: block_m, block_n, num_warps, num_stages (see ``fp8_tiles``)."""
     interpreter_compat()
     if not scale > 0:
@@ -246,21 +265,31 @@ def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices, *, block_size: in
     bs = block_size
     bm, bn, warps, stages = fp8_tiles(bs, D, **tiles)
     k8, vt8, ks, vs, kmean = quantize_kv(k, v, bn, bs, smooth_k)
+    if use_tma is None:
+        use_tma = q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] >= 9
+    Lp = k8.shape[2]
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kd = TensorDescriptor.from_tensor(k8.view(B * Hkv * Lp, D), [bn, D])
+        vd = TensorDescriptor.from_tensor(vt8.view(B * Hkv * D, Lp), [D, bn])
+    else:
+        kd, vd = k8, vt8
     out = torch.empty_like(q) if out is None else out
     lse = (torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device) if lse_out is None else lse_out) \
         if return_lse else out
     grid = (nQ * B * Hq * (bs // bm),)
     if grid[0]:
         _stem_sparse_attn_fp8_fwd[grid](
-            q, k8, vt8, ks, vs, kmean, out, lse, kv_counts, kv_indices,
+            q, k8, vt8, kd, vd, ks, vs, kmean, out, lse, kv_counts, kv_indices,
             float(scale) * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             kv_counts.stride(0), kv_counts.stride(1), kv_counts.stride(2),
             kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2),
-            B, Hq, Hkv, nQ, ks.shape[2], Lq, k8.shape[2], q_offset, q_offset // bs, Hq // Hkv,
+            B, Hq, Hkv, nQ, ks.shape[2], Lq, Lp, q_offset, q_offset // bs, Hq // Hkv,
             BS=bs, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, SUB_M=bs // bm, SUB_N=bs // bn,
             W_P2=max(16, triton.next_power_of_2(W)), RETURN_LSE=return_lse,
-            EXACT_CAST=bool(knobs.runtime.interpret), num_warps=warps, num_stages=stages,
+            EXACT_CAST=bool(knobs.runtime.interpret), USE_TMA=bool(use_tma), num_warps=warps, num_stages=stages,
         )
     return out, (lse if return_lse else None)
