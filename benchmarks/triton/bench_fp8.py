@@ -178,8 +178,8 @@ def main(argv=None) -> int:
     names += sorted({k[:-3] for r in res["rows"] for k in r if k.startswith("fp8_tiles_") and k.endswith("_ms")})
     print(f"{'L':>7} {'density':>7} " + " ".join(f"{n + ' ms':>22}" for n in names) + f" {'fp8 vs bf16':>11}")
     for r in res["rows"]:
-        cells = [f"{r[n + '_ms']:>10.2f} ({r.get(n + '_tflops', 0):6.0f} TF)" if n + "_ms" in r else f"{'-':>22}"
-                 for n in names]
+        cells = [(f"{r[n + '_ms']:>10.2f} ({r[n + '_tflops']:6.0f} TF)" if n + "_tflops" in r
+                  else f"{r[n + '_ms']:>22.2f}") if n + "_ms" in r else f"{'-':>22}" for n in names]
         sp = f"{r['bf16_ms'] / r['fp8_ms']:.2f}x" if "fp8_ms" in r and "bf16_ms" in r else "-"
         print(f"{r['L']:>7} {r['density']:>7.3f} " + " ".join(cells) + f" {sp:>11}")
         for k in r:
