@@ -294,10 +294,10 @@ def _gpu_inputs(gen, B, Hq, Hkv, L, D, dtype, k_shift=0.0):
 @pytest.mark.gpu
 @needs_fp8_gpu
 @pytest.mark.parametrize("D,dtype,Hq,Hkv,L,k_shift", [
-    (128, torch.bfloat16, 8, 2, 4096, 0.0),
-    (128, torch.bfloat16, 4, 1, 3000, 4.0),  # odd length, K with a channel offset
-    (64, torch.float16, 4, 4, 2048, 0.0),
-    (256, torch.bfloat16, 2, 1, 1024, 0.0),
+    (128, torch.bfloat16, 8, 2, 16384, 0.0),  # 128 blocks of 128: a sparse plan
+    (128, torch.bfloat16, 4, 1, 9000, 4.0),  # odd length, K with a channel offset
+    (64, torch.float16, 4, 4, 8192, 0.0),
+    (256, torch.bfloat16, 2, 1, 2000, 0.0),  # fewer than 56 blocks: a dense plan
 ])
 @torch.no_grad()
 def test_gpu_fp8_matches_float64_on_stem_plan(D, dtype, Hq, Hkv, L, k_shift, gen):
@@ -328,8 +328,9 @@ def test_gpu_fp8_matches_float64_on_stem_plan(D, dtype, Hq, Hkv, L, k_shift, gen
 def test_gpu_attention_fp8_auto_plans_and_matches_float64(gen):
     import stem
 
-    q, k, v = _gpu_inputs(gen, 1, 4, 2, 4096, 128, torch.bfloat16)
+    q, k, v = _gpu_inputs(gen, 1, 4, 2, 16384, 128, torch.bfloat16)
     out, lse, plan = stem.attention(q, k, v, precision="fp8", return_lse=True, return_plan=True)
+    assert not plan.dense
     assert "precision='fp8'" in stem.last_dispatch()
     ref, ref_lse = reference(q, k, v, plan, 1.0 / math.sqrt(128))
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) <= FP8_TOL

@@ -11,10 +11,11 @@ the default Stem plan (planned once per length, outside the timing):
 * ``flex``: FlexAttention (``torch.compile``) with ``plan.to_flex_block_mask()``,
 * ``cudnn``: dense causal SDPA through cuDNN.
 
-Errors at ``--err-len`` (default 4096): relative L2 and max abs error of the fp8 and bf16 outputs
-against a float64 masked softmax on the same plan, for Gaussian inputs and for K with a large
-per-channel offset (where the fp8 path's K smoothing matters; also without it). Writes
-``bench_fp8_<card>.json`` (card, versions, command) into ``--out`` and prints a table last.
+Errors at ``--err-len`` (default 16384, the shortest power of two with a sparse default plan):
+relative L2 and max abs error of the fp8 and bf16 outputs against a float64 masked softmax on the
+same plan, for Gaussian inputs and for K with a large per-channel offset (where the fp8 path's K
+smoothing matters; also without it). Writes ``bench_fp8_<card>.json`` (card, versions, command)
+into ``--out`` and prints a table last.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--err-len", type=int, default=4096)
+    ap.add_argument("--err-len", type=int, default=16384, help="length of the error check (16K: a sparse plan)")
     ap.add_argument("--sweep", action="store_true", help="also time a few other FP8 tile configurations")
     ap.add_argument("--no-flex", action="store_true")
     args = ap.parse_args(argv)
