@@ -120,7 +120,8 @@ def attention(
             q/k/v are quantised on the GPU to float8 e4m3 with per-block scales and both matrix
             products run on FP8 tensor cores (fp32 accumulation, output in q's dtype). "fp8"
             runs the Triton executor on CUDA GPUs of compute capability 8.9+ only (``backend``
-            "auto" or "triton"; any plan, dense ones included) and raises ValueError elsewhere.
+            "auto" or "triton"; head dim >= 32, plan blocks >= 64; any plan, dense ones
+            included) and raises ValueError elsewhere.
 
     Returns:
         out (B, Hq, Lq, D) in q's dtype; ``(out, plan)``, ``(out, lse)`` or ``(out, lse, plan)``

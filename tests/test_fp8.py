@@ -109,7 +109,7 @@ def test_fp8_reason_dtype_head_dim_and_capability(monkeypatch):
     assert "float16 or bfloat16" in fp8_unsupported_reason(t, h, t, 64)  # mixed dtypes
     d16 = fake(torch.bfloat16, 16)
     assert "head dim >= 32" in fp8_unsupported_reason(d16, d16, d16, 64)
-    assert "block size >= 32" in fp8_unsupported_reason(t, t, t, 16)
+    assert "block size >= 64" in fp8_unsupported_reason(t, t, t, 32)
 
 
 def test_executor_fp8_refuses_float32_cpu():
@@ -117,7 +117,7 @@ def test_executor_fp8_refuses_float32_cpu():
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 64, 32)
-    plan = random_plan(1, 2, 64, 64, 32, 0, gen)
+    plan = random_plan(1, 2, 64, 64, 64, 0, gen)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         run_block_sparse_attention(q, q, q, plan, 0.2, precision="fp8")
     with pytest.raises(ValueError, match="precision must be one of"):
@@ -139,14 +139,16 @@ def test_model_config_precision():
 
 # name -> (B, Hq, Hkv, Lq, Lk, D, block_size, dtype, q_offset, tiles, k channel offset, plan kind)
 ATTN_CASES = {
-    "bf16_gqa_chunked": (1, 4, 2, 80, 150, 32, 32, "bfloat16", None, {"block_m": 16}, 0.0, "random"),
+    "bf16_gqa_chunked": (1, 4, 2, 80, 200, 32, 64, "bfloat16", None, {"block_m": 16, "block_n": 32}, 0.0,
+                         "random"),
     "fp16_offset_subtiles": (2, 2, 1, 50, 170, 32, 64, "float16", 37, {"block_m": 32, "block_n": 32}, 0.0,
                              "random"),
     # the sm90 load path: K8/VT8 tiles through TMA tensor descriptors (the last head's tail is padding)
-    "bf16_tma_descriptors": (2, 4, 2, 70, 100, 32, 32, "bfloat16", None, {"use_tma": True, "block_m": 16}, 0.0,
-                             "random"),
+    "bf16_tma_descriptors": (2, 4, 2, 70, 140, 32, 64, "bfloat16", None,
+                             {"use_tma": True, "block_m": 16, "block_n": 32}, 0.0, "random"),
     # K with a large common per-channel offset (as real models have): the smoothing keeps it accurate
-    "bf16_k_offset_dense": (1, 2, 1, 96, 96, 64, 32, "bfloat16", None, {}, 4.0, "dense"),
+    "bf16_k_offset_dense": (1, 2, 1, 96, 96, 64, 64, "bfloat16", None, {"block_m": 32, "block_n": 32}, 4.0,
+                            "dense"),
 }
 
 

@@ -62,10 +62,12 @@ def fp8_unsupported_reason(q, k, v, block_size: int | None = None) -> str | None
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
         return (f"precision='fp8' takes float16 or bfloat16 q/k/v (quantised to e4m3 on the GPU), got {q.dtype}, "
                 f"{k.dtype}, {v.dtype}; cast the inputs to bfloat16 or use precision='native'")
-    if q.shape[-1] < 32 or (block_size is not None and block_size < 32):
-        # an FP8 tensor-core product reduces over at least 32 elements (head dim for Q.K^T, keys for P.V)
-        return (f"precision='fp8' needs head dim >= 32 and plan block size >= 32, got {q.shape[-1]} and "
-                f"{block_size}; use precision='native'")
+    if q.shape[-1] < 32 or (block_size is not None and block_size < 64):
+        # an FP8 tensor-core product reduces over at least 32 elements (head dim for Q.K^T, keys for
+        # P.V), and sm90's FP8 instructions (wgmma) take 64-row tiles: Triton 3.6 emits no FP8
+        # tensor-core instruction for 32-row query tiles there
+        return (f"precision='fp8' needs head dim >= 32 and plan block size >= 64, got {q.shape[-1]} and "
+                f"{block_size}; use precision='native' (or StemConfig(block_size=128), the default)")
     if q.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(q.device)
         if (major, minor) < (8, 9):

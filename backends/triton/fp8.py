@@ -238,7 +238,8 @@ def fp8_tiles(block_size: int, head_dim: int, *, block_m: int | None = None, blo
     stages; 64x64, 8 warps, 2 stages for D 256 (the fewest ptxas spills among those compiled for
     sm90: python -m benchmarks.triton.fp8_compile). Not timed on hardware yet
     (benchmarks/NOTES.md). Tiles never exceed the plan block; key tiles are at least 32 wide (the
-    reduction of one FP8 tensor-core product). Explicit arguments override."""
+    reduction of one FP8 tensor-core product). Explicit arguments override (query tiles under 64
+    rows get no FP8 tensor-core instruction on sm90: the interpreter tests use them to stay small)."""
     big = head_dim > 128
     bm = min(block_m or (64 if big else 128), block_size)
     bn = min(block_n or (64 if big else 128), block_size)
