@@ -193,6 +193,8 @@ def _stem_sparse_attn_fp8_fwd(
     sq = tl.where(qmax > 0, qmax / 448.0, 1.0)  # one scale per query row
     q8 = _to_e4m3(q * (1.0 / sq)[:, None], EXACT_CAST)
     rq = sq * qk_scale
+    if RETURN_LSE:  # the scores are computed against K minus its mean: q . mean (log2 units) goes back into the lse
+        shift = tl.sum(q * tl.load(KMEAN + kvh * HEAD_DIM + offs_d)[None, :], 1) * qk_scale
 
     kv_row0 = (b * HKV + hk) * LKP  # first row of this kv head in the (B*Hkv*Lp, D) view of K8
     k8_base = K8 + kvh * LKP * HEAD_DIM
@@ -226,8 +228,6 @@ def _stem_sparse_attn_fp8_fwd(
     o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + rows[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     if RETURN_LSE:
-        # the scores were computed against K minus its mean: add back q . mean (natural-log units)
-        shift = tl.sum(q * tl.load(KMEAN + kvh * HEAD_DIM + offs_d)[None, :], 1) * qk_scale  # log2 units
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe) + shift) * 0.6931471805599453)
         tl.store(LSE + (b64 * HQ + h) * Lq + rows, lse, mask=row_ok)
 
