@@ -97,6 +97,7 @@ def attention(
     return_plan: bool = False,
     return_lse: bool = False,
     q_offset: int | None = None,
+    precision: str = "native",
 ):
     """Stem sparse causal attention.
 
@@ -116,6 +117,12 @@ def attention(
         return_lse: also return the float32 log-sum-exp (B, Hq, Lq) of each row (natural log).
         q_offset: absolute position of query 0 (default Lk - Lq). Context parallelism uses it to
             run a chunk of queries against the whole (gathered) K/V.
+        precision: "native" (the matrix products in the input dtype) or "fp8": float16/bfloat16
+            q/k/v are quantised on the GPU to float8 e4m3 with per-block scales and both matrix
+            products run on FP8 tensor cores (fp32 accumulation, output in q's dtype). "fp8"
+            runs the Triton executor on CUDA GPUs of compute capability 8.9+ only (``backend``
+            "auto" or "triton"; head dim >= 32, plan blocks >= 64; any plan, dense ones
+            included) and raises ValueError elsewhere.
 
     Returns:
         out (B, Hq, Lq, D) in q's dtype; ``(out, plan)``, ``(out, lse)`` or ``(out, lse, plan)``
@@ -134,12 +141,39 @@ def attention(
         if config is not None and config != plan.config:
             raise ValueError(f"config= and plan= disagree: the plan was made with {plan.config}, config= is {config}; "
                              "a plan runs as it was made, so pass only plan=")
+    if precision != "native":
+        _check_fp8(q, k, v, backend, precision, (plan if plan is not None else config or StemConfig()).block_size)
+        if torch.compiler.is_compiling():
+            raise compile_unsupported("precision='fp8'")
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
         return _empty(q, return_lse, return_plan)
     if torch.compiler.is_compiling():
         return _attention_traced(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset)
     with on_device(q):
-        return _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset)
+        return _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset, precision)
+
+
+def _check_fp8(q, k, v, backend, precision, block_size) -> None:
+    """ValueError unless ``precision`` is "fp8" and the FP8 path can run these inputs."""
+    if precision != "fp8":
+        raise ValueError(f"precision must be 'native' or 'fp8', got {precision!r}")
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"precision='fp8' runs on the Triton executor only, not backend={backend!r}: pass "
+                         "backend='triton' (or 'auto'), or precision='native'")
+    if q.device.type != "cuda":
+        raise ValueError(f"precision='fp8' runs on CUDA GPUs (compute capability 8.9+) only, not on {q.device.type}: "
+                         "use precision='native'")
+    if requires_grad(q, k, v):
+        raise ValueError("precision='fp8' is forward-only (no backward): run it under torch.no_grad() or "
+                         "torch.inference_mode(), or use precision='native' with dense attention to train")
+    from .dispatch import first_party
+
+    first_party()
+    from stem_backends.triton.executor import fp8_unsupported_reason
+
+    why = fp8_unsupported_reason(q, k, v, block_size)
+    if why is not None:
+        raise ValueError(why)
 
 
 def compile_unsupported(what: str) -> ValueError:
@@ -184,11 +218,12 @@ def _empty(q, return_lse, return_plan):
                             device=q.device)
 
 
-def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset):
+def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset, precision="native"):
     global _last
     dense_why = None
     config = StemConfig() if config is None else config
-    if plan is None and backend == "auto":
+    fp8 = precision == "fp8"
+    if plan is None and backend == "auto" and not fp8:
         dense_why = auto_dense_reason(q.device.type, q.shape[2], k.shape[2], config, q_offset, head_dim=q.shape[-1],
                                       gqa=q.shape[1] // k.shape[1],
                                       executor=sparse_executor(q.device, q.dtype, q.shape[-1], config, return_lse)
@@ -203,6 +238,14 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
     else:
         validate_plan(plan, q, k, q_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if fp8:  # the FP8 kernel is the Triton executor's, for sparse and dense plans alike
+        ex, why = resolve("triton", DispatchKey.of(q, plan, return_lse))
+        why = f"triton, precision='fp8' (backend={backend!r})"
+        if _last != why:
+            log.info("%s", why)
+        _last = why
+        out, lse = ex.forward(q, k, v, plan, scale, return_lse, precision="fp8")
+        return pack_result(out, lse, plan, return_lse, return_plan)
     ex, why = resolve(backend, DispatchKey.of(q, plan, return_lse))
     if not ex.differentiable and requires_grad(q, k, v):
         raise RuntimeError(

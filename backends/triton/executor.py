@@ -15,7 +15,10 @@ import torch
 from stem.dispatch import Executor
 
 __all__ = ["TritonExecutor", "run_block_sparse_attention", "run_block_sparse_attention_varlen", "supports",
-           "check_inputs", "DEFAULT_SCHEDULE"]
+           "check_inputs", "fp8_unsupported_reason", "DEFAULT_SCHEDULE", "PRECISIONS"]
+
+# "native": the input dtype end to end (today's kernel); "fp8": e4m3 matrix products (sm89+).
+PRECISIONS = ("native", "fp8")
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # "reversed" (late query blocks first, no sort) won on one NVIDIA H200 at 32K-128K by 1-4 % over
@@ -53,6 +56,31 @@ def check_inputs(q, k, v, plan) -> str | None:
     return None
 
 
+def fp8_unsupported_reason(q, k, v, block_size: int | None = None) -> str | None:
+    """None when the FP8 kernel can run these inputs (and plan block size), else what is wrong and
+    how to fix it."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+        return (f"precision='fp8' takes float16 or bfloat16 q/k/v (quantised to e4m3 on the GPU), got {q.dtype}, "
+                f"{k.dtype}, {v.dtype}; cast the inputs to bfloat16 or use precision='native'")
+    if q.shape[-1] < 32 or (block_size is not None and block_size < 64):
+        # an FP8 tensor-core product reduces over at least 32 elements (head dim for Q.K^T, keys for
+        # P.V), and sm90's FP8 instructions (wgmma) take 64-row tiles: Triton 3.6 emits no FP8
+        # tensor-core instruction for 32-row query tiles there
+        return (f"precision='fp8' needs head dim >= 32 and plan block size >= 64, got {q.shape[-1]} and "
+                f"{block_size}; use precision='native' (or StemConfig(block_size=128), the default)")
+    if q.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if (major, minor) < (8, 9):
+            return (f"precision='fp8' needs FP8 tensor cores (compute capability 8.9+, Ada/Hopper or newer); "
+                    f"{torch.cuda.get_device_name(q.device)} is {major}.{minor}: use precision='native'")
+        return None
+    from triton import knobs
+
+    if q.device.type == "cpu" and knobs.runtime.interpret:
+        return None  # Triton's CPU interpreter (tests)
+    return f"precision='fp8' runs on CUDA GPUs (sm89+) only, not on {q.device.type}: use precision='native'"
+
+
 def _work_order(plan):
     """Heaviest-first permutation of the plan's work items, cached on the plan (device op, no sync)."""
     from stem_backends.triton.block_sparse_attn import work_order
@@ -69,13 +97,21 @@ def _work_order(plan):
 
 
 def run_block_sparse_attention(q, k, v, plan, scale: float, return_lse: bool = False, *,
-                               schedule: str = DEFAULT_SCHEDULE, out=None, lse_out=None, **tiles):
+                               schedule: str = DEFAULT_SCHEDULE, out=None, lse_out=None, precision: str = "native",
+                               **tiles):
     """Run ``plan`` with the Triton kernel: out (B, Hq, Lq, D) in q.dtype, lse float32 (B, Hq, Lq)
     (natural log) or None. ``tiles`` may override the kernel configuration (use_tma, and
     block_m, block_n, num_warps, num_stages, maxnreg, tma_masked: see ``pick_tiles``);
     ``out``/``lse_out`` are optional preallocated contiguous outputs (the tests poison them).
+    ``precision``: "native" (the input dtype) or "fp8" (float16/bfloat16 inputs quantised to e4m3
+    on the GPU, sm89+; ``stem_backends.triton.fp8``; tiles: block_m, block_n, num_warps,
+    num_stages; the schedule is always "reversed").
     Works on CUDA, and on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     why = check_inputs(q, k, v, plan)
+    if why is None and precision == "fp8":
+        why = fp8_unsupported_reason(q, k, v, plan.block_size)
     if why is not None:
         raise ValueError(f"triton executor cannot run these inputs: {why}")
     from stem_backends.triton.block_sparse_attn import block_sparse_attention
@@ -88,6 +124,12 @@ def run_block_sparse_attention(q, k, v, plan, scale: float, return_lse: bool = F
         if buf is not None and (buf.shape != shape or buf.dtype != dtype or not buf.is_contiguous()
                                 or buf.device != q.device):
             raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {q.device}")
+    if precision == "fp8":
+        from stem_backends.triton.fp8 import block_sparse_attention_fp8
+
+        return block_sparse_attention_fp8(q, k, v, counts, indices, block_size=plan.block_size,
+                                          q_offset=plan.q_offset, scale=scale, return_lse=return_lse, out=out,
+                                          lse_out=lse_out, **tiles)
     order = _work_order(plan) if schedule == "sorted" else None
     return block_sparse_attention(
         q, k, v, counts, indices, block_size=plan.block_size, q_offset=plan.q_offset, scale=scale,
@@ -142,8 +184,8 @@ class TritonExecutor(Executor):
     def supports(self, key) -> str | None:
         return supports(key.dtype, key.head_dim, key.block_size)
 
-    def forward(self, q, k, v, plan, scale, return_lse):
-        return run_block_sparse_attention(q, k, v, plan, scale, return_lse)
+    def forward(self, q, k, v, plan, scale, return_lse, precision: str = "native"):
+        return run_block_sparse_attention(q, k, v, plan, scale, return_lse, precision=precision)
 
     def forward_varlen(self, q, k, v, plan, scale, return_lse):
         return run_block_sparse_attention_varlen(q, k, v, plan, scale, return_lse)

@@ -130,6 +130,8 @@ class StemModelConfig:
         alpha: per-layer Token Position-Decay overrides ``{layer_idx: alpha}``.
         enabled: False routes every layer to SDPA (a model-wide off switch).
         backend: the ``stem.attention`` backend ("auto" or an executor name).
+        precision: the ``stem.attention`` precision, "native" or "fp8" (sparse layers of
+            unpadded batches; padded batches raise ValueError with "fp8").
     """
 
     base: StemConfig = field(default_factory=StemConfig)
@@ -137,6 +139,7 @@ class StemModelConfig:
     alpha: Mapping[int, float] = field(default_factory=dict)
     enabled: bool = True
     backend: str = "auto"
+    precision: str = "native"
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, StemConfig):
@@ -161,6 +164,8 @@ class StemModelConfig:
             raise TypeError(f"StemModelConfig.enabled must be a bool, got {self.enabled!r}")
         if not isinstance(self.backend, str):
             raise TypeError(f"StemModelConfig.backend must be a string, got {type(self.backend).__name__}")
+        if self.precision not in ("native", "fp8"):
+            raise ValueError(f"StemModelConfig.precision must be 'native' or 'fp8', got {self.precision!r}")
         both = sorted(set(dense) & set(alpha))
         if both:
             raise ValueError(
@@ -176,7 +181,8 @@ class StemModelConfig:
         object.__setattr__(self, "_layers", layers)
 
     def __hash__(self) -> int:
-        return hash((self.base, self.dense_layers, tuple(sorted(self.alpha.items())), self.enabled, self.backend))
+        return hash((self.base, self.dense_layers, tuple(sorted(self.alpha.items())), self.enabled, self.backend,
+                     self.precision))
 
     def layer_config(self, layer_idx: int | None) -> StemConfig | None:
         """The StemConfig of layer ``layer_idx`` (None when Stem is disabled)."""
@@ -200,6 +206,7 @@ class StemModelConfig:
             "alpha": {str(i): a for i, a in sorted(self.alpha.items())},
             "enabled": self.enabled,
             "backend": self.backend,
+            "precision": self.precision,
         }
 
     @classmethod
@@ -310,10 +317,13 @@ def stem_attention_forward(
         )
     pad = getattr(attention_mask, _PADDING_TAG, None) if attention_mask is not None else None
     if pad is not None:
+        if mcfg.precision != "native":
+            raise ValueError("StemModelConfig.precision='fp8' does not run padded (variable-length) batches: pass "
+                             "unpadded inputs (batch size 1 or equal lengths) or precision='native'")
         _note("stem:padded")
         return _padded_forward(query, key, value, pad, cfg, scaling, mcfg.backend), None
     _note("stem" if query.shape[2] == key.shape[2] else "stem:chunked")
-    out = stem_attention(query, key, value, config=cfg, scale=scaling, backend=mcfg.backend)
+    out = stem_attention(query, key, value, config=cfg, scale=scaling, backend=mcfg.backend, precision=mcfg.precision)
     return out.transpose(1, 2).contiguous(), None
 
 
