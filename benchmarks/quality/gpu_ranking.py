@@ -91,6 +91,12 @@ def timing(L: int, reps: int, dev: str, H=(32, 8), D=128, bs=128) -> dict:
     for bq, warps in ((16, 8), (8, 4), (8, 8), (32, 8), (4, 4)):
         out[f"kernel_bq{bq}_w{warps}_ms"] = _median_ms(
             lambda bq=bq, warps=warps: qmean_lse_triton(qbar, k, 0, bs, D ** -0.5, block_q=bq, num_warps=warps), reps)
+    from stem_backends.triton.ranking import sampled_mass_triton
+
+    for bq, warps in ((4, 8), (4, 4), (8, 8), (8, 4), (2, 4), (16, 8)):  # (4, 8) is the default at G 4
+        out[f"sampled_bq{bq}_w{warps}_ms"] = _median_ms(
+            lambda bq=bq, warps=warps: sampled_mass_triton(q, k, 0, bs, D ** -0.5, block_q=bq, num_warps=warps),
+            max(3, reps // 4))
     if L <= 32768:
         out["scores_torch_path_ms"] = _median_ms(lambda: qmean_lse_scores(q, k, bs, impl="torch"), max(3, reps // 4))
     flops = 2 * Hq * D * sum(min(i + 1, L // bs) * bs for i in range(L // bs))
