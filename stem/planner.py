@@ -38,7 +38,7 @@ __all__ = [
     "plan", "PooledStats", "pool", "pool_torch", "register_pooling", "poolings", "block_logits",
     "logits_from_stats", "select_blocks", "plan_from_stats", "dense_plan", "block_row_sums",
     "group_max_value_norms", "bonus_from_group_max", "register_varlen_pooling", "pool_varlen_torch",
-    "plan_varlen_batched", "plan_width", "register_planner",
+    "plan_varlen_batched", "plan_width", "register_planner", "register_selector", "select_blocks_on_device",
 ]
 
 log = logging.getLogger("stem")
@@ -74,6 +74,8 @@ PoolFn = Callable[..., PooledStats]  # fn(q, k, v, config, q_offset) -> PooledSt
 _POOLINGS: dict[str, tuple[PoolFn, tuple[str, ...]]] = {}
 PlanFn = Callable[..., tuple]  # fn(q, k, v, config, q_offset, n_total) -> (kv_counts, kv_indices)
 _PLANNERS: dict[str, tuple[PlanFn, tuple[str, ...]]] = {}
+SelectFn = Callable[..., tuple]  # fn(logits, config, q_block_offset, n_total) -> (kv_counts, kv_indices)
+_SELECTORS: dict[str, tuple[SelectFn, tuple[str, ...]]] = {}
 _PLUGINS_LOADED = False
 
 
@@ -96,6 +98,26 @@ def register_planner(name: str, fn: PlanFn, device_types: tuple[str, ...] = ("cu
     too), and ``pooling="auto"`` uses the first one registered for the device (the first-party
     ``"triton"`` planner on CUDA)."""
     _PLANNERS[name] = (fn, tuple(device_types))
+
+
+def register_selector(name: str, fn: SelectFn, device_types: tuple[str, ...] = ("cuda",)) -> None:
+    """Register a selection kernel: ``fn(logits, config, q_block_offset, n_total)`` returns what
+    :func:`select_blocks` returns (ties at a row's budget boundary may go either way). Plans
+    from an opt-in ranking (``StemConfig.ranking``) select with the first one registered for the
+    device, unless ``pooling="torch"``."""
+    _SELECTORS[name] = (fn, tuple(device_types))
+
+
+def select_blocks_on_device(logits: torch.Tensor, config: StemConfig, q_block_offset: int, n_total: int,
+                            impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_blocks` through the first selection kernel registered for the logits' device
+    (``impl="torch"``: the torch ops)."""
+    if impl != "torch":
+        poolings()  # loads the plugins (they register their selectors)
+        hit = next((h for h in _SELECTORS.values() if logits.device.type in h[1]), None)
+        if hit is not None and logits.dtype == torch.float32:
+            return hit[0](logits, config, q_block_offset, n_total)
+    return select_blocks(logits, config, q_block_offset, n_total)
 
 
 def poolings() -> dict[str, tuple[PoolFn, tuple[str, ...]]]:

@@ -207,9 +207,9 @@ def ranking_scores(q, k, v, config: StemConfig, q_offset: int, impl: str = "auto
 def plan_ranked(q, k, v, config: StemConfig, q_offset: int, n_total: int, impl: str = "auto") -> BlockPlan:
     """A plan with Stem's budgets, sinks and window and ``config.ranking``'s scores (the planner
     calls this when ``config.ranking != "stem"``)."""
-    from .planner import select_blocks
+    from .planner import select_blocks_on_device
 
     scores = ranking_scores(q, k, v, config, q_offset, impl)
-    counts, indices = select_blocks(scores, config, q_offset // config.block_size, n_total)
+    counts, indices = select_blocks_on_device(scores, config, q_offset // config.block_size, n_total, impl)
     return BlockPlan(counts, indices, config.block_size, q.shape[2], k.shape[2], config, dense=False,
                      q_offset=q_offset, _trusted=True)

@@ -10,6 +10,7 @@ case runs in ONE child process (this file as a script); the child prints one JSO
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -90,6 +91,45 @@ def _check_bonus(seed):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (kv_len, (got - want).abs().max())
 
 
+def _check_select(seed):
+    """The selection kernel alone (what ranked plans use on CUDA) against ``select_blocks`` in
+    float64: the same rows on distinct scores; on tied scores (which may go either way, and so
+    change how many picks coincide with sinks and window) the selection rule row by row."""
+    from stem_backends.triton.select import select_triton
+
+    from stem.budget import block_budgets
+    from stem.config import StemConfig
+    from stem.planner import select_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    for qbo, nQ, nK, ties in ((0, 70, 70, False), (30, 40, 70, False), (0, 70, 70, True)):
+        cfg = StemConfig(block_size=16, alpha=0.6, sink_blocks=1, window_blocks=2)
+        scores = torch.rand(2, 3, nQ, nK, generator=gen, dtype=torch.float64)
+        if ties:
+            scores = (scores * 4).floor()  # four distinct values
+        causal = torch.arange(nK)[None, :] <= (qbo + torch.arange(nQ))[:, None]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        want_c, want_i = select_blocks(scores, cfg, qbo, nK)
+        got_c, got_i = select_triton(scores.float(), cfg, qbo, nK)
+        if not ties:
+            assert torch.equal(got_c, want_c) and torch.equal(got_i, want_i), qbo
+            continue
+        budgets = block_budgets(nK, cfg.alpha, cfg.k_rate, cfg.k_bias)
+        for b, h, i in itertools.product(range(2), range(3), range(nQ)):
+            diag = qbo + i
+            sel = set(got_i[b, h, i, : got_c[b, h, i]].tolist())
+            forced = {j for j in range(diag + 1) if j < cfg.sink_blocks or j > diag - cfg.window_blocks}
+            keep = min(budgets[diag], diag + 1)
+            row = scores[b, h, i]
+            assert forced <= sel and max(sel) <= diag, (b, h, i)
+            picked = sorted((row[j].item() for j in range(diag + 1) if j in sel), reverse=True)
+            # the keep-th largest score of the row is reached by the selection, nothing unselected beats it
+            kth = sorted(row[: diag + 1].tolist(), reverse=True)[keep - 1]
+            assert sum(x >= kth for x in picked) >= keep, (b, h, i)
+            assert all(row[j].item() <= kth for j in range(diag + 1) if j not in sel), (b, h, i)
+            assert len(sel) <= keep + len(forced), (b, h, i)
+
+
 def _child_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     seed = int(os.environ["STEM_CHILD_SEED"])
@@ -101,11 +141,12 @@ def _child_main() -> None:
             results[name] = None
         except Exception:
             results[name] = traceback.format_exc(limit=6)
-    try:
-        _check_bonus(seed)
-        results["bonus_multi_chunk"] = None
-    except Exception:
-        results["bonus_multi_chunk"] = traceback.format_exc(limit=6)
+    for name, fn in (("bonus_multi_chunk", _check_bonus), ("select_alone", _check_select)):
+        try:
+            fn(seed)
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc(limit=6)
     print(json.dumps(results))
 
 
@@ -129,7 +170,7 @@ def _results(seed: int) -> dict:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize("case", [*CASES, "bonus_multi_chunk"])
+@pytest.mark.parametrize("case", [*CASES, "bonus_multi_chunk", "select_alone"])
 def test_triton_planner_matches_float64_planner(case, seed):
     err = _results(seed)[case]
     assert err is None, err

@@ -234,18 +234,19 @@ def _stem_sparse_attn_fp8_fwd(
 
 def fp8_tiles(block_size: int, head_dim: int, *, block_m: int | None = None, block_n: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None) -> tuple[int, int, int, int]:
-    """(block_m, block_n, num_warps, num_stages) of the FP8 kernel: 128x128 tiles, 8 warps, 3
-    stages; 64x64, 8 warps, 2 stages for D 256 (the fewest ptxas spills among those compiled for
-    sm90: python -m benchmarks.triton.fp8_compile). Not timed on hardware yet
-    (benchmarks/NOTES.md). Tiles never exceed the plan block; key tiles are at least 32 wide (the
+    """(block_m, block_n, num_warps, num_stages) of the FP8 kernel: 64x128 tiles, 4 warps (one
+    warpgroup), 3 stages, the fastest of four timed on an H200 at D 128 (128x128 with 8 warps
+    spills and ran 2.2x slower: benchmarks/NOTES.md); 64x64, 8 warps, 2 stages for D 256 (the
+    fewest ptxas spills among those compiled for sm90: python -m benchmarks.triton.fp8_compile;
+    not timed). Tiles never exceed the plan block; key tiles are at least 32 wide (the
     reduction of one FP8 tensor-core product). Explicit arguments override (query tiles under 64
     rows get no FP8 tensor-core instruction on sm90: the interpreter tests use them to stay small)."""
     big = head_dim > 128
-    bm = min(block_m or (64 if big else 128), block_size)
+    bm = min(block_m or 64, block_size)
     bn = min(block_n or (64 if big else 128), block_size)
     if block_size % bm or block_size % bn or bn < 32:
         raise ValueError(f"tiles ({bm}, {bn}) must divide the plan block size {block_size} (key tiles >= 32)")
-    return bm, bn, num_warps or 8, num_stages or (2 if big else 3)
+    return bm, bn, num_warps or (8 if big else 4), num_stages or (2 if big else 3)
 
 
 def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices, *, block_size: int, q_offset: int, scale: float,

@@ -11,9 +11,16 @@ import warnings
 
 import torch
 
-from stem.planner import PooledStats, pool_torch, register_planner, register_pooling, register_varlen_pooling
+from stem.planner import (
+    PooledStats,
+    pool_torch,
+    register_planner,
+    register_pooling,
+    register_selector,
+    register_varlen_pooling,
+)
 
-__all__ = ["register", "pool_triton", "pool_triton_varlen", "plan_triton"]
+__all__ = ["register", "pool_triton", "pool_triton_varlen", "plan_triton", "select_triton"]
 
 
 def pool_triton(q, k, v, config, q_offset) -> PooledStats:
@@ -44,6 +51,13 @@ def plan_triton(q, k, v, config, q_offset, n_total):
     return run(q, k, v, config, q_offset, n_total)
 
 
+def select_triton(logits, config, q_block_offset, n_total):
+    """``stem.planner.select_blocks`` in one Triton launch (``select.select_triton``)."""
+    from stem_backends.triton.select import select_triton as run
+
+    return run(logits, config, q_block_offset, n_total)
+
+
 def register() -> None:
     """Register ``pool_triton`` for CUDA tensors, or warn why not."""
     if importlib.util.find_spec("triton") is None:
@@ -57,4 +71,5 @@ def register() -> None:
         return
     register_pooling("triton", pool_triton, ("cuda",))
     register_planner("triton", plan_triton, ("cuda",))
+    register_selector("triton", select_triton, ("cuda",))
     register_varlen_pooling("triton", pool_triton_varlen, ("cuda",))

@@ -101,8 +101,8 @@ def sampled_mass_triton(q: torch.Tensor, k: torch.Tensor, q_offset: int, block_s
     n_tiles = -(-nQ // block_q)
     tiles = torch.arange(n_tiles - 1, -1, -1, dtype=torch.int32)
     ends = torch.clamp(q_offset // block_size + (tiles + 1) * block_q, max=nK).to(torch.int32)
-    if num_warps is None:
-        num_warps = 8 if block_size * block_g * block_q * n >= 128 * 64 else 4
+    if num_warps is None:  # 4: 15.2 ms against 8 warps' 20.8 at 128K, Hq 32 / Hkv 8 / D 128 on an H200
+        num_warps = 4
     sampled_mass_kernel[(n_tiles, Hkv, B)](
         q, k, rows, out, tiles.to(q.device), ends.to(q.device), q_offset, q_offset // block_size, nQ, Lk,
         scale * math.log2(math.e),

@@ -36,7 +36,7 @@ from stem.plan import block_geometry
 from . import interpreter_compat
 from .block_pool import _launch_pool
 
-__all__ = ["plan_triton", "SCRATCH_BYTES"]
+__all__ = ["plan_triton", "select_triton", "SCRATCH_BYTES"]
 
 SCRATCH_BYTES = 120 * 2**20  # key sums, value maxima, bonus + one chunk's q sums and logits (not the plan)
 
@@ -183,6 +183,27 @@ def _chunk_pairs(pairs: int, G: int, nQ: int, nK: int, SD: int, gpb: int, scratc
     fixed = pairs * nK * (SD + gpb + 1) * 4
     per_pair = G * nQ * (SD + nK) * 4
     return max(1, min(pairs, (scratch - fixed) // per_pair))
+
+
+def select_triton(scores: torch.Tensor, config, q_block_offset: int, n_total: int):
+    """``stem.planner.select_blocks`` in one launch: scores (B, Hq, nQ, nK) float32 CUDA (non-causal
+    entries are ignored), query block i at absolute block ``q_block_offset + i`` of a sequence of
+    ``n_total`` blocks. Returns int32 ``(kv_counts (B, Hq, nQ), kv_indices (B, Hq, nQ, W))``; ties at
+    a row's budget boundary go to the lower block index. No host synchronisation."""
+    interpreter_compat()
+    B, Hq, nQ, nK = scores.shape
+    scores = scores.contiguous()
+    keep, W = _keep_counts(config, n_total, q_block_offset, nQ, nK, scores.device)
+    counts = torch.empty(B, Hq, nQ, dtype=torch.int32, device=scores.device)
+    indices = torch.empty(B, Hq, nQ, W, dtype=torch.int32, device=scores.device)
+    NKP = triton.next_power_of_2(nK)
+    R = max(1, min(8, 4096 // NKP))
+    n_rows = B * Hq * nQ
+    _select_kernel[(triton.cdiv(n_rows, R),)](
+        scores, keep, counts, indices, n_rows, nQ, nK, q_block_offset, W, 0,
+        SINKS=config.sink_blocks, WINDOW=config.window_blocks, R=R, NKP=NKP,
+        WP=triton.next_power_of_2(W), num_warps=4 if NKP * R <= 4096 else 8)
+    return counts, indices
 
 
 def plan_triton(q, k, v, config, q_offset: int, n_total: int, *, scratch_bytes: int | None = None,

@@ -121,7 +121,7 @@ def timing(L, H, Hkv, D, reps, flex, sweep):
 
     put("cudnn", cudnn, dense_pairs)
     if sweep:
-        for t in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3)):
+        for t in ((128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2)):
             tiles = dict(zip(("block_m", "block_n", "num_warps", "num_stages"), t))
             put("fp8_tiles_" + "_".join(map(str, t)),
                 lambda tiles=tiles: run_block_sparse_attention(q, k, v, plan, scale, precision="fp8", **tiles))
