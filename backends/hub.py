@@ -175,7 +175,7 @@ class HubExecutor(Executor):
 
     def auto_skip_reason(self, key) -> str | None:
         """Why ``backend="auto"`` passes over the hub for ``key``: the kernel would run its sm80
-        path there, which is slower than the triton executor."""
+        path there, or its sm90 path at head dim 64; both are slower than the triton executor."""
         mod, reason = self.load()
         if mod is None:
             return reason
@@ -187,6 +187,10 @@ class HubExecutor(Executor):
             answer = None if kernel == "sm90" else (
                 f"the hub kernel would run its {kernel} path here (its sm90 path needs compute capability 9.0, "
                 "head dim 64, 128 or 256 and 128- or 256-token blocks), which is slower than triton")
+            if kernel == "sm90" and key.head_dim <= 64:
+                # H200, same plans: Hq 14 / Hkv 2 at 128K 18.0 ms against triton's 15.4, at 32K 1.92
+                # against 1.73 (benchmarks/results/bench_attention_matrix1_NVIDIA_H200.json)
+                answer = "at head dim 64 the hub kernel's sm90 path is slower than triton"
         return answer
 
     @property

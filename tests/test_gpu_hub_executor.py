@@ -60,6 +60,8 @@ def test_executor_reports_the_loaded_build_and_the_contract(hub):
     assert (hub.auto_skip_reason(_key()) is None) == hopper
     assert (hub.auto_skip_reason(_key(head_dim=256)) is None) == hopper
     assert "sm80 path" in hub.auto_skip_reason(_key(block_size=64))
+    if hopper:
+        assert "head dim 64" in hub.auto_skip_reason(_key(head_dim=64))
 
 
 def test_stem_plan_through_the_hub_executor(hub, gen):

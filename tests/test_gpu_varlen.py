@@ -112,6 +112,7 @@ def test_gpu_varlen_hub_matches_triton(gen, D):
     assert rel < 1e-2, rel
     assert (l_hub - l_tri).abs().max().item() < 2e-3
     out = stem.varlen_attention(q, k, v, cq, ck, config=cfg)
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert stem.last_dispatch().startswith("auto -> hub"), stem.last_dispatch()
-    torch.testing.assert_close(out, o_hub, rtol=0, atol=0)
+    if torch.cuda.get_device_capability() == (9, 0):  # at head dim 64 triton is the faster one
+        want = "auto -> hub" if D > 64 else "auto -> triton"
+        assert stem.last_dispatch().startswith(want), stem.last_dispatch()
+    torch.testing.assert_close(out, o_hub if D > 64 else o_tri, rtol=0, atol=0)
