@@ -13,6 +13,8 @@ Methods (names accepted by :func:`run_eval`):
   the plan's measured density matches the density Stem's plan had on that (layer, sample).
 - ``stem_novb``: Stem with ``value_weight=0`` (same position-decayed budgets, so the same density
   up to top-k / forced-block overlap; the measured density is reported next to Stem's).
+- ``sampled_mass``: Stem's budgets, sinks and window with the opt-in ranking
+  ``StemConfig(ranking="sampled_mass")`` (stem/ranking.py).
 
 Both baselines' plans are built as :class:`stem.BlockPlan` and run through
 ``stem.attention(plan=...)``. Accuracy is the exact match of the answer tokens under greedy
@@ -52,6 +54,7 @@ class Method:
     name: str
     kind: str  # dense | stem | uniform | stem_novb
     alpha: float = STEM_DEFAULT_ALPHA
+    ranking: str = "stem"
 
 
 def parse_method(name: str) -> Method:
@@ -63,6 +66,8 @@ def parse_method(name: str) -> Method:
         return Method(name, "uniform")
     if name == "stem_novb":
         return Method(name, "stem_novb")
+    if name == "sampled_mass":
+        return Method(name, "stem", ranking="sampled_mass")
     if name.startswith("stem_a"):
         try:
             alpha = float(name[len("stem_a"):])
@@ -72,7 +77,7 @@ def parse_method(name: str) -> Method:
             return Method(name, "stem", alpha)
     raise ValueError(
         f"unknown method {name!r}; use dense, stem, stem_a<alpha> (0 < alpha <= 1, e.g. stem_a0.5), "
-        f"uniform_topk or stem_novb"
+        f"uniform_topk, stem_novb or sampled_mass"
     )
 
 
@@ -151,7 +156,8 @@ class _Runner:
             if method.kind == "dense" or layer_idx in self.dense_layers:
                 return dense_attention(q, k, v)
             if method.kind in ("stem", "stem_novb"):
-                c = cfg.replace(alpha=method.alpha) if method.kind == "stem" else cfg.replace(value_weight=0.0)
+                c = (cfg.replace(alpha=method.alpha, ranking=method.ranking) if method.kind == "stem"
+                     else cfg.replace(value_weight=0.0))
                 # Plan explicitly: stem.attention(config=...) with backend="auto" may skip planning
                 # and run dense where the budgets are too dense to be faster (a speed shortcut);
                 # the quality benchmark must execute the Stem plan itself.

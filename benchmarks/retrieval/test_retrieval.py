@@ -154,7 +154,7 @@ def test_uniform_topk_mask_equal_k_and_density(gen):
 
 def test_harness_end_to_end_tiny(tmp_path, one_thread):
     m = _tiny_model(3)
-    methods = ("dense", "stem", "uniform_topk", "stem_novb", "stem_a0.5")
+    methods = ("dense", "stem", "uniform_topk", "stem_novb", "stem_a0.5", "sampled_mass")
     res = run_eval(m, lengths=(1024,), depths=(0.5,), n_needles=(2,), methods=methods, samples=2,
                    block_size=16, dense_layers=(0,), progress=False, out_dir=str(tmp_path), tag="_t")
     assert os.path.getsize(tmp_path / "retrieval_eval_t.png") > 1000
@@ -173,6 +173,7 @@ def test_harness_end_to_end_tiny(tmp_path, one_thread):
         for d_s, d_n in zip(ds, nv["density_per_layer"][layer]):
             assert abs(d_s - d_n) < 0.03
     assert cells["stem_a0.5"]["density"] < st["density"]  # stronger decay, fewer blocks
+    assert abs(cells["sampled_mass"]["density"] - st["density"]) < 0.03  # same budgets, another ranking
     # the dense method's verdict equals an independent teacher-forced dense forward
     ids, ans = eval_examples(DataConfig(), 1024, 0.5, 2, 2, seed=0)
     with torch.no_grad():
