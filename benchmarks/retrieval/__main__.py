@@ -58,6 +58,14 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _shown_path(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (results files name no machine
+    paths), else absolute."""
+    root = Path(__file__).resolve().parents[2]
+    full = Path(path).resolve()
+    return str(full.relative_to(root)) if full.is_relative_to(root) else str(full)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .harness import DEFAULT_METHODS
 
@@ -145,7 +153,7 @@ def main(argv=None) -> int:
         source = weights
     meta = {
         "untrained": bool(args.untrained),
-        "weights": None if args.untrained else os.path.abspath(weights),
+        "weights": None if args.untrained else _shown_path(weights),
         "command": " ".join(["python -m benchmarks.retrieval", *(sys.argv[1:] if argv is None else argv)]),
         "versions": {"stem": stem.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
                      "python": platform.python_version()},
