@@ -34,6 +34,27 @@ def test_seed() -> int:
 test_seed.__test__ = False  # a helper, not a test
 
 
+def interpreted_child_results(script: str, timeout: float = 300) -> dict:
+    """Run ``script`` (a test file run as a program) under Triton's CPU interpreter in a child
+    process (the interpreter must be on before triton is imported) with this run's seed in
+    ``STEM_TEST_SEED``; return the dict the child printed on its ``STEM_RESULTS {json}`` line (case
+    name -> None or the failure's traceback). Skips when triton is not installed."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton)")
+    seed = test_seed()
+    print(f"seed={seed} (replay with STEM_TEST_SEED={seed})")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", STEM_TEST_SEED=str(seed))
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STEM_RESULTS ")]
+    assert proc.returncode == 0 and lines, f"interpreter child failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("STEM_RESULTS "):])
+
+
 @pytest.fixture
 def seed() -> int:
     """This test's seed (see :func:`test_seed`), printed so that a failure names it."""

@@ -12,12 +12,9 @@ imported; see test_triton_interpret.py); the child prints one JSON line {case: e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 import traceback
 from types import SimpleNamespace
 
@@ -261,17 +258,9 @@ def _child_main() -> None:
 
 @pytest.fixture(scope="module")
 def interpreted_results():
-    from conftest import test_seed
+    from conftest import interpreted_child_results
 
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install triton)")
-    seed = test_seed()
-    print(f"seed={seed} (replay with STEM_TEST_SEED={seed})")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", STEM_TEST_SEED=str(seed))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STEM_RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter child failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("STEM_RESULTS "):])
+    return interpreted_child_results(__file__)
 
 
 @pytest.mark.parametrize("case", ["cast", "quantize_kv", *ATTN_CASES])

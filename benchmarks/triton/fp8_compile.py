@@ -14,11 +14,8 @@ its PTX. Needs no CUDA device.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -28,6 +25,8 @@ from stem.dispatch import first_party
 
 first_party()
 from stem_backends.triton import fp8  # noqa: E402
+
+from .resources import kernel_resources  # noqa: E402
 
 
 def _compile(fn, consts, ptr_types, arch, num_warps, num_stages):
@@ -46,14 +45,6 @@ def _compile(fn, consts, ptr_types, arch, num_warps, num_stages):
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def _resources(kernel):
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
-    return kernel.metadata.shared, int(m.group(1)), int(m.group(2))
 
 
 def _ptx_facts(ptx: str):
@@ -97,7 +88,7 @@ def main(argv=None):
             else:
                 kernel, desc = quantize_kernel(D, args.arch, block_n=fp8.fp8_tiles(128, D)[1]), "-"
             mma, e4m3, local = _ptx_facts(kernel.asm["ptx"])
-            shared, regs, stack = _resources(kernel)
+            shared, regs, stack = kernel_resources(kernel)
             if name == "attention":
                 ok &= bool(e4m3) and local == 0
             print(f"{name:>10} {D:>4} {desc:>14} {len(e4m3):>9} {local:>6} {shared / 1024:>10.1f} {regs:>5} "

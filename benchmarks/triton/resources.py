@@ -55,7 +55,12 @@ def compile_resources(tiles, head_dim: int, tma: bool, arch: int, dtype: str = "
     opts = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if tiles.maxnreg:
         opts["maxnreg"] = tiles.maxnreg
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    return kernel_resources(triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts))
+
+
+def kernel_resources(kernel) -> tuple[int, int, int]:
+    """(shared memory bytes, registers per thread, stack bytes per thread) of a compiled Triton
+    kernel, from ``cuobjdump -res-usage`` of its cubin (stack > 0: ptxas spilled)."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
