@@ -243,6 +243,9 @@ def run_bench(args, progress=True) -> dict:
     if "flex" not in args.skip:
         from torch.nn.attention.flex_attention import flex_attention
 
+        # one compile per length; a fresh cache per shape keeps a --shapes matrix under dynamo's
+        # recompile limit (past it flex_attention runs unfused and materialises the L x L scores)
+        torch._dynamo.reset()
         flex = torch.compile(flex_attention, dynamic=False)
 
     rows = []
