@@ -49,6 +49,8 @@ def interpreted_child_results(script: str, timeout: float = 300) -> dict:
     seed = test_seed()
     print(f"seed={seed} (replay with STEM_TEST_SEED={seed})")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", STEM_TEST_SEED=str(seed))
+    here = os.path.dirname(os.path.abspath(__file__))  # the child imports this file (child_report)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STEM_RESULTS ")]
     assert proc.returncode == 0 and lines, f"interpreter child failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -67,3 +69,20 @@ def seed() -> int:
 def gen(seed):
     """A torch.Generator (CPU) seeded with this test's seed."""
     return torch.Generator().manual_seed(seed)
+
+
+def child_report(checks: dict) -> None:
+    """In an interpreter child (:func:`interpreted_child_results`): run each check (name ->
+    zero-argument callable) and print the ``STEM_RESULTS {json}`` line (name -> None, or the
+    failure's traceback)."""
+    import json
+    import traceback
+
+    results = {}
+    for name, fn in checks.items():
+        try:
+            fn()
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc(limit=4)
+    print("STEM_RESULTS " + json.dumps(results))

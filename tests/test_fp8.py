@@ -12,10 +12,8 @@ imported; see test_triton_interpret.py); the child prints one JSON line {case: e
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import traceback
 from types import SimpleNamespace
 
 import pytest
@@ -242,18 +240,13 @@ def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, tiles, k_shift,
 def _child_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.set_num_threads(1)
+    from conftest import child_report
+
     base = int(os.environ["STEM_TEST_SEED"])
-    results = {}
     checks = {"cast": lambda: _check_cast(base), "quantize_kv": lambda: _check_quantize(base + 1)}
     for i, (name, args) in enumerate(ATTN_CASES.items()):
         checks[name] = lambda args=args, i=i: _check_attention(*args, seed=base + 10 + i)
-    for name, fn in checks.items():
-        try:
-            fn()
-            results[name] = None
-        except Exception:
-            results[name] = traceback.format_exc(limit=4)
-    print("STEM_RESULTS " + json.dumps(results))
+    child_report(checks)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,10 @@ pytest case below asserts its own entry. Oracles are independent: the reference 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
@@ -179,27 +177,15 @@ def _check_pool(B, Hq, Hkv, Lq, Lk, D, bs, S, dtype, q_offset, seed):
 def _child_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.set_num_threads(1)
+    from conftest import child_report
+
     base = int(os.environ["STEM_TEST_SEED"])  # the parent test's seed (fresh per run unless fixed)
-    results = {}
-    for i, (name, args) in enumerate(ATTN_CASES.items()):
-        try:
-            _check_attention(*args, seed=base + i)
-            results[name] = None
-        except Exception:
-            results[name] = traceback.format_exc(limit=4)
-    for i, (name, args) in enumerate(VARLEN_CASES.items()):
-        try:
-            _check_varlen(*args, seed=base + 50 + i)
-            results[name] = None
-        except Exception:
-            results[name] = traceback.format_exc(limit=4)
-    for i, (name, args) in enumerate(POOL_CASES.items()):
-        try:
-            _check_pool(*args, seed=base + 100 + i)
-            results[name] = None
-        except Exception:
-            results[name] = traceback.format_exc(limit=4)
-    print("STEM_RESULTS " + json.dumps(results))
+    checks = {}
+    for off, cases, fn in ((0, ATTN_CASES, _check_attention), (50, VARLEN_CASES, _check_varlen),
+                           (100, POOL_CASES, _check_pool)):
+        for i, (name, args) in enumerate(cases.items()):
+            checks[name] = lambda fn=fn, args=args, seed=base + off + i: fn(*args, seed=seed)
+    child_report(checks)
 
 
 @pytest.fixture(scope="module")
