@@ -1,4 +1,4 @@
-"""Compare a float32 plan with the float64 planner's: equal sets, except where the row's top-k
+"""Test helpers for plans. Compare a float32 plan with the float64 planner's: equal sets, except where the row's top-k
 boundary is a near tie in the float64 logits (the only freedom the method allows: the spec lets
 ties break either way, and float32 rounding moves logits by about 1e-6 of their size)."""
 
@@ -65,3 +65,20 @@ def plan_mismatches(counts, indices, q, k, v, cfg, q_offset=None, rel_tol=2e-5):
                     bad.append((b, h, i, f"keep {keep}", sorted(forced - got), sorted(above - got), low,
                                 len((got - forced) | above), len(reach)))
     return B * H * nQ, differ, bad
+
+
+def random_plan(B, Hq, Lq, Lk, bs, off, gen, dense=False):
+    """A CPU BlockPlan for Lq queries at absolute ``off`` against Lk keys in ``bs``-token blocks:
+    each causal block kept with probability 1/2 and every row's diagonal block kept (``dense``:
+    every causal block). ``gen``: a CPU torch.Generator."""
+    from stem.plan import BlockPlan
+    from stem.planner import dense_plan
+
+    if dense:
+        return dense_plan(B, Hq, Lq, Lk, bs, "cpu", q_offset=off)
+    qbo = off // bs
+    nQ = (off + Lq - 1) // bs - qbo + 1
+    nK = -(-Lk // bs)
+    mask = torch.rand(B, Hq, nQ, nK, generator=gen) < 0.5
+    mask[..., torch.arange(nQ), torch.arange(nQ) + qbo] = True  # every row sees its diagonal
+    return BlockPlan.from_dense_mask(mask, block_size=bs, q_len=Lq, kv_len=Lk, q_offset=off)

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from plan_compare import random_plan
 
 FP8_TOL = 0.06  # relative L2 error of the output vs float64 (see the module docstring)
 FP8_TOL_TINY = 0.07  # the interpreter's tiny shapes: few rows, wider spread (seen: 0.038-0.050)
@@ -51,20 +52,6 @@ def reference(q, k, v, plan, scale):
 
 def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
-
-
-def random_plan(B, Hq, Lq, Lk, bs, off, gen, dense=False):
-    from stem.plan import BlockPlan
-    from stem.planner import dense_plan
-
-    if dense:
-        return dense_plan(B, Hq, Lq, Lk, bs, "cpu", q_offset=off)
-    qbo = off // bs
-    nQ = (off + Lq - 1) // bs - qbo + 1
-    nK = -(-Lk // bs)
-    mask = torch.rand(B, Hq, nQ, nK, generator=gen) < 0.5
-    mask[..., torch.arange(nQ), torch.arange(nQ) + qbo] = True
-    return BlockPlan.from_dense_mask(mask, block_size=bs, q_len=Lq, kv_len=Lk, q_offset=off)
 
 
 # ---------------------------------------------------------------- validation (no kernel runs)

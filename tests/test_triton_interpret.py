@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from plan_compare import random_plan
 
 # name -> (B, Hq, Hkv, Lq, Lk, D, block_size, dtype, q_offset, extra kwargs)
 ATTN_CASES = {
@@ -51,20 +52,6 @@ POOL_CASES = {
 }
 
 
-def _random_plan(B, Hq, Lq, Lk, bs, off, dense, gen):
-    from stem.plan import BlockPlan
-    from stem.planner import dense_plan
-
-    if dense:
-        return dense_plan(B, Hq, Lq, Lk, bs, "cpu", q_offset=off)
-    qbo = off // bs
-    nQ = (off + Lq - 1) // bs - qbo + 1
-    nK = -(-Lk // bs)
-    mask = torch.rand(B, Hq, nQ, nK, generator=gen) < 0.5
-    mask[..., torch.arange(nQ), torch.arange(nQ) + qbo] = True  # every row sees its diagonal
-    return BlockPlan.from_dense_mask(mask, block_size=bs, q_len=Lq, kv_len=Lk, q_offset=off)
-
-
 def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, extra, seed):
     from stem_backends.reference import reference_attention
     from stem_backends.triton.executor import run_block_sparse_attention
@@ -76,7 +63,7 @@ def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, extra, seed):
     v = torch.randn(B, Hkv, Lk, D, generator=gen).to(dt)
     off = Lk - Lq if q_offset is None else q_offset
     extra = dict(extra)
-    plan = _random_plan(B, Hq, Lq, Lk, bs, off, extra.pop("dense", False), gen)
+    plan = random_plan(B, Hq, Lq, Lk, bs, off, gen, dense=extra.pop("dense", False))
     scale = extra.pop("scale", 1.0 / math.sqrt(D))
     out = torch.full_like(q, float("nan"))  # poisoned: unwritten rows stay NaN
     lse = torch.full(q.shape[:3], float("nan"))
@@ -99,7 +86,7 @@ def _random_varlen(lens, Hq, Hkv, D, bs, dt, gen):
     q = torch.randn(sum(a for a, _ in lens), Hq, D, generator=gen).to(dt)
     k = torch.randn(sum(b for _, b in lens), Hkv, D, generator=gen).to(dt)
     v = (torch.randn(k.shape, generator=gen) * 3 * torch.rand(k.shape[0], Hkv, 1, generator=gen)).to(dt)
-    plans = [_random_plan(1, Hq, lq, lk, bs, lk - lq, False, gen) if lq else None for lq, lk in lens]
+    plans = [random_plan(1, Hq, lq, lk, bs, lk - lq, gen) if lq else None for lq, lk in lens]
     nQ = max(p.num_q_blocks for p in plans if p is not None)
     W = max(p.kv_indices.shape[-1] for p in plans if p is not None)
     counts = torch.zeros(len(lens), Hq, nQ, dtype=torch.int32)
