@@ -196,14 +196,18 @@ def select_triton(scores: torch.Tensor, config, q_block_offset: int, n_total: in
     keep, W = _keep_counts(config, n_total, q_block_offset, nQ, nK, scores.device)
     counts = torch.empty(B, Hq, nQ, dtype=torch.int32, device=scores.device)
     indices = torch.empty(B, Hq, nQ, W, dtype=torch.int32, device=scores.device)
+    _launch_select(scores, keep, counts, indices, B * Hq * nQ, nQ, nK, q_block_offset, W, 0, config)
+    return counts, indices
+
+
+def _launch_select(logits, keep, counts, indices, n_rows, nQ, nK, qbo, W, out_row0, config) -> None:
+    """``_select_kernel`` over ``n_rows`` rows of ``logits`` into rows ``out_row0 ..`` of the plan."""
     NKP = triton.next_power_of_2(nK)
     R = max(1, min(8, 4096 // NKP))
-    n_rows = B * Hq * nQ
     _select_kernel[(triton.cdiv(n_rows, R),)](
-        scores, keep, counts, indices, n_rows, nQ, nK, q_block_offset, W, 0,
+        logits, keep, counts, indices, n_rows, nQ, nK, qbo, W, out_row0,
         SINKS=config.sink_blocks, WINDOW=config.window_blocks, R=R, NKP=NKP,
         WP=triton.next_power_of_2(W), num_warps=4 if NKP * R <= 4096 else 8)
-    return counts, indices
 
 
 def plan_triton(q, k, v, config, q_offset: int, n_total: int, *, scratch_bytes: int | None = None,
@@ -239,9 +243,6 @@ def plan_triton(q, k, v, config, q_offset: int, n_total: int, *, scratch_bytes: 
         chunk = max(c for c in range(1, chunk + 1) if Hkv % c == 0)
     qf = q.unsqueeze(0).flatten(1, 2) if B > 1 and q.stride(0) == Hq * q.stride(1) else None
     BM, BN, BK = 64, 64, 32
-    NKP = triton.next_power_of_2(nK)
-    R = max(1, min(8, 4096 // NKP))
-    nw_sel = 4 if NKP * R <= 4096 else 8
     for p0 in range(0, pairs, chunk):
         pc = min(chunk, pairs - p0)
         # 1: q sums of the chunk's query heads (flattened heads p0*G .. (p0+pc)*G)
@@ -252,11 +253,7 @@ def plan_triton(q, k, v, config, q_offset: int, n_total: int, *, scratch_bytes: 
         grid = (triton.cdiv(G * nQ, BM), triton.cdiv(nK, BN), pc)
         _logits_kernel[grid](q_sum, k_sum, bonus, logits, p0, G, nQ, nK, qbo, SD, scale,
                              BM=BM, BN=BN, BK=BK, PRECISION=precision, num_warps=4, num_stages=3)
-        n_rows = pc * G * nQ
-        _select_kernel[(triton.cdiv(n_rows, R),)](
-            logits, keep, counts, indices, n_rows, nQ, nK, qbo, W, p0 * G * nQ,
-            SINKS=config.sink_blocks, WINDOW=config.window_blocks, R=R, NKP=NKP,
-            WP=triton.next_power_of_2(W), num_warps=nw_sel)
+        _launch_select(logits, keep, counts, indices, pc * G * nQ, nQ, nK, qbo, W, p0 * G * nQ, config)
         if stages is not None:
             stages.setdefault("q_sum", []).append(q_sum)
             stages.setdefault("logits", []).append(logits)
