@@ -369,6 +369,7 @@ def main(args) -> int:
               "machine has", file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)
+    card_tag = torch.cuda.get_device_name(0).replace(" ", "_").replace("/", "_")
     if args.shapes:
         runs = []
         for text in args.shapes:
@@ -380,25 +381,18 @@ def main(args) -> int:
         res = {k: runs[0][k] for k in ("card", "torch", "cuda", "versions", "config", "command")}
         res["dtype"] = args.dtype
         res["runs"] = [{"shape": r["shape"], "rows": r["rows"]} for r in runs]
-        tag = args.tag or "matrix_" + res["card"].replace(" ", "_").replace("/", "_")
-        jpath = os.path.join(args.out, f"bench_attention_{tag}.json")
-        with open(jpath, "w") as f:
-            json.dump(res, f, indent=1)
-        try:
-            _plot_matrix(res, jpath[:-5] + ".png")
-        except ImportError:
-            print("(matplotlib missing: no plot)")
-        print(f"card: {res['card']}  torch {res['torch']}  -> {jpath}")
-        return 0
-    res = run_bench(args)
-    tag = args.tag or res["card"].replace(" ", "_").replace("/", "_")
+        tag, plot = args.tag or "matrix_" + card_tag, _plot_matrix
+    else:
+        res = run_bench(args)
+        tag, plot = args.tag or card_tag, _plot
     jpath = os.path.join(args.out, f"bench_attention_{tag}.json")
     with open(jpath, "w") as f:
         json.dump(res, f, indent=1)
     try:
-        _plot(res, os.path.join(args.out, f"bench_attention_{tag}.png"))
+        plot(res, jpath[:-5] + ".png")
     except ImportError:
         print("(matplotlib missing: no plot)")
     print(f"card: {res['card']}  torch {res['torch']}  -> {jpath}")
-    print(_table(res))
+    if not args.shapes:
+        print(_table(res))
     return 0
