@@ -239,7 +239,7 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
         validate_plan(plan, q, k, q_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if fp8:  # the FP8 kernel is the Triton executor's, for sparse and dense plans alike
-        ex, why = resolve("triton", DispatchKey.of(q, plan, return_lse))
+        ex, _ = resolve("triton", DispatchKey.of(q, plan, return_lse))
         why = f"triton, precision='fp8' (backend={backend!r})"
         if _last != why:
             log.info("%s", why)
