@@ -175,6 +175,10 @@ KERNEL_CASES = {
     "bf16_chunked": (1, 2, 1, 40, 150, 16, 32, None, "bfloat16", None),
 }
 
+# sampled_mass kernel variants: one pass (all (batch, kv head) pairs in one launch, or one per
+# launch with the smallest scratch) and two passes
+SAMPLED_VARIANTS = {"": {}, "_chunked": {"scratch_bytes": 1}, "_two_pass": {"one_pass": False}}
+
 
 def _child() -> None:
     from stem_backends.triton.ranking import qmean_lse_triton, sampled_mass_triton
@@ -199,16 +203,17 @@ def _child() -> None:
             results[name] = None
         except Exception as e:  # reported per case
             results[name] = f"{type(e).__name__}: {e}"
-        try:  # the sampled_mass kernel on the same inputs, against the float32 torch path
-            got = sampled_mass_triton(q, k, o, bs, D ** -0.5, block_q=block_q)
-            ref = sampled_mass_scores(q.float(), k.float(), bs, o)
-            fin = torch.isfinite(ref)
-            assert torch.equal(fin, torch.isfinite(got)), "causal pattern differs"
-            err = float((got[fin] - ref[fin]).abs().max())
-            assert err < (1e-2 if dtype == "bfloat16" else 1e-5), f"max error {err}"
-            results["sampled_" + name] = None
-        except Exception as e:
-            results["sampled_" + name] = f"{type(e).__name__}: {e}"
+        for variant, kw in SAMPLED_VARIANTS.items():  # the sampled_mass kernel, against the float32 torch path
+            try:
+                got = sampled_mass_triton(q, k, o, bs, D ** -0.5, block_q=block_q, **kw)
+                ref = sampled_mass_scores(q.float(), k.float(), bs, o)
+                fin = torch.isfinite(ref)
+                assert torch.equal(fin, torch.isfinite(got)), "causal pattern differs"
+                err = float((got[fin] - ref[fin]).abs().max())
+                assert err < (1e-2 if dtype == "bfloat16" else 1e-5), f"max error {err}"
+                results[f"sampled{variant}_{name}"] = None
+            except Exception as e:
+                results[f"sampled{variant}_{name}"] = f"{type(e).__name__}: {e}"
     print(json.dumps(results))
 
 
@@ -225,10 +230,27 @@ def kernel_results():
     return json.loads(lines[-1])
 
 
-@pytest.mark.parametrize("case", list(KERNEL_CASES) + ["sampled_" + c for c in KERNEL_CASES])
+@pytest.mark.parametrize("case", list(KERNEL_CASES)
+                         + [f"sampled{v}_{c}" for v in SAMPLED_VARIANTS for c in KERNEL_CASES])
 def test_triton_kernel_interpreted(kernel_results, case):
     assert kernel_results[case] is None, kernel_results[case]
 
 
 if __name__ == "__main__":
     _child()
+
+
+def test_sampled_mass_scratch_slabs_are_disjoint():
+    """The interpreter runs programs one after another, so it cannot see two programs sharing
+    scratch: check the layout itself. Every program's slab lies inside its head's region and no
+    two slabs overlap."""
+    from stem_backends.triton.ranking import scratch_layout
+
+    ends = torch.tensor([9, 9, 7, 5, 3, 1], dtype=torch.int64)
+    for n_rows in (16, 64):
+        offsets, per_head = scratch_layout(ends, n_rows)
+        owner = torch.full((per_head,), -1)
+        for p, (o, e) in enumerate(zip(offsets.tolist(), ends.tolist())):
+            assert o >= 0 and o + e * n_rows <= per_head
+            assert (owner[o:o + e * n_rows] == -1).all(), f"program {p} overlaps another"
+            owner[o:o + e * n_rows] = p

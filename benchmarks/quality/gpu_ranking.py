@@ -73,6 +73,12 @@ def check(L: int, Lq: int, dev: str, H=(32, 8), D=128, bs=128, seed=0) -> dict:
             "density": p_kernel.density}
 
 
+# sampled_mass kernel shapes timed: (block_q, warps, stages, one pass, scratch MB); the first is the default
+SAMPLED_SWEEP = ((4, 4, 3, True, 512), (4, 4, 3, False, 512), (4, 4, 2, True, 512), (4, 4, 3, True, 128),
+                 (8, 4, 3, True, 512), (8, 8, 3, True, 512), (8, 8, 2, True, 512), (2, 4, 3, True, 512),
+                 (4, 8, 3, True, 512))
+
+
 def timing(L: int, reps: int, dev: str, H=(32, 8), D=128, bs=128) -> dict:
     from stem_backends.triton.ranking import qmean_lse_triton
 
@@ -86,6 +92,10 @@ def timing(L: int, reps: int, dev: str, H=(32, 8), D=128, bs=128) -> dict:
            "plan_qmean_lse_ms": _median_ms(lambda: stem.plan(q, k, v, ranked), reps),
            "scores_qmean_lse_ms": _median_ms(lambda: qmean_lse_scores(q, k, bs), reps),
            "plan_sampled_mass_ms": _median_ms(lambda: stem.plan(q, k, v, base.replace(ranking="sampled_mass")), reps),
+           "plan_sampled_mass_bs64_a1_ms": _median_ms(lambda: stem.plan(q, k, v, base.replace(
+               ranking="sampled_mass", block_size=64, alpha=1.0)), reps),
+           "plan_default_bs64_a1_ms": _median_ms(lambda: stem.plan(q, k, v, base.replace(block_size=64, alpha=1.0)),
+                                                 reps),
            "density_default": stem.plan(q, k, v, base).density, "density_qmean_lse": stem.plan(q, k, v, ranked).density}
     qbar = block_query_means(q, 0, bs)
     for bq, warps in ((16, 8), (8, 4), (8, 8), (32, 8), (4, 4)):
@@ -93,10 +103,18 @@ def timing(L: int, reps: int, dev: str, H=(32, 8), D=128, bs=128) -> dict:
             lambda bq=bq, warps=warps: qmean_lse_triton(qbar, k, 0, bs, D ** -0.5, block_q=bq, num_warps=warps), reps)
     from stem_backends.triton.ranking import sampled_mass_triton
 
-    for bq, warps in ((4, 8), (4, 4), (8, 8), (8, 4), (2, 4), (16, 8)):  # (4, 8) is the default at G 4
-        out[f"sampled_bq{bq}_w{warps}_ms"] = _median_ms(
-            lambda bq=bq, warps=warps: sampled_mass_triton(q, k, 0, bs, D ** -0.5, block_q=bq, num_warps=warps),
-            max(3, reps // 4))
+    default = None
+    for bq, warps, stages, one_pass, mb in SAMPLED_SWEEP:
+        name = f"sampled_{'1p' if one_pass else '2p'}_bq{bq}_w{warps}_s{stages}_{mb}MB"
+
+        def run(bq=bq, warps=warps, stages=stages, one_pass=one_pass, mb=mb):
+            return sampled_mass_triton(q, k, 0, bs, D ** -0.5, block_q=bq, num_warps=warps, num_stages=stages,
+                                       one_pass=one_pass, scratch_bytes=mb << 20)
+        got = run()
+        default = got if default is None else default  # each shape against the default (checked in check())
+        out[name + "_maxdiff"] = float((got - default).nan_to_num(0.0, 0.0, 0.0).abs().max())
+        del got
+        out[name + "_ms"] = _median_ms(run, max(3, reps // 4))
     if L <= 32768:
         out["scores_torch_path_ms"] = _median_ms(lambda: qmean_lse_scores(q, k, bs, impl="torch"), max(3, reps // 4))
     flops = 2 * Hq * D * sum(min(i + 1, L // bs) * bs for i in range(L // bs))
