@@ -28,12 +28,14 @@ _warned: set[str] = set()
 # rows were measured on an NVIDIA H200 (benchmarks/results/calibrate_auto_{hub,triton}_NVIDIA_H200.json):
 # the midpoint between the densities of the longest length where dense won and the shortest from
 # which sparse won (hub: 8K-32K tokens; Triton: 8K-64K).
-_CROSSOVER = {'hub': {(64, 1): 0.6371, (64, 4): 0.6371, (64, 8): 0.6371, (128, 1): 0.7432, (128, 4): 0.7432, (128, 8): 0.7432, (256, 1): 0.7432, (256, 4): 0.8087, (256, 8): 0.7432}, 'triton': {(64, 1): 0.7016, (64, 4): 0.7016, (64, 8): 0.7016, (128, 1): 0.4896, (128, 4): 0.7016, (128, 8): 0.7016, (256, 1): 0.4896, (256, 4): 0.7016, (256, 8): 0.7016}}  # noqa: E501
+_CROSSOVER = {'hub': {(64, 1, 32): 0.6371, (64, 4, 32): 0.6371, (64, 8, 32): 0.6371, (128, 1, 16): 0.6371, (128, 1, 32): 0.7432, (128, 4, 16): 0.7432, (128, 4, 32): 0.7432, (128, 8, 16): 0.6371, (128, 8, 32): 0.7432, (256, 1, 16): 0.7432, (256, 1, 32): 0.7432, (256, 4, 16): 0.7432, (256, 4, 32): 0.8087, (256, 8, 16): 0.7432, (256, 8, 32): 0.7432}, 'triton': {(64, 1, 16): 0.5106, (64, 1, 32): 0.7016, (64, 4, 16): 0.6371, (64, 4, 32): 0.7016, (64, 8, 16): 0.5106, (64, 8, 32): 0.7016, (128, 1, 32): 0.4896, (128, 4, 32): 0.7016, (128, 8, 32): 0.7016, (256, 1, 32): 0.4896, (256, 4, 32): 0.7016, (256, 8, 32): 0.7016}}  # noqa: E501
 
 
-def auto_dense_threshold(executor: str, head_dim: int, gqa: int) -> float:
+def auto_dense_threshold(executor: str, head_dim: int, gqa: int, heads: int = 32) -> float:
     """The measured crossover density for ``executor`` (an executor without its own row uses the
-    Triton executor's) at the nearest calibrated head dim and GQA ratio (by ratio)."""
+    Triton executor's) at the nearest calibrated head dim, then the nearest calibrated number of
+    query heads in the call (``heads``: Hq x batch entries; with few heads the planner's fixed
+    cost weighs more), then the nearest GQA ratio (all by ratio)."""
     table = _CROSSOVER.get(executor) or _CROSSOVER["triton"]
     lg = math.log2
 
@@ -41,8 +43,9 @@ def auto_dense_threshold(executor: str, head_dim: int, gqa: int) -> float:
         return min(options, key=lambda o: (abs(lg(max(x, 1)) - lg(o)), o))
 
     d = near(head_dim, sorted({k[0] for k in table}))
-    g = near(gqa, sorted({k[1] for k in table if k[0] == d}))
-    return table[(d, g)]
+    h = near(heads, sorted({k[2] for k in table if k[0] == d}))
+    g = near(gqa, sorted({k[1] for k in table if k[0] == d and k[2] == h}))
+    return table[(d, g, h)]
 
 
 def sparse_executor(device, dtype, head_dim: int, config: StemConfig, need_lse: bool) -> str:
@@ -56,12 +59,13 @@ def sparse_executor(device, dtype, head_dim: int, config: StemConfig, need_lse: 
 
 def auto_dense_reason(
     device_type: str, Lq: int, Lk: int, config: StemConfig, q_offset: int | None = None, *,
-    head_dim: int = 128, gqa: int = 4, executor: str = "triton",
+    head_dim: int = 128, gqa: int = 4, executor: str = "triton", heads: int = 32,
 ) -> str | None:
     """Why ``backend="auto"`` runs dense attention without planning, or None (host arithmetic only,
     from shapes and the config): on CUDA, when the budgets alone keep at least
     ``config.auto_dense_above`` of the causal blocks, or by default the crossover measured for the
-    sparse ``executor`` that auto would run, ``head_dim`` and ``gqa`` (Hq / Hkv)."""
+    sparse ``executor`` that auto would run, ``head_dim``, ``gqa`` (Hq / Hkv) and ``heads`` (Hq x
+    batch entries)."""
     if device_type != "cuda" or config.dense:
         return None
     bs = config.block_size
@@ -73,8 +77,8 @@ def auto_dense_reason(
     if config.auto_dense_above is not None:
         limit, what = config.auto_dense_above, f"StemConfig.auto_dense_above={config.auto_dense_above}"
     else:
-        limit = auto_dense_threshold(executor, head_dim, gqa)
-        what = f"{limit:.3f}, the crossover measured for {executor} at head dim {head_dim}, GQA {gqa}"
+        limit = auto_dense_threshold(executor, head_dim, gqa, heads)
+        what = f"{limit:.3f}, the crossover measured for {executor} at head dim {head_dim}, GQA {gqa}, {heads} heads"
     if d < limit:
         return None
     return f"budgets keep >= {d:.2f} of the causal blocks at {n} blocks (>= {what}): dense attention is faster here"
@@ -193,7 +197,7 @@ def _attention_traced(q, k, v, config, plan, backend, scale, return_plan, return
     off = Lk - Lq if q_offset is None else q_offset
     fields = config_fields(config)
     name, dense, differentiable, _ = decide(backend, q.device, q.dtype, D, Lq, Lk, q_offset, fields, return_lse,
-                                            q.shape[1] // k.shape[1])
+                                            q.shape[1] // k.shape[1], q.shape[0] * q.shape[1])
     if requires_grad(q, k, v):
         raise RuntimeError("stem.attention is forward-only inside torch.compile (its ops have no backward): run the "
                            "compiled prefill under torch.no_grad() or torch.inference_mode()")
@@ -225,7 +229,7 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
     fp8 = precision == "fp8"
     if plan is None and backend == "auto" and not fp8:
         dense_why = auto_dense_reason(q.device.type, q.shape[2], k.shape[2], config, q_offset, head_dim=q.shape[-1],
-                                      gqa=q.shape[1] // k.shape[1],
+                                      gqa=q.shape[1] // k.shape[1], heads=q.shape[0] * q.shape[1],
                                       executor=sparse_executor(q.device, q.dtype, q.shape[-1], config, return_lse)
                                       if q.is_cuda else "triton")
         if dense_why is not None:

@@ -67,9 +67,10 @@ def config_json(fields: tuple) -> str:
 
 @torch.compiler.assume_constant_result
 def decide(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, q_len: int, kv_len: int,
-           q_offset: int | None, fields: tuple, need_lse: bool, gqa: int = 4) -> tuple:
+           q_offset: int | None, fields: tuple, need_lse: bool, gqa: int = 4, heads: int = 32) -> tuple:
     """(executor name, dense plan?, differentiable?, why) for a (B, H, L, D) call: what the eager
-    path decides for the same shapes and config (``fields``: :func:`config_fields`; ``gqa`` = Hq / Hkv)."""
+    path decides for the same shapes and config (``fields``: :func:`config_fields`; ``gqa`` = Hq / Hkv;
+    ``heads`` = Hq x B)."""
     from .api import auto_dense_reason
     from .budget import is_dense_budget
     from .dispatch import DispatchKey, resolve
@@ -79,8 +80,9 @@ def decide(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int
     if backend == "auto" and device.type == "cuda":
         from .api import sparse_executor
 
+        executor = sparse_executor(device, dtype, head_dim, config, need_lse)
         shortcut = auto_dense_reason(device.type, q_len, kv_len, config, q_offset, head_dim=head_dim, gqa=gqa,
-                                     executor=sparse_executor(device, dtype, head_dim, config, need_lse)) is not None
+                                     heads=heads, executor=executor) is not None
     n = -(-kv_len // config.block_size)
     dense = shortcut or config.dense or is_dense_budget(n, config.k_rate, config.k_bias)
     ex, why = resolve(backend, DispatchKey(device, dtype, head_dim, config.block_size, dense, need_lse))

@@ -401,7 +401,7 @@ def _seq_view(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
 
 
 def _dense_seq(lq: int, lk: int, config: StemConfig, device_type: str, auto_dense: bool, head_dim: int = 128,
-               gqa: int = 4) -> bool:
+               gqa: int = 4, heads: int = 32) -> bool:
     """Whether a sequence gets a dense plan: a dense config or budget, or (auto_dense) the auto
     shortcut of stem.attention on CUDA."""
     from .api import auto_dense_reason
@@ -409,7 +409,8 @@ def _dense_seq(lq: int, lk: int, config: StemConfig, device_type: str, auto_dens
     n = _cdiv(lk, config.block_size)
     if config.dense or is_dense_budget(n, config.k_rate, config.k_bias):
         return True
-    return auto_dense and auto_dense_reason(device_type, lq, lk, config, head_dim=head_dim, gqa=gqa) is not None
+    return auto_dense and auto_dense_reason(device_type, lq, lk, config, head_dim=head_dim, gqa=gqa,
+                                                heads=heads) is not None
 
 
 def plan_varlen_rows(q, k, v, cu_q, lens, max_q: int, max_k: int, config: StemConfig, *, pooling: str = "auto",
@@ -425,7 +426,8 @@ def plan_varlen_rows(q, k, v, cu_q, lens, max_q: int, max_k: int, config: StemCo
     dev, bs = q.device, config.block_size
     auto_dense = auto_dense and dev.type == "cuda"  # the shortcut is a CUDA speed rule (see auto_dense_reason)
     _, _, nQ, W = varlen_plan_shape(B, Hq, max_q, max_k, config, auto_dense)
-    dense = [_dense_seq(lq, lk, config, dev.type, auto_dense, q.shape[2], q.shape[1] // k.shape[1]) for lq, lk in lens]
+    dense = [_dense_seq(lq, lk, config, dev.type, auto_dense, q.shape[2], q.shape[1] // k.shape[1], Hq)
+             for lq, lk in lens]
     all_dense = all(dense)
     if impl == "auto":
         # an opt-in ranking (StemConfig.ranking) plans sequence by sequence: its scores need each

@@ -9,8 +9,9 @@ from stem.budget import min_density
 
 
 def test_threshold_lookup_takes_the_nearest_calibrated_shape(monkeypatch):
-    table = {"triton": {(64, 1): 0.3, (64, 8): 0.4, (128, 1): 0.5, (128, 4): 0.6, (256, 4): 0.7},
-             "hub": {(128, 4): 0.2}}
+    table = {"triton": {(64, 1, 32): 0.3, (64, 8, 32): 0.4, (64, 8, 16): 0.35, (128, 1, 32): 0.5, (128, 4, 32): 0.6,
+                        (256, 4, 32): 0.7},
+             "hub": {(128, 4, 32): 0.2}}
     monkeypatch.setattr(api, "_CROSSOVER", table)
     assert api.auto_dense_threshold("triton", 128, 4) == 0.6
     assert api.auto_dense_threshold("triton", 96, 3) == 0.6      # log-nearest: 96 -> 128, 3 -> 4
@@ -18,13 +19,17 @@ def test_threshold_lookup_takes_the_nearest_calibrated_shape(monkeypatch):
     assert api.auto_dense_threshold("triton", 512, 1) == 0.7     # only G 4 is calibrated at 256
     assert api.auto_dense_threshold("hub", 64, 1) == 0.2
     assert api.auto_dense_threshold("someone_elses", 128, 1) == 0.5  # falls back to the Triton row
+    # heads: the nearest calibrated head count first, then the GQA ratios calibrated there
+    assert api.auto_dense_threshold("triton", 64, 7, heads=14) == 0.35
+    assert api.auto_dense_threshold("triton", 64, 8, heads=64) == 0.4
+    assert api.auto_dense_threshold("triton", 64, 1, heads=12) == 0.35  # only G 8 is calibrated at 16 heads
 
 
 def test_decision_uses_the_table_and_the_config_overrides_it(monkeypatch):
     cfg = stem.StemConfig()
     n = 128  # 16K tokens
     d = min_density(n, cfg.alpha, cfg.k_rate, cfg.k_bias)
-    monkeypatch.setattr(api, "_CROSSOVER", {"triton": {(128, 4): d - 0.01}, "hub": {(128, 4): d + 0.01}})
+    monkeypatch.setattr(api, "_CROSSOVER", {"triton": {(128, 4, 32): d - 0.01}, "hub": {(128, 4, 32): d + 0.01}})
     why = api.auto_dense_reason("cuda", 16384, 16384, cfg, head_dim=128, gqa=4, executor="triton")
     assert why is not None and "measured for triton" in why
     assert api.auto_dense_reason("cuda", 16384, 16384, cfg, head_dim=128, gqa=4, executor="hub") is None
@@ -36,7 +41,7 @@ def test_decision_uses_the_table_and_the_config_overrides_it(monkeypatch):
 
 def test_committed_table_covers_every_calibrated_shape():
     for ex, rows in api._CROSSOVER.items():
-        assert {(d, g) for d in (64, 128, 256) for g in (1, 4, 8)} <= set(rows), ex
+        assert {(d, g, 32) for d in (64, 128, 256) for g in (1, 4, 8)} <= set(rows), ex
         assert all(0.0 < v <= 1.0 for v in rows.values()), rows
 
 
@@ -54,3 +59,13 @@ def test_cached_dense_plan_is_the_dense_plan():
     assert a.dense and torch.equal(a.kv_counts, b.kv_counts) and torch.equal(a.kv_indices, b.kv_indices)
     assert a.q_offset == b.q_offset == 200
     assert cached_dense_plan(2, 3, 500, 700, 64, torch.device("cpu")) is a  # nothing new is made
+
+
+def test_decision_names_the_head_count_it_used(monkeypatch):
+    cfg = stem.StemConfig()
+    d = min_density(128, cfg.alpha, cfg.k_rate, cfg.k_bias)  # 16K tokens
+    # sparse at 32 heads, dense at 16: the planner's fixed cost weighs more with fewer heads
+    monkeypatch.setattr(api, "_CROSSOVER", {"triton": {(64, 8, 32): d + 0.05, (64, 8, 16): d - 0.05}})
+    assert api.auto_dense_reason("cuda", 16384, 16384, cfg, head_dim=64, gqa=7, heads=32) is None
+    why = api.auto_dense_reason("cuda", 16384, 16384, cfg, head_dim=64, gqa=7, heads=14)
+    assert why is not None and "16 heads" not in why and "14 heads" in why

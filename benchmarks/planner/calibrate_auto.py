@@ -1,12 +1,13 @@
 """Measure where ``backend="auto"`` should switch from dense SDPA to the Stem plan: sparse end to end
 (``stem.attention`` planning + the auto-chosen sparse executor) against dense SDPA as the dense
-path runs it (cuDNN first), for head dims 64 / 128 / 256 and GQA ratios 1 / 4 / 8 (Hq 32), over
+path runs it (cuDNN first), for head dims 64 / 128 / 256 and GQA ratios 1 / 4 / 8 (Hq 32, or --heads), over
 8K-64K tokens, bf16, default StemConfig.
 
     python -m benchmarks.planner.calibrate_auto --out benchmarks/results
+    python -m benchmarks.planner.calibrate_auto --table-from benchmarks/results/calibrate_auto_X.json
 
 Per (sparse executor, D, G) it prints the crossover as a budget density (``stem.budget.min_density``
-of the whole prefill): the midpoint between the density of the longest length where dense was
+of the whole prefill), keyed by (D, G, Hq): the midpoint between the density of the longest length where dense was
 faster and the shortest length from which sparse was faster at every measured length. The table
 ``_CROSSOVER`` in ``stem/api.py`` holds these numbers. Writes ``calibrate_auto_<tag>.json``.
 """
@@ -61,13 +62,19 @@ def _measure(Hq: int, Hkv: int, L: int, D: int, cfg, reps: int) -> dict:
     return row
 
 
+def _key(key: str) -> tuple[int, int, int]:
+    """"D,G,Hq" (or "D,G" from files written before the head count was a key: Hq 32) -> a table key."""
+    parts = [int(x) for x in key.split(",")]
+    return (parts[0], parts[1], parts[2] if len(parts) > 2 else 32)
+
+
 def write_table(table: dict) -> None:
     """Replace the ``_CROSSOVER = ...`` line of stem/api.py with ``table`` merged into it."""
     import stem.api
 
     merged = {ex: dict(rows) for ex, rows in stem.api._CROSSOVER.items()}
     for ex, rows in table.items():
-        merged.setdefault(ex, {}).update({tuple(int(x) for x in key.split(",")): val for key, val in rows.items()})
+        merged.setdefault(ex, {}).update({_key(key): val for key, val in rows.items()})
     path = stem.api.__file__
     lines = open(path).read().split("\n")
     at = next(i for i, ln in enumerate(lines) if ln.startswith("_CROSSOVER = "))
@@ -94,7 +101,13 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--write-table", action="store_true",
                    help="write the measured crossovers into stem/api.py's _CROSSOVER (other executors' rows kept)")
+    p.add_argument("--table-from", default=None, metavar="JSON",
+                   help="measure nothing: write the crossovers of a calibrate_auto JSON into stem/api.py")
     args = p.parse_args(argv)
+    if args.table_from:
+        with open(args.table_from) as f:
+            write_table(json.load(f)["crossover_density"])
+        return 0
     cfg = stem.StemConfig()
     rows, table = [], {}
     card = torch.cuda.get_device_name(0)
@@ -124,7 +137,7 @@ def main(argv=None) -> int:
                       f"{row['sparse_ms']:.3f} (plan {row['plan_ms']:.3f}, {row['executor']})", flush=True)
                 torch.cuda.empty_cache()
             ex = pts[-1]["executor"]
-            table.setdefault(ex, {})[f"{D},{G}"] = crossover(pts)
+            table.setdefault(ex, {})[f"{D},{G},{Hq}"] = crossover(pts)
             save()
     print("crossover density (auto runs dense above it):", json.dumps(table))
     print(f"-> {path}")
