@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -68,6 +69,14 @@ def auto_dense_reason(
     batch entries)."""
     if device_type != "cuda" or config.dense:
         return None
+    return _auto_dense_reason(Lq, Lk, config, q_offset, head_dim, gqa, executor, heads, id(_CROSSOVER))
+
+
+@functools.lru_cache(maxsize=256)
+def _auto_dense_reason(Lq: int, Lk: int, config: StemConfig, q_offset: int | None, head_dim: int, gqa: int,
+                       executor: str, heads: int, table_id: int) -> str | None:
+    # cached: a model calls this once per layer with the same shapes (about 13 us of host
+    # arithmetic each time); table_id keys it on the crossover table in use
     bs = config.block_size
     n = -(-Lk // bs)
     if is_dense_budget(n, config.k_rate, config.k_bias):

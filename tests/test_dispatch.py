@@ -171,3 +171,18 @@ def test_first_party_loader_falls_back_to_the_checkout(monkeypatch):
         for m in [m for m in sys.modules if m == "stem_backends" or m.startswith("stem_backends.")]:
             del sys.modules[m]
         sys.modules.update(saved)
+
+
+def test_dense_executor_puts_cudnn_first_and_restores_the_order():
+    """The dense executor's CUDA path runs SDPA with cuDNN first (it was the fastest dense kernel
+    measured), restores the caller's priority order afterwards and leaves the enable flags alone."""
+    from stem_backends.sdpa import _cudnn_first
+    from torch.nn.attention import SDPBackend
+
+    before = torch._C._get_sdp_priority_order()
+    flags = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
+    with _cudnn_first():
+        inside = torch._C._get_sdp_priority_order()
+        assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == flags
+    assert inside[0] == int(SDPBackend.CUDNN_ATTENTION) and sorted(inside) == sorted(before)
+    assert torch._C._get_sdp_priority_order() == before
