@@ -29,8 +29,8 @@ class StemConfig:
         dense: keep every causal block (a dense layer).
         auto_dense_above: ``backend="auto"`` on CUDA runs exact dense attention instead of
             planning when the budgets alone keep at least this fraction of the causal blocks.
-            None (default): the crossover measured per sparse executor, head dim and GQA ratio
-            (``stem.api.auto_dense_threshold``). It never changes a plan; values above 1 switch it
+            None (default): the crossover measured per sparse executor, head dim, query heads
+            in the call and GQA ratio (``stem.api.auto_dense_threshold``). It never changes a plan; values above 1 switch it
             off.
         ranking: the score that ranks key blocks inside each query block's budget. ``"stem"``
             (default): the paper's output-aware metric. Opt-in, not in the paper (see
