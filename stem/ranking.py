@@ -20,8 +20,8 @@ rows per query block against every causal key, ``4 / block_size`` of dense ``Q K
 block 128), plus one exponential per (sampled row, key). Torch path on any device; a fused
 Triton kernel on CUDA (``stem_backends.triton.ranking``, one pass over the keys): the whole
 ``stem.plan`` takes 1.3 ms at 32K and 6.5 ms at 128K on an H200 (Hq 32 / Hkv 8 / D 128,
-block 128; benchmarks/NOTES.md), with float32 scratch of about ``64 * 4 * (nQ / 4) * nK / 2``
-bytes per (batch entry, kv head) beside the (B, Hq, nQ, nK) float32 scores: 34 MB per kv head at
+block 128; benchmarks/NOTES.md), with float32 scratch of about ``4 * 4 * G * nQ * nK / 2``
+bytes per (batch entry, kv head) (G = Hq / Hkv) beside the (B, Hq, nQ, nK) float32 scores: 34 MB per kv head at
 128K, at most 512 MB in flight (``stem_backends.triton.ranking.SCRATCH_BYTES``).
 
 ``qmean_lse``
