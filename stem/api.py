@@ -32,6 +32,9 @@ _warned: set[str] = set()
 _CROSSOVER = {'hub': {(64, 1, 32): 0.6371, (64, 4, 32): 0.6371, (64, 8, 32): 0.6371, (128, 1, 16): 0.6371, (128, 1, 32): 0.7432, (128, 4, 16): 0.7432, (128, 4, 32): 0.7432, (128, 8, 16): 0.6371, (128, 8, 32): 0.7432, (256, 1, 16): 0.7432, (256, 1, 32): 0.7432, (256, 4, 16): 0.7432, (256, 4, 32): 0.8087, (256, 8, 16): 0.7432, (256, 8, 32): 0.7432}, 'triton': {(64, 1, 16): 0.5106, (64, 1, 32): 0.7016, (64, 4, 16): 0.6371, (64, 4, 32): 0.7016, (64, 8, 16): 0.5106, (64, 8, 32): 0.7016, (128, 1, 32): 0.4896, (128, 4, 32): 0.7016, (128, 8, 32): 0.7016, (256, 1, 32): 0.4896, (256, 4, 32): 0.7016, (256, 8, 32): 0.7016}}  # noqa: E501
 
 
+_DEFAULT_CONFIG = StemConfig()  # frozen: one instance serves every call without a config
+
+
 def auto_dense_threshold(executor: str, head_dim: int, gqa: int, heads: int = 32) -> float:
     """The measured crossover density for ``executor`` (an executor without its own row uses the
     Triton executor's) at the nearest calibrated head dim, then the nearest calibrated number of
@@ -201,7 +204,7 @@ def _attention_traced(q, k, v, config, plan, backend, scale, return_plan, return
 
     if plan is not None or return_plan:
         raise compile_unsupported("plan= / return_plan=True")
-    config = StemConfig() if config is None else config
+    config = _DEFAULT_CONFIG if config is None else config
     Lq, D, Lk = q.shape[2], q.shape[3], k.shape[2]
     off = Lk - Lq if q_offset is None else q_offset
     fields = config_fields(config)
@@ -234,7 +237,7 @@ def _empty(q, return_lse, return_plan):
 def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset, precision="native"):
     global _last
     dense_why = None
-    config = StemConfig() if config is None else config
+    config = _DEFAULT_CONFIG if config is None else config
     fp8 = precision == "fp8"
     if plan is None and backend == "auto" and not fp8:
         dense_why = auto_dense_reason(q.device.type, q.shape[2], k.shape[2], config, q_offset, head_dim=q.shape[-1],

@@ -30,8 +30,8 @@ class StemConfig:
         auto_dense_above: ``backend="auto"`` on CUDA runs exact dense attention instead of
             planning when the budgets alone keep at least this fraction of the causal blocks.
             None (default): the crossover measured per sparse executor, head dim, query heads
-            in the call and GQA ratio (``stem.api.auto_dense_threshold``). It never changes a plan; values above 1 switch it
-            off.
+            in the call and GQA ratio (``stem.api.auto_dense_threshold``). It never changes a
+            plan; values above 1 switch it off.
         ranking: the score that ranks key blocks inside each query block's budget. ``"stem"``
             (default): the paper's output-aware metric. Opt-in, not in the paper (see
             ``stem.ranking``): ``"sampled_mass"``, the exact softmax mass that 4 sampled query
