@@ -207,14 +207,22 @@ def greedy(model, ids: torch.Tensor, steps: int) -> list[int]:
 def passkey_run(model, tokenizer, filler: list[int], methods: list[str], config: stem.StemConfig, length: int,
                 depths: list[float], per_depth: int, seed: int = 0, backend: str = "auto",
                 deadline: float | None = None, progress: bool = True, first_sparse: int = FIRST_SPARSE,
-                instructed: bool = False) -> list[dict]:
+                instructed: bool = False, skip: int = 0) -> list[dict]:
     """One record per (prompt, method): depth, key, generated text, right or not, densities.
+    The prompts are a fixed sequence of ``per_depth * len(depths)`` (from ``seed``; a larger
+    ``per_depth`` extends it, the first prompts stay the same); the first ``skip`` are not run, so a
+    run can continue where another stopped (records keep their index in the whole sequence).
     Stops between prompts once ``time.time() > deadline``."""
     rng = random.Random(seed)
     recs = []
     prompts = [(d, rng.randrange(10000, 100000), rng.randrange(0, len(filler) - length)) for _ in range(per_depth)
                for d in depths]
+    if not 0 <= skip < len(prompts):
+        raise ValueError(f"skip={skip}: there are {len(prompts)} prompts (per_depth x depths); skip must be in "
+                         f"[0, {len(prompts)}) (lower --skip-prompts or raise --per-depth)")
     for n, (depth, key, offset) in enumerate(prompts):
+        if n < skip:
+            continue
         if deadline is not None and time.time() > deadline:
             break
         ids = passkey_prompt(tokenizer, filler, length, depth, key, offset, instructed).to(model.device)
@@ -312,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--per-depth", type=int, default=4)
     p.add_argument("--minutes", type=float, default=None, help="passkey: stop starting prompts after this")
+    p.add_argument("--skip-prompts", type=int, default=0,
+                   help="passkey: do not run the first N prompts of the (fixed) prompt sequence, to continue "
+                        "where another run with the same flags stopped")
     p.add_argument("--doc-offset", type=int, default=0,
                    help="layers/kl: skip this many tokens of the document's sources (another document)")
     p.add_argument("--docs", type=int, default=1,
@@ -397,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         recs = passkey_run(model, tok, filler_ids[0].tolist(), methods, cfg, args.length,
                            [float(d) for d in args.depths.split(",")], args.per_depth, backend=args.backend,
                            deadline=deadline, instructed=args.passkey_style == "instructed",
-                           first_sparse=args.first_sparse)
+                           first_sparse=args.first_sparse, skip=args.skip_prompts)
         res["passkey_style"] = args.passkey_style
+        res["skip_prompts"] = args.skip_prompts
         res["passkey"] = {"records": recs, "summary": summarise_passkey(recs), "needle": NEEDLE, "question": QUESTION}
     res["seconds"] = time.time() - t0
     path = Path(args.out) / f"quality_e2e_{args.part}_{args.model}_{args.length // 1024}k{args.tag}.json"

@@ -359,6 +359,28 @@ def test_passkey_prompt_and_summary(tiny):
     assert s["dense"]["stderr"] == pytest.approx((2 / 3 * 1 / 3 / 3) ** 0.5)
 
 
+def test_passkey_skip_continues_the_sequence(tiny):
+    """A longer run that skips the prompts of a shorter one runs exactly the prompts that follow them."""
+    from benchmarks.quality.e2e import passkey_run
+
+    class ByteTok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text.encode())}
+
+        def decode(self, ids):
+            return bytes(i % 256 for i in ids).decode(errors="replace")
+
+    filler, depths = list(b"abcdefgh " * 200), [0.25, 0.75]
+    args = (tiny[0], ByteTok(), filler, ["dense"], CFG, 600, depths)
+    first = passkey_run(*args, 1, progress=False)
+    rest = passkey_run(*args, 2, progress=False, skip=len(first))
+    whole = passkey_run(*args, 2, progress=False)
+    assert [r["prompt"] for r in first] == [0, 1] and [r["prompt"] for r in rest] == [2, 3]
+    assert first + rest == whole
+    with pytest.raises(ValueError, match="skip-prompts"):
+        passkey_run(*args, 1, progress=False, skip=2)
+
+
 def test_e2e_plot(tmp_path):
     from benchmarks.quality.e2e import plot
 
