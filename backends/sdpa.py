@@ -33,10 +33,11 @@ class _CudnnFirst:
         torch._C._set_sdp_priority_order(self.prev)
 
 
-def _cudnn_first():
-    if hasattr(torch._C, "_set_sdp_priority_order"):
-        return _CudnnFirst()
-    return sdpa_kernel(_CUDA_ORDER, set_priority=True)  # a torch without the priority switch
+if hasattr(torch._C, "_set_sdp_priority_order"):
+    _cudnn_first = _CudnnFirst
+else:  # a torch without the priority switch
+    def _cudnn_first():
+        return sdpa_kernel(_CUDA_ORDER, set_priority=True)
 
 
 class DenseSDPAExecutor(Executor):

@@ -63,6 +63,15 @@ def _sampled_scores(qs, k_base, j, t, dd, pos, Lk, s_kl, scale_log2, BS: tl.cons
 
 
 @triton.jit
+def _fold_block(s, c, m_i, l_i):
+    """Online softmax over one key block of scores ``s * c`` (log2 units): the new running max,
+    the new running sum, and the block's own sum under the new max."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+    bsum = tl.sum(tl.exp2(s * c - m_new[:, None]), 1)
+    return m_new, l_i * tl.exp2(m_i - m_new) + bsum, bsum
+
+
+@triton.jit
 def sampled_mass_kernel(
     Q, K, ROWS, OUT, LSE, TILES, ENDS, TOFF, q_offset, qbo, nQ, Lk, scale_log2, bhk0, Hkv, lse_per_head,
     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_ob, s_oh, s_oq,
@@ -105,21 +114,14 @@ def sampled_mass_kernel(
             kt = tl.load(k_base + kpos[None, :] * s_kl + dd[:, None], mask=dd[:, None] < D, other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
-        s = tl.dot(qs, kt)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-        bsum = tl.sum(tl.exp2(s * scale_log2 - m_new[:, None]), 1)
-        l_i = l_i * tl.exp2(m_i - m_new) + bsum
-        m_i = m_new
+        m_i, l_i, bsum = _fold_block(tl.dot(qs, kt), scale_log2, m_i, l_i)
         if ONE_PASS:  # log2 of block j's unnormalised mass
-            tl.store(lse_base + j * R + r, m_new + tl.log2(bsum))
+            tl.store(lse_base + j * R + r, m_i + tl.log2(bsum))
     for j in range(full, end):  # the tile's own query blocks: token causal mask and the Lk bound
-        s = _sampled_scores(qs, k_base, j, t, dd, pos, Lk, s_kl, scale_log2, BS, D, UPCAST)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        bsum = tl.sum(tl.exp2(s - m_new[:, None]), 1)
-        l_i = l_i * tl.exp2(m_i - m_new) + bsum
-        m_i = m_new
+        s = _sampled_scores(qs, k_base, j, t, dd, pos, Lk, s_kl, scale_log2, BS, D, UPCAST)  # already scaled
+        m_i, l_i, bsum = _fold_block(s, 1.0, m_i, l_i)
         if ONE_PASS:  # -inf where no key of block j is causal for the row
-            tl.store(lse_base + j * R + r, m_new + tl.log2(bsum))
+            tl.store(lse_base + j * R + r, m_i + tl.log2(bsum))
     # per (head, query block): its output row offset, absolute block and validity (its N rows agree)
     off = tl.max(tl.reshape(b * s_ob + h * s_oh + qi * s_oq, (BLOCK_G * BLOCK_Q, N)), 1)
     a_q = tl.max(tl.reshape(qbo + qi, (BLOCK_G * BLOCK_Q, N)), 1)
