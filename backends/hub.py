@@ -207,10 +207,47 @@ class HubExecutor(Executor):
             q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.kv_counts, plan.kv_indices, plan.block_size, scale,
             return_lse)
 
-    def forward(self, q, k, v, plan, scale, return_lse):
+    def fp8_unsupported_reason(self, q, block_size: int) -> str | None:
+        """None when the loaded kernel's FP8 path runs q's shape with plan blocks of ``block_size``
+        on q's device; else why not (used by ``stem.attention(..., precision="fp8")``)."""
+        why = self.unavailable_reason(q.device)
+        if why is not None:
+            return why
+        mod, _ = self.load()
+        if not callable(getattr(mod, "supports_fp8", None)):
+            return "the loaded hub kernel has no FP8 path (a build older than this stem)"
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"the FP8 path takes float16 or bfloat16 q/k/v, got {q.dtype}"
+        why = mod.supports_fp8(q.shape[-1], block_size, q.device)
+        return None if why is None else f"{why} (hub kernel, FP8)"
+
+    def forward(self, q, k, v, plan, scale, return_lse, precision: str = "native"):
         mod, reason = self.load()
         if mod is None:
             raise RuntimeError(f"stem backend 'hub' is unavailable: {reason}")
+        if precision == "fp8":
+            return self._forward_fp8(mod, q, k, v, plan, scale, return_lse)
         return mod.block_sparse_attn_fwd(
             q, k, v, plan.kv_counts, plan.kv_indices, plan.block_size, plan.q_offset, scale, return_lse
         )
+
+    @staticmethod
+    def _forward_fp8(mod, q, k, v, plan, scale, return_lse):
+        """Quantise (Q per row; K minus its per-channel mean, per 128-key tile; V per channel,
+        transposed, keys in the kernel's fragment order), then the FP8 kernel. Three launches for
+        the quantisation, one for attention; no host synchronisation."""
+        from stem_backends.triton.fp8 import P_SCALE, quantize_kv, quantize_rows
+
+        k8, vt8, ks, vs, kmean = quantize_kv(k, v, 128, plan.block_size, True, v_per_channel=True, permute32=True)
+        q8, qs = quantize_rows(q)
+        # the kernel divides by the sum of the same (p * 256) it multiplies V by: v ~ v8 * (vs * 256)
+        out, lse = mod.block_sparse_attn_fp8_fwd(q8, k8, vt8, qs, ks, vs * P_SCALE, plan.kv_counts, plan.kv_indices,
+                                                 plan.block_size, plan.q_offset, k.shape[2], scale, return_lse,
+                                                 q.dtype)
+        if return_lse:
+            # the kernel's scores are against K minus its mean: every row's lse is short by q . mean
+            B, Hq, Lq, D = q.shape
+            Hkv = k.shape[1]
+            shift = torch.einsum("bhgld,bhd->bhgl", q.view(B, Hkv, Hq // Hkv, Lq, D).float(), kmean)
+            lse = lse + shift.reshape(B, Hq, Lq) * scale
+        return out, lse

@@ -136,9 +136,10 @@ def attention(
         precision: "native" (the matrix products in the input dtype) or "fp8": float16/bfloat16
             q/k/v are quantised on the GPU to float8 e4m3 with per-block scales and both matrix
             products run on FP8 tensor cores (fp32 accumulation, output in q's dtype). "fp8"
-            runs the Triton executor on CUDA GPUs of compute capability 8.9+ only (``backend``
-            "auto" or "triton"; head dim >= 32, plan blocks >= 64; any plan, dense ones
-            included) and raises ValueError elsewhere.
+            runs on CUDA GPUs of compute capability 8.9+ only, on the Hub kernel (``backend``
+            "auto" or "hub"; compute capability 9.0, head dim 128, plan blocks of 128 or 256)
+            or the Triton executor ("auto" elsewhere, or "triton"; head dim >= 32, plan blocks
+            >= 64); any plan, dense ones included. It raises ValueError elsewhere.
 
     Returns:
         out (B, Hq, Lq, D) in q's dtype; ``(out, plan)``, ``(out, lse)`` or ``(out, lse, plan)``
@@ -173,9 +174,9 @@ def _check_fp8(q, k, v, backend, precision, block_size) -> None:
     """ValueError unless ``precision`` is "fp8" and the FP8 path can run these inputs."""
     if precision != "fp8":
         raise ValueError(f"precision must be 'native' or 'fp8', got {precision!r}")
-    if backend not in ("auto", "triton"):
-        raise ValueError(f"precision='fp8' runs on the Triton executor only, not backend={backend!r}: pass "
-                         "backend='triton' (or 'auto'), or precision='native'")
+    if backend not in ("auto", "triton", "hub"):
+        raise ValueError(f"precision='fp8' runs on the 'hub' and 'triton' executors, not backend={backend!r}: pass "
+                         "backend='auto', 'hub' or 'triton', or precision='native'")
     if q.device.type != "cuda":
         raise ValueError(f"precision='fp8' runs on CUDA GPUs (compute capability 8.9+) only, not on {q.device.type}: "
                          "use precision='native'")
@@ -190,6 +191,21 @@ def _check_fp8(q, k, v, backend, precision, block_size) -> None:
     why = fp8_unsupported_reason(q, k, v, block_size)
     if why is not None:
         raise ValueError(why)
+    if backend == "hub":
+        why = _fp8_hub_reason(q, block_size)
+        if why is not None:
+            raise ValueError(f"precision='fp8' with backend='hub': {why}; pass backend='triton' (or 'auto')")
+
+
+def _fp8_hub_reason(q, block_size) -> str | None:
+    """None when the Hub kernel's FP8 path runs q's shape with plan blocks of ``block_size``."""
+    from .dispatch import executors
+
+    hub = executors().get("hub")
+    if hub is None:
+        return "no 'hub' executor is registered"
+    reason = getattr(hub, "fp8_unsupported_reason", None)
+    return "the 'hub' executor has no FP8 path" if reason is None else reason(q, block_size)
 
 
 def compile_unsupported(what: str) -> ValueError:
@@ -254,9 +270,14 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
     else:
         validate_plan(plan, q, k, q_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if fp8:  # the FP8 kernel is the Triton executor's, for sparse and dense plans alike
-        ex, _ = resolve("triton", DispatchKey.of(q, plan, return_lse))
-        why = f"triton, precision='fp8' (backend={backend!r})"
+    if fp8:  # the Hub kernel's FP8 path where it runs these inputs, else Triton's; sparse and dense plans alike
+        name, why = backend, f"{backend}, precision='fp8'"
+        if backend == "auto":
+            hub_why = _fp8_hub_reason(q, plan.block_size)
+            name = "hub" if hub_why is None else "triton"
+            why = ("hub, precision='fp8' (backend='auto')" if hub_why is None
+                   else f"triton, precision='fp8' (backend='auto'; not the hub: {hub_why})")
+        ex, _ = resolve(name, DispatchKey.of(q, plan, return_lse))
         if _last != why:
             log.info("%s", why)
         _last = why

@@ -65,9 +65,9 @@ def test_attention_fp8_refuses_cpu_and_bad_values():
         stem.attention(q, q, q, precision="fp8")
     with pytest.raises(ValueError, match="'native' or 'fp8'"):
         stem.attention(q, q, q, precision="fp16")
-    with pytest.raises(ValueError, match="Triton executor only"):
+    with pytest.raises(ValueError, match="'hub' and 'triton' executors, not backend='reference'"):
         stem.attention(q, q, q, precision="fp8", backend="reference")
-    with pytest.raises(ValueError, match="Triton executor only"):
+    with pytest.raises(ValueError, match="CUDA GPUs"):
         stem.attention(q, q, q, precision="fp8", backend="hub")
 
 
@@ -199,6 +199,50 @@ def _check_quantize(seed):
                        torch.full((B, H, L // bn), E4M3_MAX))
 
 
+def _hub_key_column(n: int) -> int:
+    """Column of key n in the Hub FP8 kernel's V^T, written from the register layouts in the PTX
+    ISA: the e4m3 A fragment of a 32-wide k-step gives thread (lane % 4 = c) columns 4c..4c+3 and
+    16+4c..16+4c+3 of its row; the f32 accumulator of S gives it keys 8j+2c, 8j+2c+1 (j = 0..3).
+    The kernel packs groups j = 0, 1 into the first register and j = 2, 3 into the third."""
+    base, o = n - n % 32, n % 32
+    for c in range(4):
+        keys = [2 * c, 2 * c + 1, 8 + 2 * c, 9 + 2 * c, 16 + 2 * c, 17 + 2 * c, 24 + 2 * c, 25 + 2 * c]
+        cols = [4 * c, 4 * c + 1, 4 * c + 2, 4 * c + 3, 16 + 4 * c, 17 + 4 * c, 18 + 4 * c, 19 + 4 * c]
+        if o in keys:
+            return base + cols[keys.index(o)]
+    raise AssertionError(n)
+
+
+def _check_quantize_hub(seed):
+    """The Hub FP8 layout: quantize_kv(v_per_channel=True, permute32=True) puts key n of V in column
+    _hub_key_column(n) with one scale per channel; quantize_rows scales each row of Q by amax/448."""
+    from stem_backends.triton.fp8 import P_SCALE, quantize_kv, quantize_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    B, H, L, D, bn, pad = 1, 2, 150, 32, 64, 128
+    k = torch.randn(B, H, L, D, generator=gen).bfloat16()
+    v = (torch.randn(B, H, L, D, generator=gen) * torch.rand(B, H, 1, D, generator=gen) * 5).bfloat16()
+    k8, vt8, ks, vs, _ = quantize_kv(k, v, bn, pad, v_per_channel=True, permute32=True)
+    Lp = 256
+    assert vt8.shape == (B, H, D, Lp) and vs.shape == (B, H, D)
+    want_vs = v.double().abs().amax(2) / E4M3_MAX
+    assert torch.allclose(vs.double() * P_SCALE, want_vs, rtol=1e-6, atol=0), "per-channel v scales"
+    perm = torch.tensor([_hub_key_column(n) for n in range(Lp)])
+    vd = vt8.double()[..., perm].transpose(-1, -2)[:, :, :L] * want_vs[:, :, None, :]
+    v64 = v.double()
+    assert (vd - v64).abs().le(2.0 ** -4 * v64.abs() + 2.0 ** -10 * want_vs[:, :, None, :] + 1e-6).all(), \
+        "v layout or rounding"
+    assert (vt8.float()[..., perm[L:]] == 0).all(), "padding keys are not zero"
+    q = (torch.randn(B, H, 70, D, generator=gen) * torch.rand(B, H, 70, 1, generator=gen) * 8).bfloat16()
+    q8, qs = quantize_rows(q)
+    q64 = q.double()
+    want_qs = q64.abs().amax(-1) / E4M3_MAX
+    assert q8.shape == q.shape and qs.shape == q.shape[:3]
+    assert torch.allclose(qs.double(), want_qs, rtol=1e-6, atol=0), "q row scales"
+    qd = q8.double() * want_qs[..., None]
+    assert (qd - q64).abs().le(2.0 ** -4 * q64.abs() + 2.0 ** -10 * want_qs[..., None] + 1e-6).all(), "q rounding"
+
+
 def _check_attention(B, Hq, Hkv, Lq, Lk, D, bs, dtype, q_offset, tiles, k_shift, kind, seed):
     from stem_backends.triton.executor import run_block_sparse_attention
 
@@ -230,7 +274,8 @@ def _child_main() -> None:
     from conftest import child_report
 
     base = int(os.environ["STEM_TEST_SEED"])
-    checks = {"cast": lambda: _check_cast(base), "quantize_kv": lambda: _check_quantize(base + 1)}
+    checks = {"cast": lambda: _check_cast(base), "quantize_kv": lambda: _check_quantize(base + 1),
+              "quantize_hub": lambda: _check_quantize_hub(base + 2)}
     for i, (name, args) in enumerate(ATTN_CASES.items()):
         checks[name] = lambda args=args, i=i: _check_attention(*args, seed=base + 10 + i)
     child_report(checks)
@@ -243,7 +288,7 @@ def interpreted_results():
     return interpreted_child_results(__file__)
 
 
-@pytest.mark.parametrize("case", ["cast", "quantize_kv", *ATTN_CASES])
+@pytest.mark.parametrize("case", ["cast", "quantize_kv", "quantize_hub", *ATTN_CASES])
 def test_interpreted_fp8(interpreted_results, case):
     assert case in interpreted_results, f"case {case} did not run"
     assert interpreted_results[case] is None, interpreted_results[case]
@@ -320,8 +365,81 @@ def test_gpu_fp8_refusals():
     qb = q.bfloat16().requires_grad_()
     with pytest.raises(ValueError, match="forward-only"):
         stem.attention(qb, qb, qb, precision="fp8")
-    with pytest.raises(ValueError, match="Triton executor only"):
+    with pytest.raises(ValueError, match="'hub' and 'triton' executors"):
         stem.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), precision="fp8", backend="sdpa")
+
+
+# ---------------------------------------------------------------- the Hub kernel's FP8 path (sm90)
+
+def _hub_fp8_or_skip():
+    from stem.dispatch import executors
+
+    hub = executors()["hub"]
+    if hub.unavailable_reason(torch.device("cuda")) is not None:
+        pytest.skip(f"hub: {hub.unavailable_reason(torch.device('cuda'))}")
+    t = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device="cuda")
+    why = hub.fp8_unsupported_reason(t, 128)
+    if why is not None:
+        pytest.skip(why)
+    return hub
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+@pytest.mark.parametrize("dtype,B,Hq,Hkv,L,q_offset,bs,k_shift,kind", [
+    (torch.bfloat16, 1, 8, 2, 16384, None, 128, 0.0, "stem"),  # a sparse Stem plan
+    (torch.float16, 2, 4, 1, 3000, None, 256, 4.0, "dense"),  # odd length, padding keys, K offset
+    (torch.bfloat16, 1, 4, 2, 1000, 1500, 128, 0.0, "random"),  # chunked prefill: Lq < Lk, unaligned offset
+])
+@torch.no_grad()
+def test_gpu_hub_fp8_matches_float64(dtype, B, Hq, Hkv, L, q_offset, bs, k_shift, kind, gen):
+    """The Hub kernel's FP8 path against float64 on the true q/k/v: a wrong key order, scale or
+    mask gives errors of order 1, e4m3 rounding about 5 %."""
+    import stem
+
+    _hub_fp8_or_skip()
+    Lk = L if q_offset is None else q_offset + L
+    q = torch.randn(B, Hq, L, 128, generator=gen).to(dtype).cuda()
+    k = torch.randn(B, Hkv, Lk, 128, generator=gen) + k_shift * torch.randn(1, 1, 1, 128, generator=gen)
+    k = k.to(dtype).cuda()
+    v = torch.randn(B, Hkv, Lk, 128, generator=gen).to(dtype).cuda()
+    off = Lk - L if q_offset is None else q_offset
+    if kind == "stem":
+        plan = stem.plan(q, k, v)
+        assert not plan.dense
+    else:
+        plan = random_plan(B, Hq, L, Lk, bs, off, gen, dense=kind == "dense").to("cuda")
+    scale = 1.0 / math.sqrt(128)
+    ref, ref_lse = reference(q, k, v, plan, scale)
+    out, lse = stem.attention(q, k, v, plan=plan, precision="fp8", backend="hub", return_lse=True)
+    assert "hub, precision='fp8'" in stem.last_dispatch()
+    err = rel_err(out, ref)
+    tri = stem.attention(q, k, v, plan=plan, precision="fp8", backend="triton")
+    print(f"hub fp8 relative error {err:.4f}; triton fp8 {rel_err(tri, ref):.4f}")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert err <= FP8_TOL, f"hub fp8 relative error {err:.4f} > {FP8_TOL}"
+    assert (lse.double() - ref_lse).abs().max().item() <= LSE_TOL
+    auto = stem.attention(q, k, v, plan=plan, precision="fp8")
+    assert "hub, precision='fp8' (backend='auto')" in stem.last_dispatch()
+    assert torch.equal(auto, out)
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+@torch.no_grad()
+def test_gpu_hub_fp8_refusals():
+    import stem
+
+    hub = _hub_fp8_or_skip()
+    q = torch.randn(1, 2, 512, 64, device="cuda", dtype=torch.bfloat16)
+    assert "head dim 128" in hub.fp8_unsupported_reason(q, 128)
+    with pytest.raises(ValueError, match="head dim 128"):
+        stem.attention(q, q, q, precision="fp8", backend="hub")
+    stem.attention(q, q, q, precision="fp8")  # auto: the Triton FP8 path, saying why not the hub
+    assert "triton, precision='fp8'" in stem.last_dispatch() and "head dim 128" in stem.last_dispatch()
+    q = torch.randn(1, 2, 512, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="128 or 256"):
+        stem.attention(q, q, q, precision="fp8", backend="hub", config=stem.StemConfig(block_size=64))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from triton import knobs
 
 from . import interpreter_compat
 
-__all__ = ["E4M3_MAX", "P_SCALE", "fp8_tiles", "quantize_kv", "block_sparse_attention_fp8"]
+__all__ = ["E4M3_MAX", "P_SCALE", "fp8_tiles", "quantize_kv", "quantize_rows", "block_sparse_attention_fp8"]
 
 E4M3_MAX = 448.0  # largest finite torch.float8_e4m3fn
 P_SCALE = 256.0  # probabilities are cast as p * P_SCALE (a power of two: exact, max 256 < 448)
@@ -55,10 +55,11 @@ def _to_e4m3(x, EXACT_CAST: tl.constexpr):
 
 
 @triton.jit
-def _quantize_kv_kernel(K, V, KMEAN, K8, VT8, KS, VS,
+def _quantize_kv_kernel(K, V, KMEAN, VMAX, K8, VT8, KS, VS,
                         stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                         HKV, Lk, LKP, NT,
-                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EXACT_CAST: tl.constexpr):
+                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EXACT_CAST: tl.constexpr,
+                        V_PER_CHANNEL: tl.constexpr, PERMUTE32: tl.constexpr):
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -79,14 +80,24 @@ def _quantize_kv_kernel(K, V, KMEAN, K8, VT8, KS, VS,
 
     v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
                 + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-    vmax = tl.max(tl.abs(v), 0)  # per channel
+    if V_PER_CHANNEL:  # one scale per channel over the whole sequence
+        vmax = tl.load(VMAX + bh64 * HEAD_DIM + offs_d)
+    else:  # per tile and channel
+        vmax = tl.max(tl.abs(v), 0)
     sv = tl.where(vmax > 0, vmax / 448.0, 1.0)
     v8 = _to_e4m3(v * (1.0 / sv)[None, :], EXACT_CAST)
-    tl.store(VT8 + bh64 * HEAD_DIM * LKP + offs_d[None, :] * LKP + offs_n[:, None], v8)  # transposed
-    tl.store(VS + (bh64 * NT + t) * HEAD_DIM + offs_d, sv * (1.0 / 256.0))  # P_SCALE folded in
+    col = offs_n
+    if PERMUTE32:  # key 8 j + 2 c + e of a 32-key group goes to column 16 (j // 2) + 4 c + 2 (j % 2) + e
+        o = offs_n % 32
+        j = o // 8
+        col = offs_n - o + (j // 2) * 16 + ((o % 8) // 2) * 4 + (j % 2) * 2 + o % 2
+    tl.store(VT8 + bh64 * HEAD_DIM * LKP + offs_d[None, :] * LKP + col[:, None], v8)  # transposed
+    if not V_PER_CHANNEL:
+        tl.store(VS + (bh64 * NT + t) * HEAD_DIM + offs_d, sv * (1.0 / 256.0))  # P_SCALE folded in
 
 
-def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pad_to: int, smooth_k: bool = True):
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pad_to: int, smooth_k: bool = True, *,
+                v_per_channel: bool = False, permute32: bool = False):
     """e4m3 copies of k, v (B, Hkv, Lk, D; unit stride on D) with their scales.
 
     Returns ``(k8, vt8, k_scale, v_scale, k_mean)``: k8 (B, Hkv, Lp, D) float8_e4m3fn, vt8
@@ -95,6 +106,12 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pad_to: int, smo
     v_scale float32 (B, Hkv, Lp // block_n, D), one per key tile and channel, divided by
     ``P_SCALE``; k_mean float32 (B, Hkv, D), the mean subtracted from K (zeros without
     ``smooth_k``). Dequantised: ``k ~ k8 * k_scale + k_mean``, ``v ~ vt8^T * v_scale * P_SCALE``.
+
+    ``v_per_channel``: one V scale per channel over the whole sequence instead, v_scale (B, Hkv, D)
+    (still divided by ``P_SCALE``), so that a kernel applies it once, to its output. ``permute32``:
+    within every 32 keys, vt8 holds key ``8 j + 2 c + e`` (j < 4, c < 4, e < 2) in column
+    ``16 (j // 2) + 4 c + 2 (j % 2) + e``: the key order of the Hub kernel's FP8 probability
+    fragments (hub_kernels/stem-attention/csrc/block_sparse_attn_sm90.cuh).
     """
     interpreter_compat()
     B, H, Lk, D = k.shape
@@ -104,19 +121,61 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pad_to: int, smo
     k8 = torch.empty(B, H, Lp, D, dtype=torch.float8_e4m3fn, device=dev)
     vt8 = torch.empty(B, H, D, Lp, dtype=torch.float8_e4m3fn, device=dev)
     ks = torch.empty(B, H, nt, dtype=torch.float32, device=dev)
-    vs = torch.empty(B, H, nt, D, dtype=torch.float32, device=dev)
     if smooth_k and Lk:
         kmean = k.mean(dim=2, dtype=torch.float32).contiguous()
     else:
         kmean = torch.zeros(B, H, D, dtype=torch.float32, device=dev)
+    if v_per_channel:
+        vmax = (v.abs().amax(dim=2).float() if Lk else torch.zeros(B, H, D, device=dev)).contiguous()
+        # the kernel's own formula, so that the scale it divides by is the one returned
+        vs = (torch.where(vmax > 0, vmax / E4M3_MAX, torch.ones_like(vmax)) / P_SCALE).contiguous()
+    else:
+        vmax = kmean  # unused
+        vs = torch.empty(B, H, nt, D, dtype=torch.float32, device=dev)
     if B * H * nt:
         _quantize_kv_kernel[(nt, B * H)](
-            k, v, kmean, k8, vt8, ks, vs,
+            k, v, kmean, vmax, k8, vt8, ks, vs,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             H, Lk, Lp, nt, BLOCK_N=block_n, HEAD_DIM=D, EXACT_CAST=bool(knobs.runtime.interpret),
-            num_warps=8,
+            V_PER_CHANNEL=v_per_channel, PERMUTE32=permute32, num_warps=8,
         )
     return k8, vt8, ks, vs, kmean
+
+
+@triton.jit
+def _quantize_rows_kernel(X, X8, XS, stride_b, stride_h, stride_l, H, L,
+                          BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EXACT_CAST: tl.constexpr):
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = t * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows < L
+    x = tl.load(X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + rows[:, None].to(tl.int64) * stride_l
+                + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    xmax = tl.max(tl.abs(x), 1)
+    sx = tl.where(xmax > 0, xmax / 448.0, 1.0)
+    x8 = _to_e4m3(x * (1.0 / sx)[:, None], EXACT_CAST)
+    base = bh.to(tl.int64) * L
+    tl.store(X8 + (base + rows[:, None]) * HEAD_DIM + offs_d[None, :], x8, mask=ok[:, None])
+    tl.store(XS + base + rows, sx, mask=ok)
+
+
+def quantize_rows(x: torch.Tensor):
+    """e4m3 copy of x (B, H, L, D; unit stride on D) with one scale per row: returns (x8 (B, H, L, D)
+    float8_e4m3fn, contiguous; scale float32 (B, H, L)), ``x ~ x8 * scale`` (row max maps to 448)."""
+    interpreter_compat()
+    B, H, L, D = x.shape
+    x8 = torch.empty(B, H, L, D, dtype=torch.float8_e4m3fn, device=x.device)
+    xs = torch.empty(B, H, L, dtype=torch.float32, device=x.device)
+    block = 64
+    if B * H * L:
+        _quantize_rows_kernel[(triton.cdiv(L, block), B * H)](
+            x, x8, xs, x.stride(0), x.stride(1), x.stride(2), H, L, BLOCK=block, HEAD_DIM=D,
+            EXACT_CAST=bool(knobs.runtime.interpret), num_warps=4,
+        )
+    return x8, xs
 
 
 @triton.jit

@@ -5,9 +5,13 @@
 Times (CUDA-event medians, ``stem.bench.time_ms``) at B 1, Hq 32, Hkv 8, D 128, bf16 inputs, on
 the default Stem plan (planned once per length, outside the timing):
 
-* ``fp8``: ``stem.attention(q, k, v, plan=plan, precision="fp8")`` (quantisation of K/V included;
-  ``fp8_quantize`` times that launch alone),
-* ``bf16``: the Triton executor in the input dtype (``backend="triton"``),
+* ``fp8``: ``stem.attention(q, k, v, plan=plan, precision="fp8", backend="triton")`` (quantisation
+  of K/V included; ``fp8_quantize`` times that launch alone),
+* ``fp8_hub``: the same with ``backend="hub"``, the Hub kernel's FP8 path where the loaded build
+  has it (sm90, head dim 128; ``fp8_hub_quantize`` times its three quantisation launches alone,
+  ``fp8_hub_e2e`` plans too: ``stem.attention(q, k, v, precision="fp8")``),
+* ``bf16``: the Triton executor in the input dtype (``backend="triton"``); ``bf16_hub``: the Hub
+  kernel in the input dtype,
 * ``flex``: FlexAttention (``torch.compile``) with ``plan.to_flex_block_mask()``,
 * ``cudnn``: dense causal SDPA through cuDNN.
 
@@ -70,9 +74,13 @@ def accuracy(L, H, Hkv, D, seed):
         plan = stem.plan(q, k, v)
         scale = 1.0 / math.sqrt(D)
         ref = reference(q, k, v, plan, scale)
-        fp8 = stem.attention(q, k, v, plan=plan, precision="fp8")
+        fp8 = stem.attention(q, k, v, plan=plan, precision="fp8", backend="triton")
         bf16 = stem.attention(q, k, v, plan=plan, backend="triton")
         row = {"fp8": _errors(fp8, ref), "bf16": _errors(bf16, ref), "density": plan.density}
+        try:
+            row["fp8_hub"] = _errors(stem.attention(q, k, v, plan=plan, precision="fp8", backend="hub"), ref)
+        except (ValueError, RuntimeError) as e:
+            row["fp8_hub_error"] = str(e).splitlines()[0][:200]
         raw, _ = block_sparse_attention_fp8(q, k, v, plan.kv_counts, plan.kv_indices, block_size=plan.block_size,
                                             q_offset=plan.q_offset, scale=scale, smooth_k=False)
         row["fp8_no_smoothing"] = _errors(raw, ref)
@@ -85,7 +93,7 @@ def accuracy(L, H, Hkv, D, seed):
 def timing(L, H, Hkv, D, reps, flex, sweep):
     import torch.nn.functional as F
     from stem_backends.triton.executor import run_block_sparse_attention
-    from stem_backends.triton.fp8 import fp8_tiles, quantize_kv
+    from stem_backends.triton.fp8 import fp8_tiles, quantize_kv, quantize_rows
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import stem
@@ -106,11 +114,18 @@ def timing(L, H, Hkv, D, reps, flex, sweep):
         except Exception as e:  # report, keep benchmarking the rest
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
-    put("fp8", lambda: stem.attention(q, k, v, plan=plan, precision="fp8"))
+    put("fp8", lambda: stem.attention(q, k, v, plan=plan, precision="fp8", backend="triton"))
     bn = fp8_tiles(plan.block_size, D)[1]
     put("fp8_quantize", lambda: quantize_kv(k, v, bn, plan.block_size))
     row.pop("fp8_quantize_tflops", None)
+    put("fp8_hub", lambda: stem.attention(q, k, v, plan=plan, precision="fp8", backend="hub"))
+    if "fp8_hub_ms" in row:
+        put("fp8_hub_quantize", lambda: (quantize_kv(k, v, 128, plan.block_size, v_per_channel=True, permute32=True),
+                                         quantize_rows(q)))
+        row.pop("fp8_hub_quantize_tflops", None)
+        put("fp8_hub_e2e", lambda: stem.attention(q, k, v, precision="fp8"))
     put("bf16", lambda: stem.attention(q, k, v, plan=plan, backend="triton"))
+    put("bf16_hub", lambda: stem.attention(q, k, v, plan=plan, backend="hub"))
     if flex is not None:
         bm = plan.to_flex_block_mask()
         put("flex", lambda: flex(q, k, v, block_mask=bm, enable_gqa=True))
@@ -173,16 +188,19 @@ def main(argv=None) -> int:
     e = res["errors"]
     for name in ("gaussian", "k_channel_offset_4"):
         r = e[name]
-        print(f"errors vs float64 at {e['L']} ({name}): fp8 rel {r['fp8']['rel_l2']:.4f} "
+        hub = f"hub fp8 rel {r['fp8_hub']['rel_l2']:.4f} (max abs {r['fp8_hub']['max_abs']:.4f}), " \
+            if "fp8_hub" in r else ""
+        print(f"errors vs float64 at {e['L']} ({name}): {hub}fp8 rel {r['fp8']['rel_l2']:.4f} "
               f"(no smoothing {r['fp8_no_smoothing']['rel_l2']:.4f}), bf16 rel {r['bf16']['rel_l2']:.5f}; "
               f"max abs fp8 {r['fp8']['max_abs']:.4f} bf16 {r['bf16']['max_abs']:.4f}")
-    names = ["fp8", "fp8_quantize", "bf16", "flex", "cudnn"]
+    names = ["fp8_hub", "fp8_hub_quantize", "fp8_hub_e2e", "bf16_hub", "fp8", "fp8_quantize", "bf16", "flex",
+             "cudnn"]
     names += sorted({k[:-3] for r in res["rows"] for k in r if k.startswith("fp8_tiles_") and k.endswith("_ms")})
-    print(f"{'L':>7} {'density':>7} " + " ".join(f"{n + ' ms':>22}" for n in names) + f" {'fp8 vs bf16':>11}")
+    print(f"{'L':>7} {'density':>7} " + " ".join(f"{n + ' ms':>22}" for n in names) + f" {'hub fp8/bf16':>11}")
     for r in res["rows"]:
         cells = [(f"{r[n + '_ms']:>10.2f} ({r[n + '_tflops']:6.0f} TF)" if n + "_tflops" in r
                   else f"{r[n + '_ms']:>22.2f}") if n + "_ms" in r else f"{'-':>22}" for n in names]
-        sp = f"{r['bf16_ms'] / r['fp8_ms']:.2f}x" if "fp8_ms" in r and "bf16_ms" in r else "-"
+        sp = f"{r['bf16_hub_ms'] / r['fp8_hub_ms']:.2f}x" if "fp8_hub_ms" in r and "bf16_hub_ms" in r else "-"
         print(f"{r['L']:>7} {r['density']:>7.3f} " + " ".join(cells) + f" {sp:>11}")
         for k in r:
             if k.endswith("_error"):

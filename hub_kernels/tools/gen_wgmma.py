@@ -8,6 +8,8 @@ A wgmma names every accumulator register in its operand list (N / 2 floats a thr
 the wrappers are generated rather than written by hand. Two forms:
   ss: D (64 x N, f32) (+)= A (64 x 16, shared memory, K-major) * B (16 x N, shared memory, K-major)
   rs: D (64 x N, f32) (+)= A (64 x 16, registers)             * B (16 x N, shared memory, MN-major)
+and, for float8 e4m3 (Wgmma<__nv_fp8_e4m3, N>), the same two forms with k = 32, where B is K-major in
+both (the FP8 instructions have no transpose).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parents[1] / "stem-attention" / "csrc" / "wgmma.cuh"
 NS = (64, 128, 256)
 TYPES = (("__nv_bfloat16", "bf16"), ("__half", "f16"))
+FP8_NS = (64, 128, 256)
 
 
 def _regs(n: int, first: int) -> str:
@@ -29,26 +32,28 @@ def _acc_constraints(n: int) -> str:
     return ", ".join(f'"+f"(d[{i}])' for i in range(n))
 
 
-def _ss(n: int, ptx_t: str) -> str:
+def _ss(n: int, ptx_t: str, fp8: bool = False) -> str:
     nd = n // 2
+    k, tail = (32, "p, 1, 1") if fp8 else (16, "p, 1, 1, 0, 0")
     return f'''  static __device__ __forceinline__ void ss(float (&d)[{nd}], uint64_t desc_a, uint64_t desc_b, int scale_d) {{
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_t}.{ptx_t} {{{_regs(nd, 0)}}}, %{nd}, %{nd + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k{k}.f32.{ptx_t}.{ptx_t} {{{_regs(nd, 0)}}}, %{nd}, %{nd + 1}, {tail};\\n}}\\n"
         : {_acc_constraints(nd)}
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 #endif
   }}'''
 
 
-def _rs(n: int, ptx_t: str) -> str:
+def _rs(n: int, ptx_t: str, fp8: bool = False) -> str:
     nd = n // 2
+    k, tail = (32, "p, 1, 1") if fp8 else (16, "p, 1, 1, 1")
     return f'''  static __device__ __forceinline__ void rs(float (&d)[{nd}], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {{
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 5}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_t}.{ptx_t} {{{_regs(nd, 0)}}}, {{%{nd}, %{nd + 1}, %{nd + 2}, %{nd + 3}}}, %{nd + 4}, p, 1, 1, 1;\\n}}\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k{k}.f32.{ptx_t}.{ptx_t} {{{_regs(nd, 0)}}}, {{%{nd}, %{nd + 1}, %{nd + 2}, %{nd + 3}}}, %{nd + 4}, {tail};\\n}}\\n"
         : {_acc_constraints(nd)}
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
 #endif
@@ -61,11 +66,13 @@ def render() -> str:
         "// Hopper (sm_90a) warpgroup MMA wrappers: Wgmma<T, N>::ss (A and B from shared memory, both K-major)",
         "// and Wgmma<T, N>::rs (A from registers, B from shared memory, MN-major: transposed). d holds the",
         "// 64 x N float32 accumulator fragment of this thread (N / 2 registers); scale_d = 0 overwrites d.",
+        "// Wgmma<__nv_fp8_e4m3, N>: k = 32 per instruction, B K-major in both forms (FP8 has no transpose).",
         "// The bodies are empty outside the sm_90a compilation pass (wgmma exists only there).",
         "#pragma once",
         "",
         "#include <cuda_bf16.h>",
         "#include <cuda_fp16.h>",
+        "#include <cuda_fp8.h>",
         "",
         "#include <cstdint>",
         "",
@@ -78,6 +85,9 @@ def render() -> str:
     for ctype, ptx_t in TYPES:
         for n in NS:
             parts += ["template <>", f"struct Wgmma<{ctype}, {n}> {{", _ss(n, ptx_t), _rs(n, ptx_t), "};", ""]
+    for n in FP8_NS:
+        parts += ["template <>", f"struct Wgmma<__nv_fp8_e4m3, {n}> {{", _ss(n, "e4m3", True), _rs(n, "e4m3", True),
+                  "};", ""]
     parts += ["}  // namespace stem_attn", ""]
     return "\n".join(parts)
 

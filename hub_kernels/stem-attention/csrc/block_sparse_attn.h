@@ -33,7 +33,15 @@ struct Params {
   int block_size;   // plan block size: 64, 128 or 256
   int q_offset;     // absolute position of query row 0
   float scale_log2; // softmax scale * log2(e)
-  bool is_bf16;     // else float16
+  bool is_bf16;     // else float16 (FP8: the output's type)
+  // FP8 only (block_sparse_attn_fp8_fwd_launch), else unused: q, k are e4m3 (B, Hq, Lq, D) and
+  // (B, Hkv, Lk_pad, D), v is e4m3 V transposed, (B, Hkv, D, Lk_pad), its keys permuted within
+  // every 32-key group (block_sparse_attn_sm90.cuh); Lk stays the true key count (masking).
+  const float* q_scale;  // (B, Hq, Lq): one per query row
+  const float* k_scale;  // (B, Hkv, k_scale_tiles): one per 128-key tile
+  const float* v_scale;  // (B, Hkv, D): one per channel
+  int k_scale_tiles;
+  int Lk_pad;
 };
 
 // Which kernel ran the last launch of this process: 90 (wgmma + TMA), 80 (mma.sync) or 0 (none).
@@ -46,5 +54,10 @@ int last_kernel_path();
 // device, or the grid is too large); else the launch status. With sm = 0 the sm80 kernel runs
 // where the sm90 kernel cannot.
 cudaError_t block_sparse_attn_fwd_launch(const Params& p, int cc_major, int cc_minor, int sm, cudaStream_t stream);
+
+// The FP8 (e4m3) sm90 kernel, head dim 128, plan blocks of 128 or 256 (Params' FP8 fields set).
+// cudaErrorInvalidValue for other shapes, cudaErrorNotSupported where this build or device cannot
+// run it (no sm_90a code for the device); else the launch status.
+cudaError_t block_sparse_attn_fp8_fwd_launch(const Params& p, cudaStream_t stream);
 
 }  // namespace stem_attn

@@ -23,14 +23,27 @@
 //
 // Grid: one CTA per (batch, query head, 128-row query tile), ordered so that the CTAs in flight
 // share one kv head (L2 reuse of K/V) and the latest (heaviest) query tiles start first.
+//
+// FP8 (kFp8, head dim 128): the same schedule on e4m3 operands quantised beforehand (the stem
+// `hub` executor's quantisers): Q (B, Hq, Lq, D) with one scale per row, K (B, Hkv, Lp, D) with
+// one scale per 128-key tile, V transposed to (B, Hkv, D, Lp) with one scale per channel. Both
+// products use wgmma k32 with B K-major (FP8 has no transposed form). S's accumulator fragment
+// and the e4m3 A fragment of O += P V disagree on which keys a thread holds: the thread's 4 bytes
+// at k-positions 4c..4c+3 of a 32-key step are keys 2c, 2c+1, 2c+8, 2c+9 (and 16 more for the
+// second register pair). Rather than exchange registers, V's keys are stored in that order within
+// every 32-key group (quantize_kv(..., permute32=True)), which leaves the contraction unchanged.
+// The probabilities are cast to e4m3 as p * 256 (exact; keeps them out of the subnormal range),
+// the output is (sum p v8) / (sum p) * v_scale per channel, written in the 16-bit output type T.
 #pragma once
 
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "block_sparse_attn.h"
 #include "plan_walk.cuh"
@@ -40,8 +53,9 @@
 namespace stem_attn {
 namespace sm90 {
 
-template <int kD>
+template <int kD, bool kFp8 = false>
 struct Cfg {
+  static constexpr int kElemBytes = kFp8 ? 1 : 2;
   static constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
   // Key tile: 128 keys, or 64 for D = 256, where O (64 x 256 float32: 128 registers a consumer
   // thread) leaves room only for a 64-key S (32 registers) and two 64-key P buffers (16 each).
@@ -49,20 +63,26 @@ struct Cfg {
   // K and V rings, each with its own barriers: a K stage is free once S = QK^T has retired, a V
   // stage once O += PV has (a step later). Depths: the most that fit beside Q in 227 KB of shared
   // memory (D = 128: Q + 3 K + 3 V = 224 KB; D = 256: Q 64 KB + 2 K + 3 V tiles of 32 KB).
-  static constexpr int kStagesK = kD == 256 ? 2 : 3;
-  static constexpr int kStagesV = 3;
+  // FP8 tiles are half the bytes: 4 + 4 stages (Q + 8 tiles = 144 KB).
+  static constexpr int kStagesK = kFp8 ? 4 : kD == 256 ? 2 : 3;
+  static constexpr int kStagesV = kFp8 ? 4 : 3;
   static constexpr int kThreads = 384;
-  static constexpr int kBoxCols = 64;                  // elements in one 128-byte swizzled row
-  static constexpr int kChunks = kD / kBoxCols;        // TMA boxes per tile
+  static constexpr int kBoxCols = 128 / kElemBytes;    // elements in one 128-byte swizzled row
+  static constexpr int kChunks = kD / kBoxCols;        // TMA boxes per Q or K tile
   static constexpr int kBoxBytesQ = kBlockM * 128;     // kBlockM rows x 128 bytes
   static constexpr int kBoxBytesKV = kBlockN * 128;    // kBlockN rows x 128 bytes
   static constexpr int kTileBytesQ = kChunks * kBoxBytesQ;
-  static constexpr int kTileBytesKV = kChunks * kBoxBytesKV;
+  // A K tile, or a V tile (FP8: V transposed, kD rows x kBlockN keys of one byte: one box).
+  static constexpr int kTileBytesKV = kBlockN * kD * kElemBytes;
+  // wgmma k-steps (32 bytes of the reduction axis each): of S = Q K^T, and of O += P V.
+  static constexpr int kSSteps = kD * kElemBytes / 32;
+  static constexpr int kPSteps = kBlockN * kElemBytes / 32;
   static constexpr int kBarrierBytes = 8 * (1 + 2 * kStagesK + 2 * kStagesV);
   // 1024 bytes of slack to align the tiles to the 1024-byte swizzle period.
   static constexpr int kSmemBytes =
       1024 + kTileBytesQ + (kStagesK + kStagesV) * kTileBytesKV + kBarrierBytes;
   static_assert(kD % kBoxCols == 0, "head dim must be a multiple of 64");
+  static_assert(!kFp8 || (kD == 128 && kBlockN == 128), "the FP8 path is built for head dim 128 only");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA exceeds the 227 KB of an sm90 SM");
 };
 
@@ -115,17 +135,31 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr, uint32_t lbo)
          (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
 }
 
+// Four float32 -> e4m3 (round to nearest, saturating), a in the lowest byte.
+__device__ __forceinline__ uint32_t pack_e4m3x4(float a, float b, float c, float d) {
+  uint16_t lo = 0, hi = 0;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  // cvt ...e4m3x2.f32 d, x, y puts x in the upper byte
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(b), "f"(a));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(d), "f"(c));
+#endif
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
 // Online-softmax step over one 64 x kN score tile of a warpgroup (this thread: 2 rows, kN / 4
-// scores). acc_s[4 j + 2 i + c] is row qpos0 + 8 i (absolute position), key key0 + 8 j + c. Writes
-// the exponentiated scores as bf16/fp16 wgmma A fragments (fragment register r of k-step kk holds
-// keys 8 kk + 2 r (+1) of row r % 2), updates the running max (log2 domain) and this thread's
-// partial sums, and returns the rescale factor of O in alpha. acc_s is only read: a non-wgmma
-// write to a wgmma accumulator while another wgmma is in flight makes ptxas serialise every
-// wgmma of the kernel. Masking (kMasked) is a select, never a branch.
-template <bool kMasked, typename T, int kN>
-__device__ __forceinline__ void softmax_tile(const float (&acc_s)[kN / 2], uint32_t (&pout)[kN / 16][4],
-                                             float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
-                                             float scale_log2, int key0, int qpos0, int Lk) {
+// scores). acc_s[4 j + 2 i + c] is row qpos0 + 8 i (absolute position), key key0 + 8 j + c; its
+// log2-domain score is acc_s * sc[i]. Writes the exponentiated scores as wgmma A fragments:
+// bf16/fp16 (register r of k-step kk holds keys 8 kk + 2 r (+1) of row r % 2), or e4m3 (kFp8,
+// scaled by 256: register r of k-step kk holds, for row r % 2, the pairs of column groups
+// 4 kk + 2 (r / 2) and the next one; see the FP8 note at the top). Updates the running max (log2
+// domain) and this thread's partial sums, and returns the rescale factor of O in alpha. acc_s is
+// only read: a non-wgmma write to a wgmma accumulator while another wgmma is in flight makes ptxas
+// serialise every wgmma of the kernel. Masking (kMasked) is a select, never a branch.
+template <bool kMasked, typename T, int kN, bool kFp8 = false>
+__device__ __forceinline__ void softmax_tile(const float (&acc_s)[kN / 2],
+                                             uint32_t (&pout)[kN / (kFp8 ? 32 : 16)][4], float (&m_run)[2],
+                                             float (&l_run)[2], float (&alpha)[2], const float (&sc)[2], int key0,
+                                             int qpos0, int Lk) {
   auto score = [&](int e) -> float {
     if constexpr (kMasked) {
       const int key = key0 + (e / 4) * 8 + (e & 1);
@@ -143,20 +177,37 @@ __device__ __forceinline__ void softmax_tile(const float (&acc_s)[kN / 2], uint3
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    const float m_new = fmaxf(m_run[r], mx[r] * scale_log2);
+    const float m_new = fmaxf(m_run[r], mx[r] * sc[r]);
     mu[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
     alpha[r] = fast_exp2(m_run[r] - mu[r]);
     m_run[r] = m_new;
     l_run[r] *= alpha[r];
   }
+  if constexpr (kFp8) {
+    const float nmu[2] = {8.f - mu[0], 8.f - mu[1]};  // p * 256
 #pragma unroll
-  for (int kk = 0; kk < kN / 16; ++kk) {
+    for (int kk = 0; kk < kN / 32; ++kk) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const float p0 = fast_exp2(fmaf(score(8 * kk + 2 * r), scale_log2, -mu[r % 2]));
-      const float p1 = fast_exp2(fmaf(score(8 * kk + 2 * r + 1), scale_log2, -mu[r % 2]));
-      l_run[r % 2] += p0 + p1;
-      pout[kk][r] = Mma<T>::pack(p0, p1);
+      for (int r = 0; r < 4; ++r) {
+        const int i = r % 2, e0 = 4 * (4 * kk + 2 * (r / 2)) + 2 * i, e1 = e0 + 4;
+        const float p0 = fast_exp2(fmaf(score(e0), sc[i], nmu[i]));
+        const float p1 = fast_exp2(fmaf(score(e0 + 1), sc[i], nmu[i]));
+        const float p2 = fast_exp2(fmaf(score(e1), sc[i], nmu[i]));
+        const float p3 = fast_exp2(fmaf(score(e1 + 1), sc[i], nmu[i]));
+        l_run[i] += (p0 + p1) + (p2 + p3);
+        pout[kk][r] = pack_e4m3x4(p0, p1, p2, p3);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const float p0 = fast_exp2(fmaf(score(8 * kk + 2 * r), sc[r % 2], -mu[r % 2]));
+        const float p1 = fast_exp2(fmaf(score(8 * kk + 2 * r + 1), sc[r % 2], -mu[r % 2]));
+        l_run[r % 2] += p0 + p1;
+        pout[kk][r] = Mma<T>::pack(p0, p1);
+      }
     }
   }
 }
@@ -164,13 +215,15 @@ __device__ __forceinline__ void softmax_tile(const float (&acc_s)[kN / 2], uint3
 // ---------------------------------------------------------------------------------------------
 // Kernel
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kD>
+template <typename T, int kD, bool kFp8>
 __global__ void __launch_bounds__(384, 1)
     block_sparse_attn_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tm_q,
                                   const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = Cfg<kD>;
+  using C = Cfg<kD, kFp8>;
+  using E = std::conditional_t<kFp8, __nv_fp8_e4m3, T>;  // element type of the matrix products
   constexpr int kBlockN = C::kBlockN;
+  constexpr int kPSteps = C::kPSteps;
   constexpr int kStagesK = C::kStagesK;
   constexpr int kStagesV = C::kStagesV;
 
@@ -231,7 +284,7 @@ __global__ void __launch_bounds__(384, 1)
     if (tid == 0) {
       mbar_arrive_expect_tx(bar_q, C::kTileBytesQ);
 #pragma unroll
-      for (int c = 0; c < C::kChunks; ++c) tma_load_4d(s_q + c * C::kBoxBytesQ, &tm_q, bar_q, c * 64,
+      for (int c = 0; c < C::kChunks; ++c) tma_load_4d(s_q + c * C::kBoxBytesQ, &tm_q, bar_q, c * C::kBoxCols,
                                                        static_cast<int>(sq.q_start) + q_row0, h, tb);
       int it = 0;
       for (int kcur = walk.current(); kcur >= 0; walk.next(), kcur = walk.current(), ++it) {
@@ -241,16 +294,20 @@ __global__ void __launch_bounds__(384, 1)
         mbar_arrive_expect_tx(bar_kfull + 8 * sk, C::kTileBytesKV);
 #pragma unroll
         for (int c = 0; c < C::kChunks; ++c) {
-          tma_load_4d(s_k + sk * C::kTileBytesKV + c * C::kBoxBytesKV, &tm_k, bar_kfull + 8 * sk, c * 64, key_row,
-                      hk, tb);
+          tma_load_4d(s_k + sk * C::kTileBytesKV + c * C::kBoxBytesKV, &tm_k, bar_kfull + 8 * sk, c * C::kBoxCols,
+                      key_row, hk, tb);
         }
         const int sv = it % kStagesV;
         mbar_wait(bar_vempty + 8 * sv, ((it / kStagesV) & 1) ^ 1);
         mbar_arrive_expect_tx(bar_vfull + 8 * sv, C::kTileBytesKV);
+        if constexpr (kFp8) {  // V^T: kD rows (channels) x kBlockN keys from column key_row
+          tma_load_4d(s_v + sv * C::kTileBytesKV, &tm_v, bar_vfull + 8 * sv, key_row, 0, hk, tb);
+        } else {
 #pragma unroll
-        for (int c = 0; c < C::kChunks; ++c) {
-          tma_load_4d(s_v + sv * C::kTileBytesKV + c * C::kBoxBytesKV, &tm_v, bar_vfull + 8 * sv, c * 64, key_row,
-                      hk, tb);
+          for (int c = 0; c < C::kChunks; ++c) {
+            tma_load_4d(s_v + sv * C::kTileBytesKV + c * C::kBoxBytesKV, &tm_v, bar_vfull + 8 * sv, c * 64,
+                        key_row, hk, tb);
+          }
         }
       }
     }
@@ -269,17 +326,29 @@ __global__ void __launch_bounds__(384, 1)
     float acc_s[kBlockN / 2];
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) acc_s[i] = 0.f;
-    uint32_t pf[kBlockN / 16][4];             // P as wgmma A fragments; k-step kk: keys [16 kk, 16 kk + 16)
+    uint32_t pf[kPSteps][4];                  // P as wgmma A fragments, one set per k-step of O += P V
     float m_run[2] = {-INFINITY, -INFINITY};  // running row max (log2 domain)
     float l_run[2] = {0.f, 0.f};              // this thread's partial row sums
     const uint32_t q_base = s_q + cw * 64 * 128;  // this warpgroup's 64 rows, in every box
+    // log2-domain factor of this thread's two rows' scores; FP8 multiplies in the row's Q scale
+    // here and the K tile's scale per tile (tile_scale).
+    float row_sc[2] = {p.scale_log2, p.scale_log2};
+    const float* k_scales = nullptr;
+    if constexpr (kFp8) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = q_row0 + row_in_tile + 8 * r;
+        row_sc[r] *= (row >= 0 && row < sq.Lq) ? p.q_scale[(static_cast<int64_t>(b) * p.Hq + h) * p.Lq + row] : 1.f;
+      }
+      k_scales = p.k_scale + static_cast<int64_t>(b * p.Hkv + hk) * p.k_scale_tiles;
+    }
 
     // After a wait: the wgmma that read pf (registers) and wrote acc_o has retired; until here the
     // compiler must neither reuse pf's registers nor touch acc_o.
-    auto fence_pv = [&](uint32_t (&pa)[kBlockN / 16][4]) {
+    auto fence_pv = [&](uint32_t (&pa)[kPSteps][4]) {
       fence_regs(acc_o);
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      for (int kk = 0; kk < kPSteps; ++kk) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(pa[kk][r])::"memory");
       }
@@ -293,8 +362,8 @@ __global__ void __launch_bounds__(384, 1)
       const uint64_t dk0 = smem_desc_sw128(s_k + s * C::kTileBytesKV, 16);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        Wgmma<T, kBlockN>::ss(acc_s, dq0 + (((kk / 4) * C::kBoxBytesQ + (kk % 4) * 32) >> 4),
+      for (int kk = 0; kk < C::kSSteps; ++kk) {
+        Wgmma<E, kBlockN>::ss(acc_s, dq0 + (((kk / 4) * C::kBoxBytesQ + (kk % 4) * 32) >> 4),
                               dk0 + (((kk / 4) * C::kBoxBytesKV + (kk % 4) * 32) >> 4), kk > 0);
       }
       wgmma_commit();
@@ -302,26 +371,41 @@ __global__ void __launch_bounds__(384, 1)
     // O += P V for the tile in V stage s, issued, not waited for.
     // No register fences in here: in the overlapped loop it follows issue_s, and any instruction
     // that (re)defines pf or acc_o after a wgmma has started makes ptxas serialise the wgmmas.
-    auto v_descs = [&](int s, uint64_t (&dv)[kBlockN / 16]) {
+    auto v_descs = [&](int s, uint64_t (&dv)[kPSteps]) {
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        dv[kk] = smem_desc_sw128(s_v + s * C::kTileBytesKV + kk * 16 * 128, C::kBoxBytesKV);
+      for (int kk = 0; kk < kPSteps; ++kk) {
+        if constexpr (kFp8) {  // K-major (keys contiguous): k-step kk is 32 bytes into each row
+          dv[kk] = smem_desc_sw128(s_v + s * C::kTileBytesKV + kk * 32, 16);
+        } else {  // MN-major: 16 keys (rows) per k-step
+          dv[kk] = smem_desc_sw128(s_v + s * C::kTileBytesKV + kk * 16 * 128, C::kBoxBytesKV);
+        }
       }
     };
-    auto issue_pv = [&](const uint32_t (&pa)[kBlockN / 16][4], const uint64_t (&dv)[kBlockN / 16]) {
+    auto issue_pv = [&](const uint32_t (&pa)[kPSteps][4], const uint64_t (&dv)[kPSteps]) {
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) Wgmma<T, kD>::rs(acc_o, pa[kk], dv[kk], 1);
+      for (int kk = 0; kk < kPSteps; ++kk) Wgmma<E, kD>::rs(acc_o, pa[kk], dv[kk], 1);
       wgmma_commit();
     };
     // Masked (where the tile holds keys past Lk or after one of this warpgroup's queries: diagonal
     // tiles), exponentiated scores of acc_s packed into P fragments `pout`; see softmax_tile.
-    auto softmax = [&](int kcur, uint32_t (&pout)[kBlockN / 16][4], float (&alpha)[2]) {
+    auto softmax = [&](int kcur, uint32_t (&pout)[kPSteps][4], float (&alpha)[2], float tile_scale) {
       const int qpos0 = a0 + row_in_tile;
+      const float sc[2] = {row_sc[0] * tile_scale, row_sc[1] * tile_scale};
       if ((kcur + kBlockN - 1 > first_row_pos) || (kcur + kBlockN > sq.Lk)) {
-        softmax_tile<true, T, kBlockN>(acc_s, pout, m_run, l_run, alpha, p.scale_log2, kcur + 2 * (lane % 4), qpos0, sq.Lk);
+        softmax_tile<true, T, kBlockN, kFp8>(acc_s, pout, m_run, l_run, alpha, sc, kcur + 2 * (lane % 4), qpos0,
+                                             sq.Lk);
       } else {
-        softmax_tile<false, T, kBlockN>(acc_s, pout, m_run, l_run, alpha, p.scale_log2, kcur + 2 * (lane % 4), qpos0, sq.Lk);
+        softmax_tile<false, T, kBlockN, kFp8>(acc_s, pout, m_run, l_run, alpha, sc, kcur + 2 * (lane % 4), qpos0,
+                                              sq.Lk);
+      }
+    };
+    // The K tile's scale (FP8), read before the wait for S so that the load is in flight meanwhile.
+    auto tile_scale = [&](int kcur) -> float {
+      if constexpr (kFp8) {
+        return k_scales[kcur / kBlockN];
+      } else {
+        return 1.f;
       }
     };
     auto rescale_o = [&](const float (&alpha)[2]) {
@@ -336,12 +420,13 @@ __global__ void __launch_bounds__(384, 1)
     // then PV_{j-1} (its V stage is released).
     // Two P buffers used alternately (the loop body is written out twice), so that the P of
     // tile j is produced while the wgmma of tile j - 1 still reads its own P registers.
-    uint32_t pf2[kBlockN / 16][4];
+    uint32_t pf2[kPSteps][4];
     int prev = 0;  // V stage of tile j - 1
     // One steady-state step: S_j and PV_{j-1} in flight together, softmax of S_j under PV_{j-1}.
-    auto step = [&](int kcur, uint32_t (&p_in)[kBlockN / 16][4], uint32_t (&p_out)[kBlockN / 16][4]) {
+    auto step = [&](int kcur, uint32_t (&p_in)[kPSteps][4], uint32_t (&p_out)[kPSteps][4]) {
       const int sk = it % kStagesK;
-      uint64_t dv[kBlockN / 16];
+      const float tsc = tile_scale(kcur);
+      uint64_t dv[kPSteps];
       v_descs(prev, dv);
       mbar_wait(bar_kfull + 8 * sk, (it / kStagesK) & 1);
       issue_s(sk);
@@ -349,7 +434,7 @@ __global__ void __launch_bounds__(384, 1)
       asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
       fence_regs(acc_s);
       mbar_arrive(bar_kempty + 8 * sk);  // this thread's reads of that K stage have retired
-      softmax(kcur, p_out, alpha);
+      softmax(kcur, p_out, alpha, tsc);
       wgmma_wait_all();
       fence_pv(p_in);
       mbar_arrive(bar_vempty + 8 * prev);  // likewise for the V stage of tile j - 1
@@ -360,8 +445,8 @@ __global__ void __launch_bounds__(384, 1)
       walk.next();
       ++it;
     };
-    auto last_pv = [&](uint32_t (&p_in)[kBlockN / 16][4]) {
-      uint64_t dv[kBlockN / 16];
+    auto last_pv = [&](uint32_t (&p_in)[kPSteps][4]) {
+      uint64_t dv[kPSteps];
       v_descs(prev, dv);
       issue_pv(p_in, dv);
       wgmma_wait_all();
@@ -371,12 +456,13 @@ __global__ void __launch_bounds__(384, 1)
     // Prologue: S and P of the first tile.
     int kcur = walk.current();
     if (kcur >= 0) {
+      const float tsc = tile_scale(kcur);
       mbar_wait(bar_kfull, 0);
       issue_s(0);
       wgmma_wait_all();
       fence_regs(acc_s);
       mbar_arrive(bar_kempty);
-      softmax(kcur, pf, alpha);  // alpha multiplies an all-zero O: not needed
+      softmax(kcur, pf, alpha, tsc);  // alpha multiplies an all-zero O: not needed
       mbar_wait(bar_vfull, 0);
       walk.next();
       ++it;
@@ -405,6 +491,9 @@ __global__ void __launch_bounds__(384, 1)
       inv[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
     }
     T* og = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h + sq.q_start * p.o_stride_l;
+    // FP8: per-channel V scales of this thread's channels 8 j + 2 (lane % 4) (+1)
+    const float* vsc = kFp8 ? p.v_scale + static_cast<int64_t>(b * p.Hkv + hk) * kD + 2 * (lane % 4) : nullptr;
+    constexpr float kLseShift = kFp8 ? 8.f : 0.f;  // FP8 sums p * 256
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = q_row0 + row_in_tile + 8 * r;
@@ -412,12 +501,17 @@ __global__ void __launch_bounds__(384, 1)
         T* orow = og + static_cast<int64_t>(row) * p.o_stride_l + 2 * (lane % 4);
 #pragma unroll
         for (int j = 0; j < kD / 8; ++j) {
-          *reinterpret_cast<uint32_t*>(orow + 8 * j) =
-              Mma<T>::pack(acc_o[4 * j + 2 * r] * inv[r], acc_o[4 * j + 2 * r + 1] * inv[r]);
+          float s0 = inv[r], s1 = inv[r];
+          if constexpr (kFp8) {
+            const float2 vs = *reinterpret_cast<const float2*>(vsc + 8 * j);
+            s0 *= vs.x;
+            s1 *= vs.y;
+          }
+          *reinterpret_cast<uint32_t*>(orow + 8 * j) = Mma<T>::pack(acc_o[4 * j + 2 * r] * s0, acc_o[4 * j + 2 * r + 1] * s1);
         }
         if (p.lse != nullptr && lane % 4 == 0) {
           p.lse[b * p.lse_stride_b + h * p.lse_stride_h + sq.q_start + row] =
-              l_run[r] > 0.f ? (m_run[r] + __log2f(l_run[r])) * 0.69314718055994531f : -INFINITY;
+              l_run[r] > 0.f ? (m_run[r] + __log2f(l_run[r]) - kLseShift) * 0.69314718055994531f : -INFINITY;
         }
       }
     }
@@ -448,36 +542,37 @@ inline EncodeTiledFn encode_tiled() {
 }
 
 // 4-d tensor map over a (B, H, L, D) tensor with element strides (sb, sh, sl, 1): boxes of
-// `rows` rows x 64 elements, 128-byte swizzle, zero fill outside the tensor.
-inline bool make_tile_map(CUtensorMap* map, const void* base, bool is_bf16, int B, int H, int L, int D, int64_t sb,
-                          int64_t sh, int64_t sl, int rows) {
+// `rows` rows x 128 bytes (64 16-bit or 128 one-byte elements), 128-byte swizzle, zero fill outside
+// the tensor. dtype: CU_TENSOR_MAP_DATA_TYPE_{BFLOAT16, FLOAT16, UINT8} (UINT8 for e4m3).
+inline bool make_tile_map(CUtensorMap* map, const void* base, CUtensorMapDataType dtype, int B, int H, int L, int D,
+                          int64_t sb, int64_t sh, int64_t sl, int rows) {
   const EncodeTiledFn enc = encode_tiled();
   if (enc == nullptr) return false;
-  auto stride_bytes = [](int64_t s, int n, uint64_t fallback) -> cuuint64_t {
+  const int elem = dtype == CU_TENSOR_MAP_DATA_TYPE_UINT8 ? 1 : 2;
+  auto stride_bytes = [elem](int64_t s, int n, uint64_t fallback) -> cuuint64_t {
     // A dimension of size 1 is never stepped over; give it any legal (16-byte multiple) stride.
-    return n == 1 ? fallback : static_cast<cuuint64_t>(s) * 2;
+    return n == 1 ? fallback : static_cast<cuuint64_t>(s) * elem;
   };
-  const cuuint64_t l_bytes = stride_bytes(sl, L, static_cast<uint64_t>(D) * 2);
+  const cuuint64_t l_bytes = stride_bytes(sl, L, static_cast<uint64_t>(D) * elem);
   const cuuint64_t h_bytes = stride_bytes(sh, H, l_bytes * static_cast<uint64_t>(L));
   const cuuint64_t b_bytes = stride_bytes(sb, B, h_bytes * static_cast<uint64_t>(H));
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(L), static_cast<cuuint64_t>(H),
                               static_cast<cuuint64_t>(B)};
   const cuuint64_t strides[3] = {l_bytes, h_bytes, b_bytes};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(rows), 1, 1};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(128 / elem), static_cast<cuuint32_t>(rows), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUresult r =
-      enc(map, is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, const_cast<void*>(base),
-          dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r = enc(map, dtype, 4, const_cast<void*>(base), dims, strides, box, elem_strides,
+                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
 
 // True when this build holds an sm_90a binary of the kernel for the current device.
-template <typename T, int kD>
+template <typename T, int kD, bool kFp8>
 bool available() {
   static const bool ok = [] {
     cudaFuncAttributes attr{};
-    const cudaError_t e = cudaFuncGetAttributes(&attr, block_sparse_attn_sm90_kernel<T, kD>);
+    const cudaError_t e = cudaFuncGetAttributes(&attr, block_sparse_attn_sm90_kernel<T, kD, kFp8>);
     if (e != cudaSuccess) {
       (void)cudaGetLastError();  // clear the (non-sticky) "no kernel image" error
       return false;
@@ -489,24 +584,34 @@ bool available() {
 
 // Launches the sm90 kernel; cudaErrorNotSupported when this build or device cannot run it (the
 // dispatch then uses the sm80 kernel, unless the sm90 kernel was asked for by name).
-template <typename T, int kD>
+// kFp8: q, k, v are the e4m3 copies described at the top (v transposed, p.Lk_pad keys per row),
+// with p.q_scale, p.k_scale, p.v_scale; the output is T.
+template <typename T, int kD, bool kFp8 = false>
 cudaError_t run(const Params& p, cudaStream_t stream) {
-  using C = Cfg<kD>;
+  using C = Cfg<kD, kFp8>;
   const int64_t ctas = static_cast<int64_t>(p.nQ) * (p.block_size / C::kBlockM) * p.Hq * p.B;
-  if (p.block_size % C::kBlockM != 0 || ctas > 0x7fffffff || !available<T, kD>()) {
+  if (p.block_size % C::kBlockM != 0 || ctas > 0x7fffffff || !available<T, kD, kFp8>()) {
     return cudaErrorNotSupported;
   }
   CUtensorMap tm_q, tm_k, tm_v;
   const int tensor_b = p.cu_seqlens_q != nullptr ? 1 : p.B;  // a packed batch is one (1, H, total, D) tensor
-  if (!make_tile_map(&tm_q, p.q, p.is_bf16, tensor_b, p.Hq, p.Lq, kD, p.q_stride_b, p.q_stride_h, p.q_stride_l,
-                     C::kBlockM) ||
-      !make_tile_map(&tm_k, p.k, p.is_bf16, tensor_b, p.Hkv, p.Lk, kD, p.k_stride_b, p.k_stride_h, p.k_stride_l,
-                     C::kBlockN) ||
-      !make_tile_map(&tm_v, p.v, p.is_bf16, tensor_b, p.Hkv, p.Lk, kD, p.v_stride_b, p.v_stride_h, p.v_stride_l,
-                     C::kBlockN)) {
-    return cudaErrorNotSupported;
+  const CUtensorMapDataType dt = kFp8         ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                 : p.is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                             : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const int lk_rows = kFp8 ? p.Lk_pad : p.Lk;
+  bool ok = make_tile_map(&tm_q, p.q, dt, tensor_b, p.Hq, p.Lq, kD, p.q_stride_b, p.q_stride_h, p.q_stride_l,
+                          C::kBlockM) &&
+            make_tile_map(&tm_k, p.k, dt, tensor_b, p.Hkv, lk_rows, kD, p.k_stride_b, p.k_stride_h, p.k_stride_l,
+                          C::kBlockN);
+  if constexpr (kFp8) {  // V^T (B, Hkv, D, Lk_pad): "rows" are channels, kBlockN keys a box row
+    ok = ok && make_tile_map(&tm_v, p.v, dt, tensor_b, p.Hkv, kD, p.Lk_pad, p.v_stride_b, p.v_stride_h,
+                             p.v_stride_l, kD);
+  } else {
+    ok = ok && make_tile_map(&tm_v, p.v, dt, tensor_b, p.Hkv, p.Lk, kD, p.v_stride_b, p.v_stride_h, p.v_stride_l,
+                             C::kBlockN);
   }
-  auto kernel = block_sparse_attn_sm90_kernel<T, kD>;
+  if (!ok) return cudaErrorNotSupported;
+  auto kernel = block_sparse_attn_sm90_kernel<T, kD, kFp8>;
   // Per call: the attribute belongs to the current device's context (a host-side call, no sync).
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
   if (e != cudaSuccess) return e;

@@ -217,6 +217,96 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_varlen_fwd(
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fp8_fwd(
+    const at::Tensor& q8, const at::Tensor& k8, const at::Tensor& vt8, const at::Tensor& q_scale,
+    const at::Tensor& k_scale, const at::Tensor& v_scale, const at::Tensor& kv_counts, const at::Tensor& kv_indices,
+    int64_t block_size, int64_t q_offset, int64_t lk, double scale, bool return_lse, int64_t out_dtype) {
+  constexpr const char* kFPrefix = "stem_attention.block_sparse_attn_fp8_fwd: ";
+  const std::initializer_list<const at::Tensor*> all = {&q8, &k8, &vt8, &q_scale, &k_scale, &v_scale, &kv_counts,
+                                                        &kv_indices};
+  for (const at::Tensor* t : all) {
+    TORCH_CHECK(t->is_cuda() && t->device() == q8.device(), kFPrefix, "every tensor must be on q8's CUDA device");
+    TORCH_CHECK(t->is_contiguous(), kFPrefix, "every tensor must be contiguous");
+  }
+  for (const at::Tensor* t : {&q8, &k8, &vt8}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat8_e4m3fn && t->dim() == 4, kFPrefix,
+                "q8, k8 and vt8 must be 4-d float8_e4m3fn tensors");
+    TORCH_CHECK(reinterpret_cast<std::uintptr_t>(t->data_ptr()) % 16 == 0, kFPrefix, "q8, k8, vt8 must be 16-byte aligned");
+  }
+  for (const at::Tensor* t : {&q_scale, &k_scale, &v_scale}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3, kFPrefix, "the scales must be 3-d float32 tensors");
+  }
+  TORCH_CHECK(out_dtype == stem_attn::kFloat16 || out_dtype == stem_attn::kBFloat16, kFPrefix,
+              "out_dtype must be 0 (float16) or 1 (bfloat16), got ", out_dtype);
+  const int64_t B = q8.size(0), Hq = q8.size(1), Lq = q8.size(2), D = q8.size(3);
+  const int64_t Hkv = k8.size(1), Lp = k8.size(2);
+  TORCH_CHECK(D == 128, kFPrefix, "the FP8 kernel is built for head dim 128, got ", D);
+  TORCH_CHECK(block_size == 128 || block_size == 256, kFPrefix, "plan blocks must be 128 or 256 tokens, got ",
+              block_size);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k8.size(0) == B && k8.size(3) == D, kFPrefix,
+              "k8 must be (B, Hkv, Lp, 128) with Hq % Hkv == 0; got q8 ", q8.sizes(), ", k8 ", k8.sizes());
+  TORCH_CHECK(vt8.size(0) == B && vt8.size(1) == Hkv && vt8.size(2) == D && vt8.size(3) == Lp, kFPrefix,
+              "vt8 must be (B, Hkv, D, Lp) = V transposed; got ", vt8.sizes());
+  TORCH_CHECK(Lp % 128 == 0 && lk > 0 && lk <= Lp && Lp < std::numeric_limits<int32_t>::max() / 2, kFPrefix,
+              "need 0 < lk <= Lp, Lp a multiple of 128 below 2^30; got lk=", lk, ", Lp=", Lp);
+  TORCH_CHECK(Lq > 0 && Lq <= lk && q_offset >= 0 && q_offset + Lq <= lk, kFPrefix,
+              "need 0 < Lq <= lk and q_offset in [0, lk - Lq]; got Lq=", Lq, ", lk=", lk, ", q_offset=", q_offset);
+  TORCH_CHECK(q_scale.size(0) == B && q_scale.size(1) == Hq && q_scale.size(2) == Lq, kFPrefix,
+              "q_scale must be (B, Hq, Lq), got ", q_scale.sizes());
+  TORCH_CHECK(k_scale.size(0) == B && k_scale.size(1) == Hkv && k_scale.size(2) == Lp / 128, kFPrefix,
+              "k_scale must be (B, Hkv, Lp / 128), got ", k_scale.sizes());
+  TORCH_CHECK(v_scale.size(0) == B && v_scale.size(1) == Hkv && v_scale.size(2) == D, kFPrefix,
+              "v_scale must be (B, Hkv, D), got ", v_scale.sizes());
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, kFPrefix, "scale must be finite and > 0, got ", scale);
+  const int64_t nQ = (q_offset + Lq - 1) / block_size - q_offset / block_size + 1;
+  TORCH_CHECK(kv_counts.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt, kFPrefix,
+              "kv_counts and kv_indices must be int32");
+  TORCH_CHECK(kv_counts.dim() == 3 && kv_counts.size(0) == B && kv_counts.size(1) == Hq && kv_counts.size(2) == nQ &&
+                  kv_indices.dim() == 4 && kv_indices.size(0) == B && kv_indices.size(1) == Hq &&
+                  kv_indices.size(2) == nQ && kv_indices.size(3) >= 1,
+              kFPrefix, "kv_counts must be (B, Hq, nQ) = (", B, ", ", Hq, ", ", nQ, ") and kv_indices (B, Hq, nQ, W); got ",
+              kv_counts.sizes(), ", ", kv_indices.sizes());
+  TORCH_CHECK(B < 65536 && Hq < 65536, kFPrefix, "batch and heads must be < 65536");
+
+  const c10::cuda::CUDAGuard guard(q8.device());
+  const auto opts = q8.options().dtype(out_dtype == stem_attn::kBFloat16 ? at::kBFloat16 : at::kHalf);
+  at::Tensor out = at::empty({B, Hq, Lq, D}, opts);
+  at::Tensor lse = return_lse ? at::empty({B, Hq, Lq}, q8.options().dtype(at::kFloat))
+                              : at::empty({0}, q8.options().dtype(at::kFloat));
+  stem_attn::Params p{};
+  p.q = q8.data_ptr();
+  p.k = k8.data_ptr();
+  p.v = vt8.data_ptr();
+  p.o = out.data_ptr();
+  p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
+  p.kv_counts = kv_counts.data_ptr<int32_t>();
+  p.kv_indices = kv_indices.data_ptr<int32_t>();
+  p.q_stride_b = q8.stride(0), p.q_stride_h = q8.stride(1), p.q_stride_l = q8.stride(2);
+  p.k_stride_b = k8.stride(0), p.k_stride_h = k8.stride(1), p.k_stride_l = k8.stride(2);
+  p.v_stride_b = vt8.stride(0), p.v_stride_h = vt8.stride(1), p.v_stride_l = vt8.stride(2);
+  p.o_stride_b = out.stride(0), p.o_stride_h = out.stride(1), p.o_stride_l = out.stride(2);
+  p.lse_stride_b = Hq * Lq, p.lse_stride_h = Lq;
+  p.cu_seqlens_q = nullptr, p.cu_seqlens_k = nullptr;
+  p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
+  p.Lq = static_cast<int>(Lq), p.Lk = static_cast<int>(lk), p.D = static_cast<int>(D);
+  p.nQ = static_cast<int>(nQ), p.W = static_cast<int>(kv_indices.size(3));
+  p.block_size = static_cast<int>(block_size);
+  p.q_offset = static_cast<int>(q_offset);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.is_bf16 = out_dtype == stem_attn::kBFloat16;
+  p.q_scale = q_scale.data_ptr<float>();
+  p.k_scale = k_scale.data_ptr<float>();
+  p.v_scale = v_scale.data_ptr<float>();
+  p.k_scale_tiles = static_cast<int>(Lp / 128);
+  p.Lk_pad = static_cast<int>(Lp);
+  const cudaError_t err =
+      stem_attn::block_sparse_attn_fp8_fwd_launch(p, c10::cuda::getCurrentCUDAStream(q8.get_device()).stream());
+  TORCH_CHECK(err != cudaErrorNotSupported, kFPrefix,
+              "the FP8 kernel cannot run here: it needs compute capability 9.0 and a build with sm_90a code");
+  TORCH_CHECK(err == cudaSuccess, kFPrefix, "kernel launch failed: ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
 int64_t last_kernel_path() { return stem_attn::last_kernel_path(); }
 
 int64_t kernel_path(int64_t dtype, int64_t head_dim, int64_t block_size, int64_t cc_major, int64_t cc_minor, int64_t sm) {
@@ -240,6 +330,11 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "block_sparse_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "Tensor kv_counts, Tensor kv_indices, int block_size, float scale, bool return_lse, int sm=0) -> (Tensor, Tensor)");
   ops.impl("block_sparse_attn_varlen_fwd", torch::kCUDA, &block_sparse_attn_varlen_fwd);
+  ops.def(
+      "block_sparse_attn_fp8_fwd(Tensor q8, Tensor k8, Tensor vt8, Tensor q_scale, Tensor k_scale, Tensor v_scale, "
+      "Tensor kv_counts, Tensor kv_indices, int block_size, int q_offset, int lk, float scale, bool return_lse, "
+      "int out_dtype) -> (Tensor, Tensor)");
+  ops.impl("block_sparse_attn_fp8_fwd", torch::kCUDA, &block_sparse_attn_fp8_fwd);
   ops.def("kernel_path(int dtype, int head_dim, int block_size, int cc_major, int cc_minor, int sm=0) -> int",
           &kernel_path);
   ops.def("kernel_path_reason(int dtype, int head_dim, int block_size, int cc_major, int cc_minor, int sm=0) -> str",

@@ -36,6 +36,18 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_varlen_fwd(
     const at::Tensor& cu_seqlens_k, const at::Tensor& kv_counts, const at::Tensor& kv_indices, int64_t block_size,
     double scale, bool return_lse, int64_t sm);
 
+// Forward block-sparse attention on FP8 (e4m3) tensor cores, sm90, head dim 128, plan blocks of 128
+// or 256: q8 (B, Hq, Lq, 128), k8 (B, Hkv, Lp, 128), vt8 (B, Hkv, 128, Lp) (V transposed, keys
+// permuted within 32-key groups: csrc/block_sparse_attn_sm90.cuh), all float8_e4m3fn with Lp a
+// multiple of 128 (zero padding past lk, the true key count); q_scale (B, Hq, Lq), k_scale
+// (B, Hkv, Lp / 128), v_scale (B, Hkv, 128) float32: q ~ q8 * q_scale, k ~ k8 * k_scale (per
+// 128-key tile), v ~ v8 * v_scale (per channel). out_dtype: 0 float16, 1 bfloat16. Returns (out
+// (B, Hq, Lq, 128), lse float32 (B, Hq, Lq) of these scores, or an empty tensor).
+std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fp8_fwd(
+    const at::Tensor& q8, const at::Tensor& k8, const at::Tensor& vt8, const at::Tensor& q_scale,
+    const at::Tensor& k_scale, const at::Tensor& v_scale, const at::Tensor& kv_counts, const at::Tensor& kv_indices,
+    int64_t block_size, int64_t q_offset, int64_t lk, double scale, bool return_lse, int64_t out_dtype);
+
 // The kernel block_sparse_attn_fwd runs for (dtype code: 0 float16, 1 bfloat16; head dim; plan
 // block size) on a device of compute capability cc_major.cc_minor when asked for `sm`: 90, 80, or
 // 0 when the call is not supported; kernel_path_reason says why not ("" when supported).

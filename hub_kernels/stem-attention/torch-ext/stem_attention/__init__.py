@@ -8,7 +8,8 @@ Loaded through the Hugging Face ``kernels`` package::
                                                     plan.block_size, plan.q_offset, scale, True)
 
 The ops live in this build's own namespace (``ops``): ``block_sparse_attn_fwd``,
-``block_sparse_attn_varlen_fwd`` (packed variable-length batches), ``kernel_path``
+``block_sparse_attn_varlen_fwd`` (packed variable-length batches), ``block_sparse_attn_fp8_fwd``
+(e4m3 operands quantised by the caller, sm90, head dim 128), ``kernel_path``
 and ``kernel_path_reason`` (what is supported and which kernel runs it, from csrc/supported.h)
 and ``last_kernel_path``. ``supports`` and ``kernel_for`` below ask ``kernel_path``.
 """
@@ -21,8 +22,8 @@ import torch
 
 from ._ops import add_op_namespace_prefix, ops
 
-__all__ = ["block_sparse_attn_fwd", "block_sparse_attn_varlen_fwd", "supports", "kernel_for", "ops",
-           "add_op_namespace_prefix"]
+__all__ = ["block_sparse_attn_fwd", "block_sparse_attn_varlen_fwd", "block_sparse_attn_fp8_fwd", "supports",
+           "supports_fp8", "kernel_for", "ops", "add_op_namespace_prefix"]
 
 # Codes of the kernel_path op's `dtype` argument (csrc/supported.h: DtypeCode); -1 for any other
 # dtype, which kernel_path rules out.
@@ -171,6 +172,53 @@ def block_sparse_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_counts,
     return out, (lse if return_lse else None)
 
 
+def supports_fp8(head_dim: int, block_size: int, device=None) -> str | None:
+    """None when ``block_sparse_attn_fp8_fwd`` runs (head dim, plan block size) on ``device``
+    (default: the current CUDA device); else why not. The FP8 kernel is the sm90 kernel on e4m3
+    operands: compute capability 9.0, head dim 128, plan blocks of 128 or 256 tokens."""
+    why = supports(torch.bfloat16, head_dim, block_size, device, kernel="sm90")
+    if why is not None:
+        return why
+    if head_dim != 128:
+        return f"the FP8 kernel is built for head dim 128, got {head_dim}"
+    return None
+
+
+def block_sparse_attn_fp8_fwd(q8, k8, vt8, q_scale, k_scale, v_scale, kv_counts, kv_indices, block_size, q_offset,
+                              lk, scale, return_lse=False, out_dtype=torch.bfloat16):
+    """Forward block-sparse causal attention on FP8 (e4m3) tensor cores (sm90, head dim 128).
+
+    Args:
+        q8: (B, Hq, Lq, 128) float8_e4m3fn; q_scale: float32 (B, Hq, Lq), q ~ q8 * q_scale.
+        k8: (B, Hkv, Lp, 128) float8_e4m3fn, Lp a multiple of 128, zeros past ``lk`` (the true key
+            count); k_scale: float32 (B, Hkv, Lp // 128), one per 128-key tile.
+        vt8: (B, Hkv, 128, Lp) float8_e4m3fn, V transposed with its keys permuted within every 32
+            (``stem_backends.triton.fp8.quantize_kv(..., permute32=True)``); v_scale: float32
+            (B, Hkv, 128), one per channel, v ~ v8 * v_scale.
+        kv_counts, kv_indices, block_size (128 or 256), q_offset, scale: as in
+            :func:`block_sparse_attn_fwd`; return_lse: also return the float32 (B, Hq, Lq)
+            log-sum-exp of the scores q8 k8 (before any smoothing the caller did to k).
+        out_dtype: torch.bfloat16 or torch.float16.
+
+    Returns:
+        (out (B, Hq, Lq, 128) in out_dtype, lse or None). Every tensor must be contiguous.
+    """
+    codes = {torch.float16: 0, torch.bfloat16: 1}
+    if out_dtype not in codes:
+        raise ValueError(f"out_dtype must be torch.bfloat16 or torch.float16, got {out_dtype}")
+    out, lse = ops.block_sparse_attn_fp8_fwd(q8, k8, vt8, q_scale, k_scale, v_scale, kv_counts, kv_indices,
+                                             int(block_size), int(q_offset), int(lk), float(scale), bool(return_lse),
+                                             codes[out_dtype])
+    return out, (lse if return_lse else None)
+
+
+def _fake_block_sparse_attn_fp8_fwd(q8, k8, vt8, q_scale, k_scale, v_scale, kv_counts, kv_indices, block_size,
+                                    q_offset, lk, scale, return_lse, out_dtype):
+    out = q8.new_empty(q8.shape, dtype=torch.bfloat16 if out_dtype == 1 else torch.float16)
+    lse = q8.new_empty(tuple(q8.shape[:3]) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
 def _fake_block_sparse_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_counts, kv_indices, block_size, scale,
                                        return_lse, sm=0):
     out = q.new_empty(q.shape)
@@ -187,7 +235,8 @@ def _fake_block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, block_size, q_of
 
 
 for _name, _fake in (("block_sparse_attn_fwd", _fake_block_sparse_attn_fwd),
-                     ("block_sparse_attn_varlen_fwd", _fake_block_sparse_attn_varlen_fwd)):
+                     ("block_sparse_attn_varlen_fwd", _fake_block_sparse_attn_varlen_fwd),
+                     ("block_sparse_attn_fp8_fwd", _fake_block_sparse_attn_fp8_fwd)):
     try:
         torch.library.register_fake(add_op_namespace_prefix(_name))(_fake)
     except RuntimeError as e:  # this build's namespace imported a second time in one process
