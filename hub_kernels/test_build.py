@@ -450,7 +450,8 @@ def test_cuda_sources_compile(compiled):
 @needs_nvcc
 def test_compiled_kernels_are_the_used_instantiations(compiled):
     """The sm_90a code holds one kernel per used configuration and nothing else: one sm90 kernel
-    per (dtype, head dim 64/128/256) and the two FP8 kernels (bf16 / fp16 output, head dim 128); sm80 kernels with 128- and 64-row query tiles for head dims
+    per (dtype, head dim 64/128/256) and the two FP8 kernels (bf16 / fp16 output, head dim 128); sm80
+    kernels with 128- and 64-row query tiles for head dims
     64/128 (plan blocks of 128/256 and of 64 tokens) and 64-row tiles only for head dim 256."""
     total_sm90, total_sm80 = 0, 0
     for src, r in compiled.items():

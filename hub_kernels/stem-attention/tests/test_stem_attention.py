@@ -522,3 +522,91 @@ def test_torch_compile_fullgraph(hubmod, gen, return_lse):
         fo, fl = hubmod.ops.block_sparse_attn_fwd(fq, fk, fv, fc, fi, 128, 0, 0.1, return_lse, 0)
     assert tuple(fo.shape) == tuple(q.shape) and fo.dtype == q.dtype
     assert tuple(fl.shape) == ((B, Hq, L) if return_lse else (0,)) and fl.dtype == torch.float32
+
+
+# ---- the FP8 op (sm90, head dim 128) ------------------------------------------------------------
+E4M3_MAX = 448.0
+
+
+def fp8_key_columns(Lp: int) -> torch.Tensor:
+    """Column of each key in vt8, from the PTX ISA's register layouts: in a 32-key k-step the e4m3 A
+    fragment gives thread (lane % 4 = c) columns 4c..4c+3 and 16+4c..16+4c+3; the float32 score
+    fragment gives it keys 8j+2c, 8j+2c+1 (j = 0..3), packed j = 0, 1 then j = 2, 3."""
+    cols = torch.empty(Lp, dtype=torch.long)
+    for base in range(0, Lp, 32):
+        for c in range(4):
+            keys = [2 * c, 2 * c + 1, 8 + 2 * c, 9 + 2 * c, 16 + 2 * c, 17 + 2 * c, 24 + 2 * c, 25 + 2 * c]
+            for i, key in enumerate(keys):
+                cols[base + key] = base + (4 * c + i if i < 4 else 16 + 4 * c + i - 4)
+    return cols
+
+
+def quantize_fp8(q, k, v):
+    """The op's input contract written in torch (no smoothing of K): returns the op's tensors and
+    the dequantised q, k, v in float64."""
+    B, Hkv, Lk, D = k.shape
+    Lp = -(-Lk // 128) * 128
+    qs = (q.float().abs().amax(-1) / E4M3_MAX).clamp_min(1e-30)
+    q8 = (q.float() / qs[..., None]).to(torch.float8_e4m3fn)
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, Lp - Lk))
+    ks = (kp.view(B, Hkv, Lp // 128, -1).abs().amax(-1) / E4M3_MAX).clamp_min(1e-30)
+    k8 = (kp / ks.repeat_interleave(128, -1)[..., None]).to(torch.float8_e4m3fn)
+    vp = torch.nn.functional.pad(v.float(), (0, 0, 0, Lp - Lk))
+    vs = (vp.abs().amax(2) / E4M3_MAX).clamp_min(1e-30)  # (B, Hkv, D)
+    v8 = (vp / vs[:, :, None, :]).to(torch.float8_e4m3fn)  # (B, Hkv, Lp, D)
+    vt8 = torch.empty(B, Hkv, D, Lp, dtype=torch.float8_e4m3fn, device=v.device)
+    vt8[..., fp8_key_columns(Lp).to(v.device)] = v8.transpose(-1, -2)
+    deq = (q8.double() * qs[..., None].double(),
+           (k8.double() * ks.repeat_interleave(128, -1)[..., None].double())[:, :, :Lk],
+           (v8.double() * vs[:, :, None, :].double())[:, :, :Lk])
+    return (q8.contiguous(), k8.contiguous(), vt8.contiguous(), qs.contiguous(), ks.contiguous(),
+            vs.contiguous()), deq
+
+
+needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                               reason="the FP8 op runs on compute capability 9.0")
+
+
+@needs_fp8
+@pytest.mark.parametrize("dtype,B,Hq,Hkv,Lq,Lk,q_offset,bs", [
+    (torch.bfloat16, 1, 4, 2, 1000, 1000, None, 128),
+    (torch.float16, 2, 2, 1, 333, 777, None, 256),  # chunked prefill, padding keys
+    (torch.bfloat16, 1, 2, 2, 129, 700, 200, 128),  # a chunk in the middle
+])
+def test_fp8_matches_dequantised_reference(hubmod, gen, dtype, B, Hq, Hkv, Lq, Lk, q_offset, bs):
+    """Against float64 attention on the dequantised inputs, the only error left is the e4m3
+    rounding of the probabilities (about 2 %); a wrong key order or scale gives errors of order 1."""
+    assert hubmod.supports_fp8(128, bs) is None
+    assert "head dim 128" in hubmod.supports_fp8(64, bs)
+    q = randn((B, Hq, Lq, 128), dtype, gen)
+    k, v = randn((B, Hkv, Lk, 128), dtype, gen), randn((B, Hkv, Lk, 128), dtype, gen)
+    off = Lk - Lq if q_offset is None else q_offset
+    plan = random_plan(B, Hq, Lq, Lk, bs, off, 0.6, gen)
+    args, (qd, kd, vd) = quantize_fp8(q, k, v)
+    poison_allocator(((B, Hq, Lq, 128), dtype), ((B, Hq, Lq), torch.float32))
+    out, lse = hubmod.block_sparse_attn_fp8_fwd(*args, plan.kv_counts, plan.kv_indices, bs, off, Lk, 128 ** -0.5,
+                                                True, out_dtype=dtype)
+    ref, ref_lse = reference(qd, kd, vd, plan, 128 ** -0.5)
+    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
+    rel = float((out.float() - ref).norm() / ref.norm())
+    assert rel < 0.04, f"relative error {rel:.4f} against the dequantised inputs"
+    assert float((lse - ref_lse).abs().max()) < 2e-3
+
+
+@needs_fp8
+def test_fp8_op_checks_and_compile(hubmod, gen):
+    torch._dynamo.reset()
+    q, k, v = (randn((1, 2, 300, 128), torch.bfloat16, gen) for _ in range(3))
+    plan = random_plan(1, 2, 300, 300, 128, 0, 0.6, gen)
+    args, _ = quantize_fp8(q, k, v)
+    with pytest.raises(RuntimeError, match="plan blocks must be 128 or 256"):
+        hubmod.block_sparse_attn_fp8_fwd(*args, plan.kv_counts, plan.kv_indices, 64, 0, 300, 0.1)
+    with pytest.raises(RuntimeError, match="float8_e4m3fn"):
+        hubmod.block_sparse_attn_fp8_fwd(q, *args[1:], plan.kv_counts, plan.kv_indices, 128, 0, 300, 0.1)
+
+    def attend(counts, idx):
+        out, _ = hubmod.block_sparse_attn_fp8_fwd(*args, counts, idx, 128, 0, 300, 128 ** -0.5)
+        return out * 2
+
+    out_c = torch.compile(attend, fullgraph=True)(plan.kv_counts, plan.kv_indices)
+    assert torch.equal(out_c, attend(plan.kv_counts, plan.kv_indices))
