@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=None, help="Stem decay alpha (default 0.7)")
     p.add_argument("--dense-layers", type=int, nargs="*", default=None, help="dense layers (default 0 1)")
     p.add_argument("--backend", default="auto", help="stem.attention backend (default auto)")
+    p.add_argument("--precision", default="native", choices=["native", "fp8"],
+                   help="StemModelConfig.precision of the sparse layers (default native)")
     p.add_argument("--allow-reference", action="store_true",
                    help="allow the (slow) reference executor on CUDA instead of failing")
     p.add_argument("--padded-batch", type=int, nargs="+", default=None, metavar="N",
@@ -389,7 +391,8 @@ def main(argv=None) -> dict:
     dtype = getattr(torch, args.dtype)
     os.makedirs(args.out, exist_ok=True)
     stem_cfg = stem.StemConfig(block_size=args.block_size, stride=args.stride, alpha=args.alpha)
-    schedule = sh.StemModelConfig(base=stem_cfg, dense_layers=args.dense_layers, backend=args.backend)
+    schedule = sh.StemModelConfig(base=stem_cfg, dense_layers=args.dense_layers, backend=args.backend,
+                                  precision=args.precision)
     clock = LayerMarks(device)
     why = probe_executor(args, device, dtype, stem_cfg)
     model = build_model(args, device, dtype)

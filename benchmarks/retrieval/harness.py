@@ -15,6 +15,9 @@ Methods (names accepted by :func:`run_eval`):
   up to top-k / forced-block overlap; the measured density is reported next to Stem's).
 - ``sampled_mass``: Stem's budgets, sinks and window with the opt-in ranking
   ``StemConfig(ranking="sampled_mass")`` (stem/ranking.py).
+- ``<method>+fp8`` (e.g. ``dense+fp8``, ``stem+fp8``): the same plan executed with
+  ``stem.attention(..., precision="fp8")`` (CUDA, sm89+); ``dense+fp8`` runs the dense plan
+  (every causal block) through the FP8 kernel, which isolates the effect of FP8 itself.
 
 Both baselines' plans are built as :class:`stem.BlockPlan` and run through
 ``stem.attention(plan=...)``. Accuracy is the exact match of the answer tokens under greedy
@@ -37,7 +40,7 @@ import torch
 import stem
 from stem.api import auto_dense_reason
 from stem.plan import BlockPlan
-from stem.planner import block_logits
+from stem.planner import block_logits, dense_plan
 
 from .data import DataConfig, eval_examples
 from .model import RetrievalLM, dense_attention
@@ -55,9 +58,15 @@ class Method:
     kind: str  # dense | stem | uniform | stem_novb
     alpha: float = STEM_DEFAULT_ALPHA
     ranking: str = "stem"
+    precision: str = "native"
 
 
 def parse_method(name: str) -> Method:
+    if name.endswith("+fp8"):
+        base = parse_method(name[: -len("+fp8")])
+        if base.kind == "uniform":
+            raise ValueError("uniform_topk+fp8 is not supported: its density target comes from the native 'stem' run")
+        return Method(name, base.kind, base.alpha, base.ranking, "fp8")
     if name == "dense":
         return Method(name, "dense")
     if name == "stem":
@@ -77,7 +86,7 @@ def parse_method(name: str) -> Method:
             return Method(name, "stem", alpha)
     raise ValueError(
         f"unknown method {name!r}; use dense, stem, stem_a<alpha> (0 < alpha <= 1, e.g. stem_a0.5), "
-        f"uniform_topk, stem_novb or sampled_mass"
+        f"uniform_topk, stem_novb or sampled_mass, each but uniform_topk optionally with +fp8"
     )
 
 
@@ -153,8 +162,14 @@ class _Runner:
         cfg = self.cfg
 
         def fn(q, k, v, layer_idx):
-            if method.kind == "dense" or layer_idx in self.dense_layers:
+            if layer_idx in self.dense_layers or (method.kind == "dense" and method.precision == "native"):
                 return dense_attention(q, k, v)
+            if method.kind == "dense":  # every causal block, through the FP8 kernel
+                plan = dense_plan(q.shape[0], q.shape[1], q.shape[2], k.shape[2], cfg.block_size, q.device, cfg)
+                out = stem.attention(q, k, v, plan=plan, backend=self.backend, precision="fp8")
+                self.dispatch.add(stem.last_dispatch() or "?")
+                record[layer_idx] = _per_sample_density(plan)
+                return out
             if method.kind in ("stem", "stem_novb"):
                 c = (cfg.replace(alpha=method.alpha, ranking=method.ranking) if method.kind == "stem"
                      else cfg.replace(value_weight=0.0))
@@ -162,7 +177,7 @@ class _Runner:
                 # and run dense where the budgets are too dense to be faster (a speed shortcut);
                 # the quality benchmark must execute the Stem plan itself.
                 plan = stem.plan(q, k, v, c)
-                out = stem.attention(q, k, v, plan=plan, backend=self.backend)
+                out = stem.attention(q, k, v, plan=plan, backend=self.backend, precision=method.precision)
             else:  # uniform top-k at Stem's measured density for this (layer, sample)
                 target = self.stem_density.get(layer_idx)
                 if target is None:
@@ -173,7 +188,7 @@ class _Runner:
                 plan = BlockPlan.from_dense_mask(mask, block_size=cfg.block_size, q_len=q.shape[2],
                                                  kv_len=k.shape[2], config=None)
                 out = stem.attention(q, k, v, plan=plan, backend=self.backend)
-            if self.backend == "auto":
+            if self.backend == "auto" or method.precision != "native":
                 self.dispatch.add(stem.last_dispatch() or "?")
             else:
                 self.dispatch.add(self.backend)

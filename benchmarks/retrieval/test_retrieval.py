@@ -229,3 +229,17 @@ def test_cli_untrained_smoke_run_says_so(tmp_path, capsys, one_thread):
     with open(tmp_path / "retrieval_eval_smoke.json") as f:
         res = json.load(f)
     assert res["untrained"] is True and res["weights"] is None
+
+
+def test_fp8_method_names():
+    """``<method>+fp8`` keeps the base method's plan and asks for FP8 execution."""
+    from benchmarks.retrieval.harness import parse_method
+
+    m = parse_method("sampled_mass+fp8")
+    assert (m.kind, m.ranking, m.precision) == ("stem", "sampled_mass", "fp8")
+    assert parse_method("stem_a1.0+fp8").alpha == 1.0 and parse_method("dense+fp8").kind == "dense"
+    assert parse_method("stem").precision == "native"
+    with pytest.raises(ValueError, match="uniform_topk"):
+        parse_method("uniform_topk+fp8")
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("stem+fp16")
