@@ -57,14 +57,19 @@ def candidate_scores(q, k, bs: int, samples=(1, 2, 4, 8)) -> dict[str, torch.Ten
     out["qmean_lse"] = torch.logsumexp(sc, -1)
     for s in samples:
         rows = _sampled_rows(L, nQ, bs, s, q.device)
-        sc = (q.float()[:, rows.flatten()] @ kr.transpose(-1, -2)) * scale
-        sc = sc.masked_fill(torch.arange(L, device=q.device)[None, :] > rows.flatten()[:, None], float("-inf"))
-        lse_r = torch.logsumexp(sc, -1).view(Hq, nQ, s, 1)
-        sc = torch.nn.functional.pad(sc, (0, pad), value=float("-inf")).view(Hq, nQ, s, nQ, bs)
-        blk_max, blk_lse = sc.amax(-1), torch.logsumexp(sc, -1)
-        out[f"s{s}_max"] = blk_max.amax(2)
-        out[f"s{s}_mass"] = torch.exp(blk_lse - lse_r).mean(2)
-        out[f"s{s}_maxnorm"] = (blk_max - lse_r).amax(2)
+        future = torch.arange(L, device=q.device)[None, :] > rows.flatten()[:, None]
+        parts = {"max": [], "mass": [], "maxnorm": []}
+        for h in range(Hq):  # one head at a time: (nQ * s, L) scores, not Hq times that
+            sc = (q[h].float()[rows.flatten()] @ kr[h].transpose(-1, -2)) * scale
+            sc = sc.masked_fill(future, float("-inf"))
+            lse_r = torch.logsumexp(sc, -1).view(nQ, s, 1)
+            sc = torch.nn.functional.pad(sc, (0, pad), value=float("-inf")).view(nQ, s, nQ, bs)
+            blk_max, blk_lse = sc.amax(-1), torch.logsumexp(sc, -1)
+            parts["max"].append(blk_max.amax(1))
+            parts["mass"].append(torch.exp(blk_lse - lse_r).mean(1))
+            parts["maxnorm"].append((blk_max - lse_r).amax(1))
+        for kind, vals in parts.items():
+            out[f"s{s}_{kind}"] = torch.stack(vals)
     return out
 
 
