@@ -72,7 +72,12 @@ def run_plan(q, k, v, plan: stem.BlockPlan, scale: float | None, backend: str) -
     ``backend="masked"``: exact masked attention in the inputs' dtype, one query head at a time
     (torch SDPA with the plan's token mask; float32 inputs give float32 attention on any device).
     The quality study uses it on a GPU, where the sparse kernels compute in bf16/fp16 and would add
-    their rounding to the selection's error. Anything else: ``stem.attention(backend=backend)``."""
+    their rounding to the selection's error. ``backend="fp8"``: ``stem.attention(...,
+    precision="fp8")`` on bfloat16 copies (CUDA, sm89+), the output cast back to q's dtype: the
+    plan's error plus FP8's. Anything else: ``stem.attention(backend=backend)``."""
+    if backend == "fp8":
+        out = stem.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan=plan, scale=scale, precision="fp8")
+        return out.to(q.dtype)
     if backend != "masked":
         return stem.attention(q, k, v, plan=plan, scale=scale, backend=backend)
     L, G = q.shape[2], q.shape[1] // k.shape[1]
@@ -332,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instructed: the prompt opens with a sentence saying a pass key is hidden in the text")
     p.add_argument("--backend", default="auto",
                    help="executor for the plans (stem.attention's backend), or 'masked': exact masked attention in "
-                        "float32, one head at a time (for GPU runs, whose kernels compute in bf16)")
+                        "float32, one head at a time (for GPU runs, whose kernels compute in bf16), or 'fp8': "
+                        "stem.attention(precision='fp8') on bf16 copies (CUDA)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32 on it)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--first-sparse", type=int, default=FIRST_SPARSE,
@@ -385,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                 offset = args.doc_offset + d * args.length
                 if d:
                     ids, _ = document(offset)
-                dense, _ = forward_logits(model, ids, "dense", cfg, args.last, args.backend, args.first_sparse)
+                # the reference is exact: with --backend fp8 it runs as masked float32 attention
+                ref_backend = "masked" if args.backend == "fp8" else args.backend
+                dense, _ = forward_logits(model, ids, "dense", cfg, args.last, ref_backend, args.first_sparse)
                 targets = ids[0, -args.last + 1:]
                 doc = {"doc_offset": offset, "kl": {}}
                 for m in methods:
