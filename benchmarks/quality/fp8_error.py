@@ -17,6 +17,10 @@ the layer's output, then the mean and the largest over layers):
   the sum of the unrounded p, as in the kernels).
 - ``fp8``: all of the above together (the Hub kernel's scheme); ``bf16``: q, k, v and p rounded
   to bfloat16 instead (what the native kernels round).
+- ``qk_hadamard`` / ``fp8_hadamard``: Q and K both multiplied by the same orthonormal Hadamard
+  matrix H before they are rounded (``(q H)(k H)^T = q k^T``: the scores are unchanged, but a dot
+  product carried by a few channels is spread over all of them, so the rounding errors average
+  out); only Q and K rounded, or everything.
 
 Writes ``quality_fp8_error_<model>_<length>.json`` into ``--out`` and prints a table.
 """
@@ -32,7 +36,17 @@ from pathlib import Path
 import torch
 
 E4M3_MAX = 448.0
-VARIANTS = ("q", "k", "k_no_smoothing", "v", "p", "fp8", "bf16")
+VARIANTS = ("q", "k", "k_no_smoothing", "v", "p", "fp8", "bf16", "qk", "qk_hadamard", "fp8_hadamard")
+
+
+def hadamard(d: int, dtype=torch.float64) -> torch.Tensor:
+    """The d x d orthonormal Hadamard matrix (Sylvester's construction; d a power of two)."""
+    if d & (d - 1):
+        raise ValueError(f"head dim {d} is not a power of two")
+    h = torch.ones(1, 1, dtype=dtype)
+    while h.shape[0] < d:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / d ** 0.5
 
 
 def e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +107,8 @@ def layer_errors(q, k, v, scale: float) -> dict[str, float]:
     bf = lambda x: x.to(torch.bfloat16).float()  # noqa: E731
     p8 = lambda p: e4m3(p * 256.0) / 256.0  # noqa: E731
     rq, rk, rv = f(round_q(q)), f(round_k(k)), f(round_v(v))
+    H = hadamard(q.shape[-1])
+    hq, hk = f(round_q(q @ H)), f(round_k(k @ H))
     runs = {
         "q": (rq, f(k), f(v), None),
         "k": (f(q), rk, f(v), None),
@@ -101,6 +117,9 @@ def layer_errors(q, k, v, scale: float) -> dict[str, float]:
         "p": (f(q), f(k), f(v), p8),
         "fp8": (rq, rk, rv, p8),
         "bf16": (bf(q), bf(k), bf(v), bf),
+        "qk": (rq, rk, f(v), None),
+        "qk_hadamard": (hq, hk, f(v), None),
+        "fp8_hadamard": (hq, hk, rv, p8),
     }
     return {name: float((attention(a, b, c, scale, pr).double() - exact).norm() / norm)
             for name, (a, b, c, pr) in runs.items()}
@@ -115,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--first-layer", type=int, default=2, help="layers below it are left out (dense in the study)")
+    ap.add_argument("--every", type=int, default=1, help="only every n-th layer from --first-layer on")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -128,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = qkv[0][0].shape[-1] ** -0.5
     per_layer = {}
     for i, (q, k, v) in enumerate(qkv):
-        if i < args.first_layer:
+        if i < args.first_layer or (i - args.first_layer) % args.every:
             continue
         per_layer[i] = layer_errors(q[0], k[0], v[0], scale)
         print(f"layer {i:2d} " + " ".join(f"{n} {e:.4f}" for n, e in per_layer[i].items()), flush=True)
