@@ -6,18 +6,19 @@ score that orders the key blocks inside each query block's budget changes.
 
 ``sampled_mass``
 ----------------
-For query block ``a``, take ``SAMPLED_ROWS = 4`` of its query rows: the last row of each quarter
-of the block (clamped into the rows the block holds, so a partial block may repeat a row). For
+For query block ``a``, take ``n = StemConfig.sampled_rows`` of its query rows (default
+``SAMPLED_ROWS = 4``): the last row of each n-th of the block (clamped into the rows the block
+holds, so a partial block may repeat a row). For
 each sampled row at absolute position ``p``, its exact causal softmax over all keys ``t <= p``
 (scale ``1/sqrt(D)``); the score of key block ``j <= a`` is the mean over the sampled rows of the
 softmax mass that falls on block ``j``. Non-causal blocks get ``-inf``. It is the oracle ranking
-(true block mass, summed over the rows of the query block) estimated from 4 rows instead of all.
+(true block mass, summed over the rows of the query block) estimated from n rows instead of all.
 
 Measured on SmolLM2-135M at 8K tokens, block 32, density 0.35 (benchmarks/NOTES.md): next-token
 KL to the dense model 0.012 nats against Stem's 0.019 and the oracle's 0.004 (about halfway),
 top-1 agreement 0.951 against 0.935, perplexity x1.010 against x1.023. Cost: exact ``q . k`` of 4
 rows per query block against every causal key, ``4 / block_size`` of dense ``Q K^T`` (1/32 at
-block 128), plus one exponential per (sampled row, key). Torch path on any device; a fused
+block 128), plus one exponential per (sampled row, key); n rows cost n / 4 times that. Torch path on any device; a fused
 Triton kernel on CUDA (``stem_backends.triton.ranking``, one pass over the keys): the whole
 ``stem.plan`` takes 1.3 ms at 32K and 6.5 ms at 128K on an H200 (Hq 32 / Hkv 8 / D 128,
 block 128; benchmarks/NOTES.md), with float32 scratch of about ``4 * 4 * G * nQ * nK / 2``
@@ -74,8 +75,8 @@ def register_ranking_kernel(name: str, fn: RankFn, device_types: tuple[str, ...]
                             ranking: str = "qmean_lse") -> None:
     """Register an accelerated kernel of a ranking. ``qmean_lse``: ``fn(qbar, k, q_block_offset,
     block_size, scale)`` returns what :func:`qmean_lse_from_means` returns; ``sampled_mass``:
-    ``fn(q, k, q_offset, block_size, scale)`` returns what :func:`sampled_mass_scores` returns
-    (both up to float32 rounding)."""
+    ``fn(q, k, q_offset, block_size, scale, n=rows)`` returns what :func:`sampled_mass_scores`
+    returns (both up to float32 rounding)."""
     if ranking not in ("qmean_lse", "sampled_mass"):
         raise ValueError(f"no kernels for ranking {ranking!r}; use 'qmean_lse' or 'sampled_mass'")
     (_KERNELS if ranking == "qmean_lse" else _SAMPLED_KERNELS)[name] = (fn, tuple(device_types))
@@ -198,9 +199,10 @@ def ranking_scores(q, k, v, config: StemConfig, q_offset: int, impl: str = "auto
     """Block scores (B, Hq, nQ, nK) of ``config.ranking`` (not "stem": the planner's own logits)."""
     if config.ranking == "sampled_mass":
         fn = _kernel(_SAMPLED_KERNELS, impl, q.device.type)
+        n = config.sampled_rows
         if fn is None:
-            return sampled_mass_scores(q, k, config.block_size, q_offset)
-        return fn(q, k, q_offset, config.block_size, 1.0 / math.sqrt(q.shape[-1]))
+            return sampled_mass_scores(q, k, config.block_size, q_offset, n=n)
+        return fn(q, k, q_offset, config.block_size, 1.0 / math.sqrt(q.shape[-1]), n=n)
     if config.ranking == "qmean_lse":
         return qmean_lse_scores(q, k, config.block_size, q_offset, impl=impl)
     raise ValueError(f"no ranking scores for StemConfig.ranking={config.ranking!r} here "

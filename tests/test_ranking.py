@@ -87,14 +87,28 @@ def test_sampled_mass_equals_literal_float64(gen, B, Hq, Hkv, Lq, Lk, D, bs, off
         torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
 
 
-def test_sampled_mass_plan_follows_the_selection_rule(gen):
+@pytest.mark.parametrize("n", [4, 8, 1])
+def test_sampled_mass_plan_follows_the_selection_rule(gen, n):
     L = 16 * 57 + 3
     q, k, v = rand_qkv(gen, 1, 2, 1, L, L, 8, dtype=torch.float64)
-    cfg = RANKED.replace(ranking="sampled_mass")
+    cfg = RANKED.replace(ranking="sampled_mass", sampled_rows=n)
     plan = stem.plan(q, k, v, cfg)
     mask = plan.to_dense_mask()
-    for (b, h, i), blocks in spec_selection(literal_sampled_mass(q, k, 16, 0), cfg):
+    for (b, h, i), blocks in spec_selection(literal_sampled_mass(q, k, 16, 0, n=n), cfg):
         assert torch.nonzero(mask[b, h, i]).flatten().tolist() == blocks, (b, h, i)
+
+
+def test_sampled_rows_validation():
+    with pytest.raises(ValueError, match="power of two in \\[1, block_size=16\\]"):
+        stem.StemConfig(block_size=16, ranking="sampled_mass", sampled_rows=32)
+    with pytest.raises(ValueError, match="power of two"):
+        stem.StemConfig(ranking="sampled_mass", sampled_rows=6)
+    with pytest.raises(ValueError, match="applies to ranking='sampled_mass' only"):
+        stem.StemConfig(sampled_rows=8)
+    with pytest.raises(TypeError, match="sampled_rows must be an int"):
+        stem.StemConfig(ranking="sampled_mass", sampled_rows=8.0)
+    cfg = stem.StemConfig(ranking="sampled_mass", sampled_rows=16)
+    assert stem.StemConfig.from_json(cfg.to_json()) == cfg
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bs,off", [
@@ -177,7 +191,8 @@ KERNEL_CASES = {
 
 # sampled_mass kernel variants: one pass (all (batch, kv head) pairs in one launch, or one per
 # launch with the smallest scratch) and two passes
-SAMPLED_VARIANTS = {"": {}, "_chunked": {"scratch_bytes": 1}, "_two_pass": {"one_pass": False}}
+SAMPLED_VARIANTS = {"": {}, "_chunked": {"scratch_bytes": 1}, "_two_pass": {"one_pass": False}, "_rows8": {"n": 8},
+                    "_rows1": {"n": 1}}
 
 
 def _child() -> None:
@@ -206,7 +221,7 @@ def _child() -> None:
         for variant, kw in SAMPLED_VARIANTS.items():  # the sampled_mass kernel, against the float32 torch path
             try:
                 got = sampled_mass_triton(q, k, o, bs, D ** -0.5, block_q=block_q, **kw)
-                ref = sampled_mass_scores(q.float(), k.float(), bs, o)
+                ref = sampled_mass_scores(q.float(), k.float(), bs, o, n=kw.get("n", 4))
                 fin = torch.isfinite(ref)
                 assert torch.equal(fin, torch.isfinite(got)), "causal pattern differs"
                 err = float((got[fin] - ref[fin]).abs().max())
