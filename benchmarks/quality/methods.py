@@ -24,10 +24,8 @@ the first two layers dense). Methods:
 - ``qmean_lse_vnorm`` (experiment, not in the library): ``qmean_lse`` with ``log ||v_t||`` added to
   each key's score inside the log-sum-exp, i.e. the log of ``sum_t p_t ||v_t||``, the mean query's
   attention mass weighted by the value norm (an upper bound on the block's share of the output).
-- ``s1_mass`` / ``s4_mass`` / ``s8_mass`` / ``s16_mass`` (experiments): n sampled query rows per
-  block (the last row of each of n equal parts), their exact row-normalised softmax mass on each
-  block, averaged (``benchmarks.quality.rank_candidates``); Stem's budgets, sinks and window.
-  ``s4_mass`` makes the same plans as ``sampled_mass``.
+- ``s1_mass`` / ``s4_mass`` / ``s8_mass`` / ``s16_mass``: ``sampled_mass`` with 1, 4, 8 or 16
+  sampled query rows per block (``StemConfig(sampled_rows=n)``); ``s4_mass`` is ``sampled_mass``.
 """
 
 from __future__ import annotations
@@ -131,17 +129,8 @@ def method_plan(name: str, q, k, v, cfg: stem.StemConfig, *, chunk: int = 256) -
     if name.startswith("sampled_mass_a"):
         return stem.plan(q, k, v, cfg.replace(ranking="sampled_mass", alpha=float(name[len("sampled_mass_a"):])))
     if name in ("s1_mass", "s4_mass", "s8_mass", "s16_mass"):
-        from stem.planner import select_blocks
-
-        from .rank_candidates import candidate_scores
-
         n = int(name[1:].split("_")[0])
-        scores = candidate_scores(q[0], k[0], cfg.block_size, samples=(n,))[name]
-        scores = scores.masked_fill(torch.ones(scores.shape[-1], scores.shape[-1], dtype=torch.bool,
-                                                 device=scores.device).triu(1),
-                                    float("-inf"))
-        counts, idx = select_blocks(scores[None], cfg, 0, L // cfg.block_size)
-        return stem.BlockPlan(counts, idx, cfg.block_size, L, L, cfg, dense=False, q_offset=0)
+        return stem.plan(q, k, v, cfg.replace(ranking="sampled_mass", sampled_rows=n))
     if name == "qmean_lse_vnorm":
         from stem.planner import select_blocks
 
