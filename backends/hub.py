@@ -232,16 +232,23 @@ class HubExecutor(Executor):
         )
 
     @staticmethod
-    def _forward_fp8(mod, q, k, v, plan, scale, return_lse):
-        """Quantise (Q per row; K minus its per-channel mean, per 128-key tile; V per channel,
-        transposed, keys in the kernel's fragment order), then the FP8 kernel. Three launches for
-        the quantisation, one for attention; no host synchronisation."""
+    def quantize_fp8(q, k, v, block_size: int):
+        """The FP8 op's operands: ``(q8, q_scale, k8, k_scale, vt8, v_scale, k_mean)``. Q per row; K
+        minus its per-channel mean (``k_mean``), per 128-key tile; V per channel, transposed, keys in
+        the kernel's fragment order, padded to whole plan blocks of ``block_size``. Three launches,
+        no host synchronisation."""
         from stem_backends.triton.fp8 import P_SCALE, quantize_kv, quantize_rows
 
-        k8, vt8, ks, vs, kmean = quantize_kv(k, v, 128, plan.block_size, True, v_per_channel=True, permute32=True)
+        k8, vt8, ks, vs, kmean = quantize_kv(k, v, 128, block_size, True, v_per_channel=True, permute32=True)
         q8, qs = quantize_rows(q)
         # the kernel divides by the sum of the same (p * 256) it multiplies V by: v ~ v8 * (vs * 256)
-        out, lse = mod.block_sparse_attn_fp8_fwd(q8, k8, vt8, qs, ks, vs * P_SCALE, plan.kv_counts, plan.kv_indices,
+        return q8, qs, k8, ks, vt8, vs * P_SCALE, kmean
+
+    @classmethod
+    def _forward_fp8(cls, mod, q, k, v, plan, scale, return_lse):
+        """Quantise (``quantize_fp8``), then the FP8 kernel."""
+        q8, qs, k8, ks, vt8, vs, kmean = cls.quantize_fp8(q, k, v, plan.block_size)
+        out, lse = mod.block_sparse_attn_fp8_fwd(q8, k8, vt8, qs, ks, vs, plan.kv_counts, plan.kv_indices,
                                                  plan.block_size, plan.q_offset, k.shape[2], scale, return_lse,
                                                  q.dtype)
         if return_lse:

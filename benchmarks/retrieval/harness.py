@@ -167,10 +167,7 @@ class _Runner:
             if method.kind == "dense":  # every causal block, through the FP8 kernel
                 plan = dense_plan(q.shape[0], q.shape[1], q.shape[2], k.shape[2], cfg.block_size, q.device, cfg)
                 out = stem.attention(q, k, v, plan=plan, backend=self.backend, precision="fp8")
-                self.dispatch.add(stem.last_dispatch() or "?")
-                record[layer_idx] = _per_sample_density(plan)
-                return out
-            if method.kind in ("stem", "stem_novb"):
+            elif method.kind in ("stem", "stem_novb"):
                 c = (cfg.replace(alpha=method.alpha, ranking=method.ranking) if method.kind == "stem"
                      else cfg.replace(value_weight=0.0))
                 # Plan explicitly: stem.attention(config=...) with backend="auto" may skip planning

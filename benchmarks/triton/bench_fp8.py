@@ -92,8 +92,9 @@ def accuracy(L, H, Hkv, D, seed):
 
 def timing(L, H, Hkv, D, reps, flex, sweep):
     import torch.nn.functional as F
+    from stem_backends.hub import HubExecutor
     from stem_backends.triton.executor import run_block_sparse_attention
-    from stem_backends.triton.fp8 import fp8_tiles, quantize_kv, quantize_rows
+    from stem_backends.triton.fp8 import fp8_tiles, quantize_kv
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import stem
@@ -120,8 +121,7 @@ def timing(L, H, Hkv, D, reps, flex, sweep):
     row.pop("fp8_quantize_tflops", None)
     put("fp8_hub", lambda: stem.attention(q, k, v, plan=plan, precision="fp8", backend="hub"))
     if "fp8_hub_ms" in row:
-        put("fp8_hub_quantize", lambda: (quantize_kv(k, v, 128, plan.block_size, v_per_channel=True, permute32=True),
-                                         quantize_rows(q)))
+        put("fp8_hub_quantize", lambda: HubExecutor.quantize_fp8(q, k, v, plan.block_size))
         row.pop("fp8_hub_quantize_tflops", None)
         put("fp8_hub_e2e", lambda: stem.attention(q, k, v, precision="fp8"))
     put("bf16", lambda: stem.attention(q, k, v, plan=plan, backend="triton"))
