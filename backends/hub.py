@@ -225,33 +225,39 @@ class HubExecutor(Executor):
         mod, reason = self.load()
         if mod is None:
             raise RuntimeError(f"stem backend 'hub' is unavailable: {reason}")
-        if precision == "fp8":
-            return self._forward_fp8(mod, q, k, v, plan, scale, return_lse)
+        if precision in ("fp8", "fp8_pv"):
+            return self._forward_fp8(mod, q, k, v, plan, scale, return_lse, pv_only=precision == "fp8_pv")
         return mod.block_sparse_attn_fwd(
             q, k, v, plan.kv_counts, plan.kv_indices, plan.block_size, plan.q_offset, scale, return_lse
         )
 
     @staticmethod
-    def quantize_fp8(q, k, v, block_size: int):
+    def quantize_fp8(q, k, v, block_size: int, pv_only: bool = False):
         """The FP8 op's operands: ``(q8, q_scale, k8, k_scale, vt8, v_scale, k_mean)``. Q per row; K
         minus its per-channel mean (``k_mean``), per 128-key tile; V per channel, transposed, keys in
-        the kernel's fragment order, padded to whole plan blocks of ``block_size``. Three launches,
-        no host synchronisation."""
+        the kernel's fragment order, padded to whole plan blocks of ``block_size``. ``pv_only``: only
+        V is quantised; q and k are returned as they are (Q K^T runs in their dtype) with empty
+        scales. Three launches, no host synchronisation."""
         from stem_backends.triton.fp8 import P_SCALE, quantize_kv, quantize_rows
 
-        k8, vt8, ks, vs, kmean = quantize_kv(k, v, 128, block_size, True, v_per_channel=True, permute32=True)
-        q8, qs = quantize_rows(q)
+        k8, vt8, ks, vs, kmean = quantize_kv(k, v, 128, block_size, not pv_only, v_per_channel=True,
+                                             permute32=True)
+        if pv_only:  # the 16-bit q, k themselves; their scales are not read
+            q8, k8 = q.contiguous(), k.contiguous()
+            qs = ks = torch.empty(0, 0, 0, dtype=torch.float32, device=q.device)
+        else:
+            q8, qs = quantize_rows(q)
         # the kernel divides by the sum of the same (p * 256) it multiplies V by: v ~ v8 * (vs * 256)
         return q8, qs, k8, ks, vt8, vs * P_SCALE, kmean
 
     @classmethod
-    def _forward_fp8(cls, mod, q, k, v, plan, scale, return_lse):
+    def _forward_fp8(cls, mod, q, k, v, plan, scale, return_lse, pv_only=False):
         """Quantise (``quantize_fp8``), then the FP8 kernel."""
-        q8, qs, k8, ks, vt8, vs, kmean = cls.quantize_fp8(q, k, v, plan.block_size)
+        q8, qs, k8, ks, vt8, vs, kmean = cls.quantize_fp8(q, k, v, plan.block_size, pv_only)
         out, lse = mod.block_sparse_attn_fp8_fwd(q8, k8, vt8, qs, ks, vs, plan.kv_counts, plan.kv_indices,
                                                  plan.block_size, plan.q_offset, k.shape[2], scale, return_lse,
                                                  q.dtype)
-        if return_lse:
+        if return_lse and not pv_only:
             # the kernel's scores are against K minus its mean: every row's lse is short by q . mean
             B, Hq, Lq, D = q.shape
             Hkv = k.shape[1]

@@ -307,8 +307,8 @@ def test_contract_reasons(contract):
 
 
 _INST_RE = re.compile(r"template cudaError_t (run_block_sparse_attn|run)<(__nv_bfloat16|__half), (\d+)"
-                      r"(?:, (true|false))?>\(")
-_INST_NAME_RE = re.compile(r"block_sparse_attn_(sm90_)?(fp8_)?(bf16|fp16)_d(\d+)\.cu")
+                      r"(?:, (kNative|kFp8|kFp8PV))?>\(")
+_INST_NAME_RE = re.compile(r"block_sparse_attn_(sm90_)?(fp8_|fp8pv_)?(bf16|fp16)_d(\d+)\.cu")
 
 
 def _instantiation_files() -> dict[tuple[str, str, int], Path]:
@@ -317,12 +317,12 @@ def _instantiation_files() -> dict[tuple[str, str, int], Path]:
     for f in sorted((CSRC / "inst").glob("*.cu")):
         m = _INST_NAME_RE.fullmatch(f.name)
         assert m, f"unexpected instantiation file name {f.name}"
-        kernel = ("sm90_fp8" if m.group(2) else "sm90") if m.group(1) else "sm80"
+        kernel = ("sm90_" + m.group(2)[:-1] if m.group(2) else "sm90") if m.group(1) else "sm80"
         key = (kernel, m.group(3), int(m.group(4)))
         found = _INST_RE.findall(f.read_text())
         want = ("run" if kernel != "sm80" else "run_block_sparse_attn",
                 "__nv_bfloat16" if key[1] == "bf16" else "__half", str(key[2]),
-                {"sm80": "", "sm90": "false", "sm90_fp8": "true"}[kernel])
+                {"sm80": "", "sm90": "kNative", "sm90_fp8": "kFp8", "sm90_fp8pv": "kFp8PV"}[kernel])
         assert found == [want], f"{f.name} instantiates {found}, its name says {want}"
         out[key] = f
     return out
@@ -340,13 +340,13 @@ def test_instantiations_are_what_the_contract_selects(contract):
                         path = contract.path_of(code, h, b, *cc, sm)
                         if path:
                             used.add((f"sm{path}", name, h))
-    # the FP8 kernel (block_sparse_attn_fp8_fwd): head dim 128, output bf16 or fp16
-    used |= {("sm90_fp8", name, 128) for name in DTYPES}
+    # the FP8 kernels (block_sparse_attn_fp8_fwd, both products or P V only): head dim 128, bf16 or fp16
+    used |= {(kind, name, 128) for kind in ("sm90_fp8", "sm90_fp8pv") for name in DTYPES}
     files = _instantiation_files()
     assert set(files) == used, f"files without use: {set(files) - used}; uses without a file: {used - set(files)}"
     listed = set(_kernel_sources())
     assert {f.relative_to(KERNEL_DIR).as_posix() for f in files.values()} <= listed
-    assert len(files) == 14 and sum(k[0] == "sm90" for k in files) == 6
+    assert len(files) == 16 and sum(k[0] == "sm90" for k in files) == 6
 
 
 def test_no_experiment_switches_left_in_the_kernel():
@@ -356,7 +356,7 @@ def test_no_experiment_switches_left_in_the_kernel():
     for word in ("tuning", "allow_sm90", "sm90_", "stages", "overlap", "pingpong", "l2", "order"):
         assert word not in params.lower(), word
     sm90 = (CSRC / "block_sparse_attn_sm90.cuh").read_text()
-    assert re.search(r"template <typename T, int kD, bool kFp8>\s*__global__ void __launch_bounds__\(384, 1\)\s*"
+    assert re.search(r"template <typename T, int kD, int kPrec>\s*__global__ void __launch_bounds__\(384, 1\)\s*"
                      r"block_sparse_attn_sm90_kernel", sm90)
     sm80 = (CSRC / "block_sparse_attn_kernel.cuh").read_text()
     assert re.search(r"template <typename T, int kD, int kBlockM>\s*__global__", sm80)
@@ -450,7 +450,8 @@ def test_cuda_sources_compile(compiled):
 @needs_nvcc
 def test_compiled_kernels_are_the_used_instantiations(compiled):
     """The sm_90a code holds one kernel per used configuration and nothing else: one sm90 kernel
-    per (dtype, head dim 64/128/256) and the two FP8 kernels (bf16 / fp16 output, head dim 128); sm80
+    per (dtype, head dim 64/128/256) and four FP8 kernels (both products or P V only; bf16 / fp16; head
+    dim 128); sm80
     kernels with 128- and 64-row query tiles for head dims
     64/128 (plan blocks of 128/256 and of 64 tokens) and 64-row tiles only for head dim 256."""
     total_sm90, total_sm80 = 0, 0
@@ -467,7 +468,7 @@ def test_compiled_kernels_are_the_used_instantiations(compiled):
             want = 1 if int(m.group(4)) == 256 else 2
             assert len(entries) == want and all("block_sparse_attn_fwd_kernel" in e for e in entries), (src, entries)
             total_sm80 += len(entries)
-    assert (total_sm90, total_sm80) == (8, 10)
+    assert (total_sm90, total_sm80) == (10, 10)
 
 
 def _cuda_include() -> Path | None:

@@ -127,7 +127,7 @@ def test_compile_commands_build_each_section_for_its_own_capabilities(tmp_path):
         assert "-std=c++17" in c and str(tmp_path / "torch" / "include") in c
         assert c[c.index("-isystem") + 1] == str(build.COMPAT_INCLUDE)  # first on the include path
     assert "torch-ext/torch_binding.cpp" in by_src
-    assert len([s for s in by_src if s.endswith(".cu")]) == 15
+    assert len([s for s in by_src if s.endswith(".cu")]) == 17
     assert link[-2:] == ["-l:libcudart.so.13", *build.LINK_FLAGS] and lib.name == "_ns.abi3.so"
     with pytest.raises(ValueError, match="keeps none of"):
         build.compile_commands(tc, "_ns", tmp_path / "obj", archs=["8.0"])

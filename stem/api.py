@@ -140,6 +140,9 @@ def attention(
             "auto" or "hub"; compute capability 9.0, head dim 128, plan blocks of 128 or 256)
             or the Triton executor ("auto" elsewhere, or "triton"; head dim >= 32, plan blocks
             >= 64); any plan, dense ones included. It raises ValueError elsewhere.
+            "fp8_pv": only P V on FP8 tensor cores (V quantised per channel, P as e4m3), Q K^T
+            in the input dtype: less error than "fp8" (only V and P are rounded), on the Hub
+            kernel only (compute capability 9.0, head dim 128, plan blocks of 128 or 256).
 
     Returns:
         out (B, Hq, Lq, D) in q's dtype; ``(out, plan)``, ``(out, lse)`` or ``(out, lse, plan)``
@@ -161,7 +164,7 @@ def attention(
     if precision != "native":
         _check_fp8(q, k, v, backend, precision, (plan if plan is not None else config or StemConfig()).block_size)
         if torch.compiler.is_compiling():
-            raise compile_unsupported("precision='fp8'")
+            raise compile_unsupported(f"precision={precision!r}")
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
         return _empty(q, return_lse, return_plan)
     if torch.compiler.is_compiling():
@@ -170,18 +173,24 @@ def attention(
         return _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q_offset, precision)
 
 
+PRECISIONS = ("native", "fp8", "fp8_pv")
+
+
 def _check_fp8(q, k, v, backend, precision, block_size) -> None:
-    """ValueError unless ``precision`` is "fp8" and the FP8 path can run these inputs."""
-    if precision != "fp8":
-        raise ValueError(f"precision must be 'native' or 'fp8', got {precision!r}")
+    """ValueError unless ``precision`` is "fp8" / "fp8_pv" and its path can run these inputs."""
+    if precision not in PRECISIONS[1:]:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp8_pv" and backend not in ("auto", "hub"):
+        raise ValueError(f"precision='fp8_pv' runs on the 'hub' executor only, not backend={backend!r}: pass "
+                         "backend='auto' or 'hub', or precision='fp8' / 'native'")
     if backend not in ("auto", "triton", "hub"):
         raise ValueError(f"precision='fp8' runs on the 'hub' and 'triton' executors, not backend={backend!r}: pass "
                          "backend='auto', 'hub' or 'triton', or precision='native'")
     if q.device.type != "cuda":
-        raise ValueError(f"precision='fp8' runs on CUDA GPUs (compute capability 8.9+) only, not on {q.device.type}: "
-                         "use precision='native'")
+        raise ValueError(f"precision={precision!r} runs on CUDA GPUs (compute capability 8.9+) only, not on "
+                         f"{q.device.type}: use precision='native'")
     if requires_grad(q, k, v):
-        raise ValueError("precision='fp8' is forward-only (no backward): run it under torch.no_grad() or "
+        raise ValueError(f"precision={precision!r} is forward-only (no backward): run it under torch.no_grad() or "
                          "torch.inference_mode(), or use precision='native' with dense attention to train")
     from .dispatch import first_party
 
@@ -191,7 +200,12 @@ def _check_fp8(q, k, v, backend, precision, block_size) -> None:
     why = fp8_unsupported_reason(q, k, v, block_size)
     if why is not None:
         raise ValueError(why)
-    if backend == "hub":
+    if precision == "fp8_pv":
+        why = _fp8_hub_reason(q, block_size)
+        if why is not None:
+            raise ValueError(f"precision='fp8_pv' runs on the Hub kernel only, which cannot run this call: {why}; "
+                             "use precision='fp8' or 'native'")
+    elif backend == "hub":
         why = _fp8_hub_reason(q, block_size)
         if why is not None:
             raise ValueError(f"precision='fp8' with backend='hub': {why}; pass backend='triton' (or 'auto')")
@@ -254,7 +268,7 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
     global _last
     dense_why = None
     config = _DEFAULT_CONFIG if config is None else config
-    fp8 = precision == "fp8"
+    fp8 = precision != "native"
     if plan is None and backend == "auto" and not fp8:
         dense_why = auto_dense_reason(q.device.type, q.shape[2], k.shape[2], config, q_offset, head_dim=q.shape[-1],
                                       gqa=q.shape[1] // k.shape[1], heads=q.shape[0] * q.shape[1],
@@ -271,8 +285,10 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
         validate_plan(plan, q, k, q_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if fp8:  # the Hub kernel's FP8 path where it runs these inputs, else Triton's; sparse and dense plans alike
-        name, why = backend, f"{backend}, precision='fp8'"
-        if backend == "auto":
+        name, why = backend, f"{backend}, precision={precision!r}"
+        if precision == "fp8_pv":  # checked: the Hub kernel runs it
+            name, why = "hub", f"hub, precision='fp8_pv' (backend={backend!r})"
+        elif backend == "auto":
             hub_why = _fp8_hub_reason(q, plan.block_size)
             name = "hub" if hub_why is None else "triton"
             why = ("hub, precision='fp8' (backend='auto')" if hub_why is None
@@ -281,7 +297,7 @@ def _attention(q, k, v, config, plan, backend, scale, return_plan, return_lse, q
         if _last != why:
             log.info("%s", why)
         _last = why
-        out, lse = ex.forward(q, k, v, plan, scale, return_lse, precision="fp8")
+        out, lse = ex.forward(q, k, v, plan, scale, return_lse, precision=precision)
         return pack_result(out, lse, plan, return_lse, return_plan)
     ex, why = resolve(backend, DispatchKey.of(q, plan, return_lse))
     if not ex.differentiable and requires_grad(q, k, v):

@@ -21,6 +21,7 @@ import torch
 from plan_compare import random_plan
 
 FP8_TOL = 0.06  # relative L2 error of the output vs float64 (see the module docstring)
+FP8_PV_TOL = 0.045  # precision="fp8_pv": only V (~2.6 %) and P (~2.1 %) rounded
 FP8_TOL_TINY = 0.07  # the interpreter's tiny shapes: few rows, wider spread (seen: 0.038-0.050)
 LSE_TOL = 0.15  # max abs error of the natural-log log-sum-exp
 
@@ -63,8 +64,12 @@ def test_attention_fp8_refuses_cpu_and_bad_values():
     q = torch.randn(1, 2, 64, 32, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="CUDA GPUs"):
         stem.attention(q, q, q, precision="fp8")
-    with pytest.raises(ValueError, match="'native' or 'fp8'"):
+    with pytest.raises(ValueError, match="one of \\('native', 'fp8', 'fp8_pv'\\)"):
         stem.attention(q, q, q, precision="fp16")
+    with pytest.raises(ValueError, match="'fp8_pv' runs on the 'hub' executor only, not backend='triton'"):
+        stem.attention(q, q, q, precision="fp8_pv", backend="triton")
+    with pytest.raises(ValueError, match="precision='fp8_pv' runs on CUDA GPUs"):
+        stem.attention(q, q, q, precision="fp8_pv")
     with pytest.raises(ValueError, match="'hub' and 'triton' executors, not backend='reference'"):
         stem.attention(q, q, q, precision="fp8", backend="reference")
     with pytest.raises(ValueError, match="CUDA GPUs"):
@@ -422,6 +427,14 @@ def test_gpu_hub_fp8_matches_float64(dtype, B, Hq, Hkv, L, q_offset, bs, k_shift
     auto = stem.attention(q, k, v, plan=plan, precision="fp8")
     assert "hub, precision='fp8' (backend='auto')" in stem.last_dispatch()
     assert torch.equal(auto, out)
+    # only P V in FP8: a smaller error (V and P rounded, not Q and K), the exact lse
+    pv, lse_pv = stem.attention(q, k, v, plan=plan, precision="fp8_pv", return_lse=True)
+    assert "hub, precision='fp8_pv'" in stem.last_dispatch()
+    err_pv = rel_err(pv, ref)
+    print(f"hub fp8_pv relative error {err_pv:.4f}")
+    assert pv.dtype == dtype and torch.isfinite(pv).all()
+    assert err_pv <= FP8_PV_TOL and err_pv < err, f"fp8_pv relative error {err_pv:.4f} (fp8: {err:.4f})"
+    assert (lse_pv.double() - ref_lse).abs().max().item() <= 2e-3
 
 
 @pytest.mark.gpu
@@ -440,6 +453,9 @@ def test_gpu_hub_fp8_refusals():
     q = torch.randn(1, 2, 512, 128, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="128 or 256"):
         stem.attention(q, q, q, precision="fp8", backend="hub", config=stem.StemConfig(block_size=64))
+    q64 = torch.randn(1, 2, 512, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="'fp8_pv' runs on the Hub kernel only.*head dim 128"):
+        stem.attention(q64, q64, q64, precision="fp8_pv")
 
 
 if __name__ == "__main__":

@@ -72,11 +72,11 @@ def run_plan(q, k, v, plan: stem.BlockPlan, scale: float | None, backend: str) -
     ``backend="masked"``: exact masked attention in the inputs' dtype, one query head at a time
     (torch SDPA with the plan's token mask; float32 inputs give float32 attention on any device).
     The quality study uses it on a GPU, where the sparse kernels compute in bf16/fp16 and would add
-    their rounding to the selection's error. ``backend="fp8"``: ``stem.attention(...,
-    precision="fp8")`` on bfloat16 copies (CUDA, sm89+), the output cast back to q's dtype: the
-    plan's error plus FP8's. Anything else: ``stem.attention(backend=backend)``."""
-    if backend == "fp8":
-        out = stem.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan=plan, scale=scale, precision="fp8")
+    their rounding to the selection's error. ``backend="fp8"`` / ``"fp8_pv"``: ``stem.attention(...,
+    precision=backend)`` on bfloat16 copies (CUDA), the output cast back to q's dtype: the plan's
+    error plus FP8's. Anything else: ``stem.attention(backend=backend)``."""
+    if backend in ("fp8", "fp8_pv"):
+        out = stem.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan=plan, scale=scale, precision=backend)
         return out.to(q.dtype)
     if backend != "masked":
         return stem.attention(q, k, v, plan=plan, scale=scale, backend=backend)
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 if d:
                     ids, _ = document(offset)
                 # the reference is exact: with --backend fp8 it runs as masked float32 attention
-                ref_backend = "masked" if args.backend == "fp8" else args.backend
+                ref_backend = "masked" if args.backend in ("fp8", "fp8_pv") else args.backend
                 dense, _ = forward_logits(model, ids, "dense", cfg, args.last, ref_backend, args.first_sparse)
                 targets = ids[0, -args.last + 1:]
                 doc = {"doc_offset": offset, "kl": {}}

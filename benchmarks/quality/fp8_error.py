@@ -21,6 +21,7 @@ the layer's output, then the mean and the largest over layers):
   matrix H before they are rounded (``(q H)(k H)^T = q k^T``: the scores are unchanged, but a dot
   product carried by a few channels is spread over all of them, so the rounding errors average
   out); only Q and K rounded, or everything.
+- ``fp8_pv``: Q and K in bfloat16, P and V as above (``precision="fp8_pv"``).
 
 Writes ``quality_fp8_error_<model>_<length>.json`` into ``--out`` and prints a table.
 """
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 E4M3_MAX = 448.0
-VARIANTS = ("q", "k", "k_no_smoothing", "v", "p", "fp8", "bf16", "qk", "qk_hadamard", "fp8_hadamard")
+VARIANTS = ("q", "k", "k_no_smoothing", "v", "p", "fp8", "bf16", "qk", "qk_hadamard", "fp8_hadamard", "fp8_pv")
 
 
 def hadamard(d: int, dtype=torch.float64) -> torch.Tensor:
@@ -120,6 +121,7 @@ def layer_errors(q, k, v, scale: float) -> dict[str, float]:
         "qk": (rq, rk, f(v), None),
         "qk_hadamard": (hq, hk, f(v), None),
         "fp8_hadamard": (hq, hk, rv, p8),
+        "fp8_pv": (bf(q), bf(k), rv, p8),  # precision="fp8_pv": Q K^T in bf16, P and V in e4m3
     }
     return {name: float((attention(a, b, c, scale, pr).double() - exact).norm() / norm)
             for name, (a, b, c, pr) in runs.items()}

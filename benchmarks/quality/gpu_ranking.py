@@ -9,7 +9,7 @@
    rows whose selected blocks equal those of the torch-path plan.
 2. Timing (B 1, Hq 32, Hkv 8, D 128, bf16; CUDA-event medians): ``stem.plan`` with the default
    config (the paper's planner), with ``ranking="qmean_lse"``, and the ranking kernel alone with a
-   few tile shapes; and ``stem.plan`` with ``ranking="sampled_mass"``.
+   few tile shapes; and ``stem.plan`` with ``ranking="sampled_mass"`` (4 and 8 sampled rows).
 """
 
 from __future__ import annotations
@@ -94,6 +94,10 @@ def timing(L: int, reps: int, dev: str, H=(32, 8), D=128, bs=128) -> dict:
            "plan_sampled_mass_ms": _median_ms(lambda: stem.plan(q, k, v, base.replace(ranking="sampled_mass")), reps),
            "plan_sampled_mass_bs64_a1_ms": _median_ms(lambda: stem.plan(q, k, v, base.replace(
                ranking="sampled_mass", block_size=64, alpha=1.0)), reps),
+           "plan_sampled_mass_rows8_ms": _median_ms(lambda: stem.plan(q, k, v, base.replace(
+               ranking="sampled_mass", sampled_rows=8)), reps),
+           "plan_sampled_mass_rows8_bs64_a1_ms": _median_ms(lambda: stem.plan(q, k, v, base.replace(
+               ranking="sampled_mass", sampled_rows=8, block_size=64, alpha=1.0)), reps),
            "plan_default_bs64_a1_ms": _median_ms(lambda: stem.plan(q, k, v, base.replace(block_size=64, alpha=1.0)),
                                                  reps),
            "density_default": stem.plan(q, k, v, base).density, "density_qmean_lse": stem.plan(q, k, v, ranked).density}
@@ -115,6 +119,9 @@ def timing(L: int, reps: int, dev: str, H=(32, 8), D=128, bs=128) -> dict:
         out[name + "_maxdiff"] = float((got - default).nan_to_num(0.0, 0.0, 0.0).abs().max())
         del got
         out[name + "_ms"] = _median_ms(run, max(3, reps // 4))
+    for n in (8, 16):  # more sampled rows per query block, default tile shape
+        out[f"sampled_rows{n}_ms"] = _median_ms(lambda n=n: sampled_mass_triton(q, k, 0, bs, D ** -0.5, n=n),
+                                                max(3, reps // 4))
     if L <= 32768:
         out["scores_torch_path_ms"] = _median_ms(lambda: qmean_lse_scores(q, k, bs, impl="torch"), max(3, reps // 4))
     flops = 2 * Hq * D * sum(min(i + 1, L // bs) * bs for i in range(L // bs))

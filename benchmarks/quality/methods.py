@@ -25,7 +25,8 @@ the first two layers dense). Methods:
   each key's score inside the log-sum-exp, i.e. the log of ``sum_t p_t ||v_t||``, the mean query's
   attention mass weighted by the value norm (an upper bound on the block's share of the output).
 - ``s1_mass`` / ``s4_mass`` / ``s8_mass`` / ``s16_mass``: ``sampled_mass`` with 1, 4, 8 or 16
-  sampled query rows per block (``StemConfig(sampled_rows=n)``); ``s4_mass`` is ``sampled_mass``.
+  sampled query rows per block (``StemConfig(sampled_rows=n)``); ``s4_mass`` is ``sampled_mass``;
+  ``s8_mass_a1.0``: 8 rows with alpha 1.0.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ __all__ = ["METHODS", "method_plan", "xattention_block_scores", "threshold_mask"
 METHODS = ("dense", "stem", "stem_a1.0", "stem_a0.85", "stem_a0.5", "stem_novb", "sampled_mass", "sampled_mass_a1.0",
            "qmean_lse",
            "uniform_topk",
-           "sinks_window", "xattention", "oracle", "qmean_lse_vnorm", "s1_mass", "s4_mass", "s8_mass", "s16_mass")
+           "sinks_window", "xattention", "oracle", "qmean_lse_vnorm", "s1_mass", "s4_mass", "s8_mass", "s16_mass",
+           "s8_mass_a1.0")
 
 
 def _mask_plan(mask: torch.Tensor, L: int, cfg: stem.StemConfig) -> stem.BlockPlan:
@@ -128,9 +130,10 @@ def method_plan(name: str, q, k, v, cfg: stem.StemConfig, *, chunk: int = 256) -
         return stem.plan(q, k, v, cfg.replace(ranking=name))
     if name.startswith("sampled_mass_a"):
         return stem.plan(q, k, v, cfg.replace(ranking="sampled_mass", alpha=float(name[len("sampled_mass_a"):])))
-    if name in ("s1_mass", "s4_mass", "s8_mass", "s16_mass"):
-        n = int(name[1:].split("_")[0])
-        return stem.plan(q, k, v, cfg.replace(ranking="sampled_mass", sampled_rows=n))
+    if name in ("s1_mass", "s4_mass", "s8_mass", "s16_mass", "s8_mass_a1.0"):
+        n, _, alpha = name[1:].partition("_mass")
+        extra = {"alpha": float(alpha[2:])} if alpha else {}
+        return stem.plan(q, k, v, cfg.replace(ranking="sampled_mass", sampled_rows=int(n), **extra))
     if name == "qmean_lse_vnorm":
         from stem.planner import select_blocks
 

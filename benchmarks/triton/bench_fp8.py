@@ -9,7 +9,8 @@ the default Stem plan (planned once per length, outside the timing):
   of K/V included; ``fp8_quantize`` times that launch alone),
 * ``fp8_hub``: the same with ``backend="hub"``, the Hub kernel's FP8 path where the loaded build
   has it (sm90, head dim 128; ``fp8_hub_quantize`` times its three quantisation launches alone,
-  ``fp8_hub_e2e`` plans too: ``stem.attention(q, k, v, precision="fp8")``),
+  ``fp8_hub_e2e`` plans too: ``stem.attention(q, k, v, precision="fp8")``); ``fp8_pv_hub``:
+  ``precision="fp8_pv"`` (only P V in FP8, Q K^T in bf16),
 * ``bf16``: the Triton executor in the input dtype (``backend="triton"``); ``bf16_hub``: the Hub
   kernel in the input dtype,
 * ``flex``: FlexAttention (``torch.compile``) with ``plan.to_flex_block_mask()``,
@@ -77,10 +78,11 @@ def accuracy(L, H, Hkv, D, seed):
         fp8 = stem.attention(q, k, v, plan=plan, precision="fp8", backend="triton")
         bf16 = stem.attention(q, k, v, plan=plan, backend="triton")
         row = {"fp8": _errors(fp8, ref), "bf16": _errors(bf16, ref), "density": plan.density}
-        try:
-            row["fp8_hub"] = _errors(stem.attention(q, k, v, plan=plan, precision="fp8", backend="hub"), ref)
-        except (ValueError, RuntimeError) as e:
-            row["fp8_hub_error"] = str(e).splitlines()[0][:200]
+        for key, prec in (("fp8_hub", "fp8"), ("fp8_pv_hub", "fp8_pv")):
+            try:
+                row[key] = _errors(stem.attention(q, k, v, plan=plan, precision=prec, backend="hub"), ref)
+            except (ValueError, RuntimeError) as e:
+                row[f"{key}_error"] = str(e).splitlines()[0][:200]
         raw, _ = block_sparse_attention_fp8(q, k, v, plan.kv_counts, plan.kv_indices, block_size=plan.block_size,
                                             q_offset=plan.q_offset, scale=scale, smooth_k=False)
         row["fp8_no_smoothing"] = _errors(raw, ref)
@@ -124,6 +126,7 @@ def timing(L, H, Hkv, D, reps, flex, sweep):
         put("fp8_hub_quantize", lambda: HubExecutor.quantize_fp8(q, k, v, plan.block_size))
         row.pop("fp8_hub_quantize_tflops", None)
         put("fp8_hub_e2e", lambda: stem.attention(q, k, v, precision="fp8"))
+        put("fp8_pv_hub", lambda: stem.attention(q, k, v, plan=plan, precision="fp8_pv", backend="hub"))
     put("bf16", lambda: stem.attention(q, k, v, plan=plan, backend="triton"))
     put("bf16_hub", lambda: stem.attention(q, k, v, plan=plan, backend="hub"))
     if flex is not None:
@@ -190,11 +193,12 @@ def main(argv=None) -> int:
         r = e[name]
         hub = f"hub fp8 rel {r['fp8_hub']['rel_l2']:.4f} (max abs {r['fp8_hub']['max_abs']:.4f}), " \
             if "fp8_hub" in r else ""
+        hub += f"hub fp8_pv rel {r['fp8_pv_hub']['rel_l2']:.4f}, " if "fp8_pv_hub" in r else ""
         print(f"errors vs float64 at {e['L']} ({name}): {hub}fp8 rel {r['fp8']['rel_l2']:.4f} "
               f"(no smoothing {r['fp8_no_smoothing']['rel_l2']:.4f}), bf16 rel {r['bf16']['rel_l2']:.5f}; "
               f"max abs fp8 {r['fp8']['max_abs']:.4f} bf16 {r['bf16']['max_abs']:.4f}")
-    names = ["fp8_hub", "fp8_hub_quantize", "fp8_hub_e2e", "bf16_hub", "fp8", "fp8_quantize", "bf16", "flex",
-             "cudnn"]
+    names = ["fp8_hub", "fp8_hub_quantize", "fp8_hub_e2e", "fp8_pv_hub", "bf16_hub", "fp8", "fp8_quantize", "bf16",
+             "flex", "cudnn"]
     names += sorted({k[:-3] for r in res["rows"] for k in r if k.startswith("fp8_tiles_") and k.endswith("_ms")})
     print(f"{'L':>7} {'density':>7} " + " ".join(f"{n + ' ms':>22}" for n in names) + f" {'hub fp8/bf16':>11}")
     for r in res["rows"]:

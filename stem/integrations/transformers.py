@@ -130,7 +130,7 @@ class StemModelConfig:
         alpha: per-layer Token Position-Decay overrides ``{layer_idx: alpha}``.
         enabled: False routes every layer to SDPA (a model-wide off switch).
         backend: the ``stem.attention`` backend ("auto" or an executor name).
-        precision: the ``stem.attention`` precision, "native" or "fp8" (sparse layers of
+        precision: the ``stem.attention`` precision, "native", "fp8" or "fp8_pv" (sparse layers of
             unpadded batches; padded batches raise ValueError with "fp8").
     """
 
@@ -164,8 +164,10 @@ class StemModelConfig:
             raise TypeError(f"StemModelConfig.enabled must be a bool, got {self.enabled!r}")
         if not isinstance(self.backend, str):
             raise TypeError(f"StemModelConfig.backend must be a string, got {type(self.backend).__name__}")
-        if self.precision not in ("native", "fp8"):
-            raise ValueError(f"StemModelConfig.precision must be 'native' or 'fp8', got {self.precision!r}")
+        from ..api import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"StemModelConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         both = sorted(set(dense) & set(alpha))
         if both:
             raise ValueError(
@@ -318,7 +320,8 @@ def stem_attention_forward(
     pad = getattr(attention_mask, _PADDING_TAG, None) if attention_mask is not None else None
     if pad is not None:
         if mcfg.precision != "native":
-            raise ValueError("StemModelConfig.precision='fp8' does not run padded (variable-length) batches: pass "
+            raise ValueError(f"StemModelConfig.precision={mcfg.precision!r} does not run padded (variable-length) "
+                             "batches: pass "
                              "unpadded inputs (batch size 1 or equal lengths) or precision='native'")
         _note("stem:padded")
         return _padded_forward(query, key, value, pad, cfg, scaling, mcfg.backend), None

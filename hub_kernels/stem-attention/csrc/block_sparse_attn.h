@@ -55,9 +55,10 @@ int last_kernel_path();
 // where the sm90 kernel cannot.
 cudaError_t block_sparse_attn_fwd_launch(const Params& p, int cc_major, int cc_minor, int sm, cudaStream_t stream);
 
-// The FP8 (e4m3) sm90 kernel, head dim 128, plan blocks of 128 or 256 (Params' FP8 fields set).
-// cudaErrorInvalidValue for other shapes, cudaErrorNotSupported where this build or device cannot
-// run it (no sm_90a code for the device); else the launch status.
-cudaError_t block_sparse_attn_fp8_fwd_launch(const Params& p, cudaStream_t stream);
+// The FP8 (e4m3) sm90 kernel, head dim 128, plan blocks of 128 or 256 (Params' FP8 fields set):
+// both products in e4m3, or with pv_only only O += P V (q, k in the output's 16-bit type, their
+// scales unused). cudaErrorInvalidValue for other shapes, cudaErrorNotSupported where this build
+// or device cannot run it (no sm_90a code for the device); else the launch status.
+cudaError_t block_sparse_attn_fp8_fwd_launch(const Params& p, bool pv_only, cudaStream_t stream);
 
 }  // namespace stem_attn

@@ -1,8 +1,8 @@
 // Dispatch of the block-sparse attention kernels: kernel_path (supported.h) decides, then a switch
 // over dtype and head dim reaches the instantiation. The instantiations live in inst/*.cu, one per
 // kernel x dtype x head dim that kernel_path can select (built in parallel):
-//   sm80: {bf16, fp16} x {64, 128, 256};  sm90: {bf16, fp16} x {64, 128, 256}; sm90 FP8: output
-//   {bf16, fp16} x head dim 128.
+//   sm80: {bf16, fp16} x {64, 128, 256};  sm90: {bf16, fp16} x {64, 128, 256}; sm90 FP8, both
+//   products or only P V: {bf16, fp16} (output; and Q, K for P V only) x head dim 128.
 #include <atomic>
 
 #include "block_sparse_attn.h"
@@ -17,7 +17,7 @@ template <typename T, int kD>
 cudaError_t run_block_sparse_attn(const Params& p, cudaStream_t stream);
 
 namespace sm90 {
-template <typename T, int kD, bool kFp8>
+template <typename T, int kD, int kPrec>
 cudaError_t run(const Params& p, cudaStream_t stream);
 }  // namespace sm90
 
@@ -28,7 +28,7 @@ template <typename T, int kD>
 cudaError_t run_path(const Params& p, int path, int sm, cudaStream_t stream) {
   if constexpr (sm90_head_dim(kD)) {
     if (path == kSm90) {
-      const cudaError_t e = sm90::run<T, kD, false>(p, stream);
+      const cudaError_t e = sm90::run<T, kD, 0>(p, stream);  // native precision
       if (e != cudaErrorNotSupported) {  // ran (or failed for real)
         g_last_path.store(kSm90);
         return e;
@@ -44,14 +44,18 @@ cudaError_t run_path(const Params& p, int path, int sm, cudaStream_t stream) {
 
 int last_kernel_path() { return g_last_path.load(); }
 
-cudaError_t block_sparse_attn_fp8_fwd_launch(const Params& p, cudaStream_t stream) {
+cudaError_t block_sparse_attn_fp8_fwd_launch(const Params& p, bool pv_only, cudaStream_t stream) {
   if (p.D != 128 || !sm90_block_size(p.block_size) || p.Hkv <= 0 || p.Hq % p.Hkv != 0 ||
-      p.cu_seqlens_q != nullptr || p.q_scale == nullptr || p.k_scale == nullptr || p.v_scale == nullptr) {
+      p.cu_seqlens_q != nullptr || p.v_scale == nullptr ||
+      (!pv_only && (p.q_scale == nullptr || p.k_scale == nullptr))) {
     return cudaErrorInvalidValue;
   }
   if (p.nQ <= 0 || p.B <= 0 || p.Hq <= 0 || p.Lq <= 0) return cudaSuccess;  // nothing to do
-  const cudaError_t e = p.is_bf16 ? sm90::run<__nv_bfloat16, 128, true>(p, stream)
-                                  : sm90::run<__half, 128, true>(p, stream);
+  constexpr int kFp8 = 1, kFp8PV = 2;  // sm90::Precision
+  const cudaError_t e = pv_only ? (p.is_bf16 ? sm90::run<__nv_bfloat16, 128, kFp8PV>(p, stream)
+                                             : sm90::run<__half, 128, kFp8PV>(p, stream))
+                                : (p.is_bf16 ? sm90::run<__nv_bfloat16, 128, kFp8>(p, stream)
+                                             : sm90::run<__half, 128, kFp8>(p, stream));
   if (e == cudaSuccess) g_last_path.store(kSm90);
   return e;
 }

@@ -24,6 +24,7 @@
 // Grid: one CTA per (batch, query head, 128-row query tile), ordered so that the CTAs in flight
 // share one kv head (L2 reuse of K/V) and the latest (heaviest) query tiles start first.
 //
+// Precision (kPrec, Precision below): kNative, kFp8 or kFp8PV.
 // FP8 (kFp8, head dim 128): the same schedule on e4m3 operands quantised beforehand (the stem
 // `hub` executor's quantisers): Q (B, Hq, Lq, D) with one scale per row, K (B, Hkv, Lp, D) with
 // one scale per 128-key tile, V transposed to (B, Hkv, D, Lp) with one scale per channel. Both
@@ -34,6 +35,9 @@
 // every 32-key group (quantize_kv(..., permute32=True)), which leaves the contraction unchanged.
 // The probabilities are cast to e4m3 as p * 256 (exact; keeps them out of the subnormal range),
 // the output is (sum p v8) / (sum p) * v_scale per channel, written in the 16-bit output type T.
+// kFp8PV: Q and K stay in T (S = Q K^T as in the native kernel), only O += P V runs in e4m3 with
+// the V layout and scales above: about a quarter of the error of kFp8 on real models, whose sharp
+// scores suffer most from 3-bit Q and K (benchmarks/NOTES.md).
 #pragma once
 
 #include <cuda.h>
@@ -53,9 +57,15 @@
 namespace stem_attn {
 namespace sm90 {
 
-template <int kD, bool kFp8 = false>
+// What runs in e4m3: nothing, both products, or only O += P V.
+enum Precision : int { kNative = 0, kFp8 = 1, kFp8PV = 2 };
+
+template <int kD, int kPrec = kNative>
 struct Cfg {
-  static constexpr int kElemBytes = kFp8 ? 1 : 2;
+  static constexpr bool kQK8 = kPrec == kFp8;      // S = Q K^T on e4m3 operands
+  static constexpr bool kPV8 = kPrec != kNative;   // O += P V on e4m3 operands
+  static constexpr int kElemBytes = kQK8 ? 1 : 2;  // of Q and K
+  static constexpr int kVBytes = kPV8 ? 1 : 2;
   static constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
   // Key tile: 128 keys, or 64 for D = 256, where O (64 x 256 float32: 128 registers a consumer
   // thread) leaves room only for a 64-key S (32 registers) and two 64-key P buffers (16 each).
@@ -63,26 +73,28 @@ struct Cfg {
   // K and V rings, each with its own barriers: a K stage is free once S = QK^T has retired, a V
   // stage once O += PV has (a step later). Depths: the most that fit beside Q in 227 KB of shared
   // memory (D = 128: Q + 3 K + 3 V = 224 KB; D = 256: Q 64 KB + 2 K + 3 V tiles of 32 KB).
-  // FP8 tiles are half the bytes: 4 + 4 stages (Q + 8 tiles = 144 KB).
-  static constexpr int kStagesK = kFp8 ? 4 : kD == 256 ? 2 : 3;
-  static constexpr int kStagesV = kFp8 ? 4 : 3;
+  // FP8 tiles are half the bytes: 4 + 4 stages (Q + 8 tiles = 144 KB); kFp8PV: 3 bf16 K stages
+  // and 4 e4m3 V stages (32 + 96 + 64 KB).
+  static constexpr int kStagesK = kQK8 ? 4 : kD == 256 ? 2 : 3;
+  static constexpr int kStagesV = kPV8 ? 4 : 3;
   static constexpr int kThreads = 384;
   static constexpr int kBoxCols = 128 / kElemBytes;    // elements in one 128-byte swizzled row
   static constexpr int kChunks = kD / kBoxCols;        // TMA boxes per Q or K tile
   static constexpr int kBoxBytesQ = kBlockM * 128;     // kBlockM rows x 128 bytes
   static constexpr int kBoxBytesKV = kBlockN * 128;    // kBlockN rows x 128 bytes
   static constexpr int kTileBytesQ = kChunks * kBoxBytesQ;
-  // A K tile, or a V tile (FP8: V transposed, kD rows x kBlockN keys of one byte: one box).
-  static constexpr int kTileBytesKV = kBlockN * kD * kElemBytes;
+  // A K tile; a V tile (FP8: V transposed, kD rows x kBlockN keys of one byte: one box).
+  static constexpr int kTileBytesK = kBlockN * kD * kElemBytes;
+  static constexpr int kTileBytesV = kBlockN * kD * kVBytes;
   // wgmma k-steps (32 bytes of the reduction axis each): of S = Q K^T, and of O += P V.
   static constexpr int kSSteps = kD * kElemBytes / 32;
-  static constexpr int kPSteps = kBlockN * kElemBytes / 32;
+  static constexpr int kPSteps = kBlockN * kVBytes / 32;
   static constexpr int kBarrierBytes = 8 * (1 + 2 * kStagesK + 2 * kStagesV);
   // 1024 bytes of slack to align the tiles to the 1024-byte swizzle period.
   static constexpr int kSmemBytes =
-      1024 + kTileBytesQ + (kStagesK + kStagesV) * kTileBytesKV + kBarrierBytes;
+      1024 + kTileBytesQ + kStagesK * kTileBytesK + kStagesV * kTileBytesV + kBarrierBytes;
   static_assert(kD % kBoxCols == 0, "head dim must be a multiple of 64");
-  static_assert(!kFp8 || (kD == 128 && kBlockN == 128), "the FP8 path is built for head dim 128 only");
+  static_assert(!kPV8 || (kD == 128 && kBlockN == 128), "the FP8 paths are built for head dim 128 only");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA exceeds the 227 KB of an sm90 SM");
 };
 
@@ -149,15 +161,15 @@ __device__ __forceinline__ uint32_t pack_e4m3x4(float a, float b, float c, float
 // Online-softmax step over one 64 x kN score tile of a warpgroup (this thread: 2 rows, kN / 4
 // scores). acc_s[4 j + 2 i + c] is row qpos0 + 8 i (absolute position), key key0 + 8 j + c; its
 // log2-domain score is acc_s * sc[i]. Writes the exponentiated scores as wgmma A fragments:
-// bf16/fp16 (register r of k-step kk holds keys 8 kk + 2 r (+1) of row r % 2), or e4m3 (kFp8,
+// bf16/fp16 (register r of k-step kk holds keys 8 kk + 2 r (+1) of row r % 2), or e4m3 (kPV8,
 // scaled by 256: register r of k-step kk holds, for row r % 2, the pairs of column groups
 // 4 kk + 2 (r / 2) and the next one; see the FP8 note at the top). Updates the running max (log2
 // domain) and this thread's partial sums, and returns the rescale factor of O in alpha. acc_s is
 // only read: a non-wgmma write to a wgmma accumulator while another wgmma is in flight makes ptxas
 // serialise every wgmma of the kernel. Masking (kMasked) is a select, never a branch.
-template <bool kMasked, typename T, int kN, bool kFp8 = false>
+template <bool kMasked, typename T, int kN, bool kPV8 = false>
 __device__ __forceinline__ void softmax_tile(const float (&acc_s)[kN / 2],
-                                             uint32_t (&pout)[kN / (kFp8 ? 32 : 16)][4], float (&m_run)[2],
+                                             uint32_t (&pout)[kN / (kPV8 ? 32 : 16)][4], float (&m_run)[2],
                                              float (&l_run)[2], float (&alpha)[2], const float (&sc)[2], int key0,
                                              int qpos0, int Lk) {
   auto score = [&](int e) -> float {
@@ -183,7 +195,7 @@ __device__ __forceinline__ void softmax_tile(const float (&acc_s)[kN / 2],
     m_run[r] = m_new;
     l_run[r] *= alpha[r];
   }
-  if constexpr (kFp8) {
+  if constexpr (kPV8) {
     const float nmu[2] = {8.f - mu[0], 8.f - mu[1]};  // p * 256
 #pragma unroll
     for (int kk = 0; kk < kN / 32; ++kk) {
@@ -215,13 +227,15 @@ __device__ __forceinline__ void softmax_tile(const float (&acc_s)[kN / 2],
 // ---------------------------------------------------------------------------------------------
 // Kernel
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kD, bool kFp8>
+template <typename T, int kD, int kPrec>
 __global__ void __launch_bounds__(384, 1)
     block_sparse_attn_sm90_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap tm_q,
                                   const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = Cfg<kD, kFp8>;
-  using E = std::conditional_t<kFp8, __nv_fp8_e4m3, T>;  // element type of the matrix products
+  using C = Cfg<kD, kPrec>;
+  constexpr bool kQK8 = C::kQK8, kPV8 = C::kPV8;
+  using EK = std::conditional_t<kQK8, __nv_fp8_e4m3, T>;  // element type of S = Q K^T
+  using EV = std::conditional_t<kPV8, __nv_fp8_e4m3, T>;  // element type of O += P V
   constexpr int kBlockN = C::kBlockN;
   constexpr int kPSteps = C::kPSteps;
   constexpr int kStagesK = C::kStagesK;
@@ -229,9 +243,9 @@ __global__ void __launch_bounds__(384, 1)
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t s_q = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  const uint32_t s_k = s_q + C::kTileBytesQ;               // K stage s at s_k + s * kTileBytesKV
-  const uint32_t s_v = s_k + kStagesK * C::kTileBytesKV;   // V stage s likewise
-  const uint32_t bar_q = s_v + kStagesV * C::kTileBytesKV;
+  const uint32_t s_k = s_q + C::kTileBytesQ;              // K stage s at s_k + s * kTileBytesK
+  const uint32_t s_v = s_k + kStagesK * C::kTileBytesK;   // V stage s at s_v + s * kTileBytesV
+  const uint32_t bar_q = s_v + kStagesV * C::kTileBytesV;
   // then full and empty barriers of the K stages, then those of the V stages
   const uint32_t bar_kfull = bar_q + 8;
   const uint32_t bar_kempty = bar_kfull + 8 * kStagesK;
@@ -291,21 +305,21 @@ __global__ void __launch_bounds__(384, 1)
         const int key_row = static_cast<int>(sq.k_start) + kcur;
         const int sk = it % kStagesK;
         mbar_wait(bar_kempty + 8 * sk, ((it / kStagesK) & 1) ^ 1);
-        mbar_arrive_expect_tx(bar_kfull + 8 * sk, C::kTileBytesKV);
+        mbar_arrive_expect_tx(bar_kfull + 8 * sk, C::kTileBytesK);
 #pragma unroll
         for (int c = 0; c < C::kChunks; ++c) {
-          tma_load_4d(s_k + sk * C::kTileBytesKV + c * C::kBoxBytesKV, &tm_k, bar_kfull + 8 * sk, c * C::kBoxCols,
+          tma_load_4d(s_k + sk * C::kTileBytesK + c * C::kBoxBytesKV, &tm_k, bar_kfull + 8 * sk, c * C::kBoxCols,
                       key_row, hk, tb);
         }
         const int sv = it % kStagesV;
         mbar_wait(bar_vempty + 8 * sv, ((it / kStagesV) & 1) ^ 1);
-        mbar_arrive_expect_tx(bar_vfull + 8 * sv, C::kTileBytesKV);
-        if constexpr (kFp8) {  // V^T: kD rows (channels) x kBlockN keys from column key_row
-          tma_load_4d(s_v + sv * C::kTileBytesKV, &tm_v, bar_vfull + 8 * sv, key_row, 0, hk, tb);
+        mbar_arrive_expect_tx(bar_vfull + 8 * sv, C::kTileBytesV);
+        if constexpr (kPV8) {  // V^T: kD rows (channels) x kBlockN keys from column key_row
+          tma_load_4d(s_v + sv * C::kTileBytesV, &tm_v, bar_vfull + 8 * sv, key_row, 0, hk, tb);
         } else {
 #pragma unroll
           for (int c = 0; c < C::kChunks; ++c) {
-            tma_load_4d(s_v + sv * C::kTileBytesKV + c * C::kBoxBytesKV, &tm_v, bar_vfull + 8 * sv, c * 64,
+            tma_load_4d(s_v + sv * C::kTileBytesV + c * C::kBoxBytesKV, &tm_v, bar_vfull + 8 * sv, c * 64,
                         key_row, hk, tb);
           }
         }
@@ -330,11 +344,11 @@ __global__ void __launch_bounds__(384, 1)
     float m_run[2] = {-INFINITY, -INFINITY};  // running row max (log2 domain)
     float l_run[2] = {0.f, 0.f};              // this thread's partial row sums
     const uint32_t q_base = s_q + cw * 64 * 128;  // this warpgroup's 64 rows, in every box
-    // log2-domain factor of this thread's two rows' scores; FP8 multiplies in the row's Q scale
-    // here and the K tile's scale per tile (tile_scale).
+    // log2-domain factor of this thread's two rows' scores; e4m3 Q and K (kQK8) multiply in the
+    // row's Q scale here and the K tile's scale per tile (tile_scale).
     float row_sc[2] = {p.scale_log2, p.scale_log2};
     const float* k_scales = nullptr;
-    if constexpr (kFp8) {
+    if constexpr (kQK8) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = q_row0 + row_in_tile + 8 * r;
@@ -359,11 +373,11 @@ __global__ void __launch_bounds__(384, 1)
       // Descriptors of k-step kk: the base descriptor plus the step's byte offset / 16 (address
       // field, bits 0-13; no carry out of it: shared addresses are below 2^18).
       const uint64_t dq0 = smem_desc_sw128(q_base, 16);
-      const uint64_t dk0 = smem_desc_sw128(s_k + s * C::kTileBytesKV, 16);
+      const uint64_t dk0 = smem_desc_sw128(s_k + s * C::kTileBytesK, 16);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < C::kSSteps; ++kk) {
-        Wgmma<E, kBlockN>::ss(acc_s, dq0 + (((kk / 4) * C::kBoxBytesQ + (kk % 4) * 32) >> 4),
+        Wgmma<EK, kBlockN>::ss(acc_s, dq0 + (((kk / 4) * C::kBoxBytesQ + (kk % 4) * 32) >> 4),
                               dk0 + (((kk / 4) * C::kBoxBytesKV + (kk % 4) * 32) >> 4), kk > 0);
       }
       wgmma_commit();
@@ -374,17 +388,17 @@ __global__ void __launch_bounds__(384, 1)
     auto v_descs = [&](int s, uint64_t (&dv)[kPSteps]) {
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk) {
-        if constexpr (kFp8) {  // K-major (keys contiguous): k-step kk is 32 bytes into each row
-          dv[kk] = smem_desc_sw128(s_v + s * C::kTileBytesKV + kk * 32, 16);
+        if constexpr (kPV8) {  // K-major (keys contiguous): k-step kk is 32 bytes into each row
+          dv[kk] = smem_desc_sw128(s_v + s * C::kTileBytesV + kk * 32, 16);
         } else {  // MN-major: 16 keys (rows) per k-step
-          dv[kk] = smem_desc_sw128(s_v + s * C::kTileBytesKV + kk * 16 * 128, C::kBoxBytesKV);
+          dv[kk] = smem_desc_sw128(s_v + s * C::kTileBytesV + kk * 16 * 128, C::kBoxBytesKV);
         }
       }
     };
     auto issue_pv = [&](const uint32_t (&pa)[kPSteps][4], const uint64_t (&dv)[kPSteps]) {
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kPSteps; ++kk) Wgmma<E, kD>::rs(acc_o, pa[kk], dv[kk], 1);
+      for (int kk = 0; kk < kPSteps; ++kk) Wgmma<EV, kD>::rs(acc_o, pa[kk], dv[kk], 1);
       wgmma_commit();
     };
     // Masked (where the tile holds keys past Lk or after one of this warpgroup's queries: diagonal
@@ -393,16 +407,16 @@ __global__ void __launch_bounds__(384, 1)
       const int qpos0 = a0 + row_in_tile;
       const float sc[2] = {row_sc[0] * tile_scale, row_sc[1] * tile_scale};
       if ((kcur + kBlockN - 1 > first_row_pos) || (kcur + kBlockN > sq.Lk)) {
-        softmax_tile<true, T, kBlockN, kFp8>(acc_s, pout, m_run, l_run, alpha, sc, kcur + 2 * (lane % 4), qpos0,
+        softmax_tile<true, T, kBlockN, kPV8>(acc_s, pout, m_run, l_run, alpha, sc, kcur + 2 * (lane % 4), qpos0,
                                              sq.Lk);
       } else {
-        softmax_tile<false, T, kBlockN, kFp8>(acc_s, pout, m_run, l_run, alpha, sc, kcur + 2 * (lane % 4), qpos0,
+        softmax_tile<false, T, kBlockN, kPV8>(acc_s, pout, m_run, l_run, alpha, sc, kcur + 2 * (lane % 4), qpos0,
                                               sq.Lk);
       }
     };
     // The K tile's scale (FP8), read before the wait for S so that the load is in flight meanwhile.
     auto tile_scale = [&](int kcur) -> float {
-      if constexpr (kFp8) {
+      if constexpr (kQK8) {
         return k_scales[kcur / kBlockN];
       } else {
         return 1.f;
@@ -492,8 +506,8 @@ __global__ void __launch_bounds__(384, 1)
     }
     T* og = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h + sq.q_start * p.o_stride_l;
     // FP8: per-channel V scales of this thread's channels 8 j + 2 (lane % 4) (+1)
-    const float* vsc = kFp8 ? p.v_scale + static_cast<int64_t>(b * p.Hkv + hk) * kD + 2 * (lane % 4) : nullptr;
-    constexpr float kLseShift = kFp8 ? 8.f : 0.f;  // FP8 sums p * 256
+    const float* vsc = kPV8 ? p.v_scale + static_cast<int64_t>(b * p.Hkv + hk) * kD + 2 * (lane % 4) : nullptr;
+    constexpr float kLseShift = kPV8 ? 8.f : 0.f;  // e4m3 P: the sums are of p * 256
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = q_row0 + row_in_tile + 8 * r;
@@ -502,7 +516,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
         for (int j = 0; j < kD / 8; ++j) {
           float s0 = inv[r], s1 = inv[r];
-          if constexpr (kFp8) {
+          if constexpr (kPV8) {
             const float2 vs = *reinterpret_cast<const float2*>(vsc + 8 * j);
             s0 *= vs.x;
             s1 *= vs.y;
@@ -568,11 +582,11 @@ inline bool make_tile_map(CUtensorMap* map, const void* base, CUtensorMapDataTyp
 }
 
 // True when this build holds an sm_90a binary of the kernel for the current device.
-template <typename T, int kD, bool kFp8>
+template <typename T, int kD, int kPrec>
 bool available() {
   static const bool ok = [] {
     cudaFuncAttributes attr{};
-    const cudaError_t e = cudaFuncGetAttributes(&attr, block_sparse_attn_sm90_kernel<T, kD, kFp8>);
+    const cudaError_t e = cudaFuncGetAttributes(&attr, block_sparse_attn_sm90_kernel<T, kD, kPrec>);
     if (e != cudaSuccess) {
       (void)cudaGetLastError();  // clear the (non-sticky) "no kernel image" error
       return false;
@@ -585,33 +599,33 @@ bool available() {
 // Launches the sm90 kernel; cudaErrorNotSupported when this build or device cannot run it (the
 // dispatch then uses the sm80 kernel, unless the sm90 kernel was asked for by name).
 // kFp8: q, k, v are the e4m3 copies described at the top (v transposed, p.Lk_pad keys per row),
-// with p.q_scale, p.k_scale, p.v_scale; the output is T.
-template <typename T, int kD, bool kFp8 = false>
+// with p.q_scale, p.k_scale, p.v_scale; kFp8PV: q, k in T, v and p.v_scale as for kFp8. The output
+// is T.
+template <typename T, int kD, int kPrec = kNative>
 cudaError_t run(const Params& p, cudaStream_t stream) {
-  using C = Cfg<kD, kFp8>;
+  using C = Cfg<kD, kPrec>;
   const int64_t ctas = static_cast<int64_t>(p.nQ) * (p.block_size / C::kBlockM) * p.Hq * p.B;
-  if (p.block_size % C::kBlockM != 0 || ctas > 0x7fffffff || !available<T, kD, kFp8>()) {
+  if (p.block_size % C::kBlockM != 0 || ctas > 0x7fffffff || !available<T, kD, kPrec>()) {
     return cudaErrorNotSupported;
   }
   CUtensorMap tm_q, tm_k, tm_v;
   const int tensor_b = p.cu_seqlens_q != nullptr ? 1 : p.B;  // a packed batch is one (1, H, total, D) tensor
-  const CUtensorMapDataType dt = kFp8         ? CU_TENSOR_MAP_DATA_TYPE_UINT8
-                                 : p.is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                             : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const int lk_rows = kFp8 ? p.Lk_pad : p.Lk;
+  const CUtensorMapDataType dt16 = p.is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapDataType dt = C::kQK8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : dt16;  // Q and K
+  const int lk_rows = C::kQK8 ? p.Lk_pad : p.Lk;
   bool ok = make_tile_map(&tm_q, p.q, dt, tensor_b, p.Hq, p.Lq, kD, p.q_stride_b, p.q_stride_h, p.q_stride_l,
                           C::kBlockM) &&
             make_tile_map(&tm_k, p.k, dt, tensor_b, p.Hkv, lk_rows, kD, p.k_stride_b, p.k_stride_h, p.k_stride_l,
                           C::kBlockN);
-  if constexpr (kFp8) {  // V^T (B, Hkv, D, Lk_pad): "rows" are channels, kBlockN keys a box row
-    ok = ok && make_tile_map(&tm_v, p.v, dt, tensor_b, p.Hkv, kD, p.Lk_pad, p.v_stride_b, p.v_stride_h,
-                             p.v_stride_l, kD);
+  if constexpr (C::kPV8) {  // V^T (B, Hkv, D, Lk_pad): "rows" are channels, kBlockN keys a box row
+    ok = ok && make_tile_map(&tm_v, p.v, CU_TENSOR_MAP_DATA_TYPE_UINT8, tensor_b, p.Hkv, kD, p.Lk_pad, p.v_stride_b,
+                             p.v_stride_h, p.v_stride_l, kD);
   } else {
-    ok = ok && make_tile_map(&tm_v, p.v, dt, tensor_b, p.Hkv, p.Lk, kD, p.v_stride_b, p.v_stride_h, p.v_stride_l,
+    ok = ok && make_tile_map(&tm_v, p.v, dt16, tensor_b, p.Hkv, p.Lk, kD, p.v_stride_b, p.v_stride_h, p.v_stride_l,
                              C::kBlockN);
   }
   if (!ok) return cudaErrorNotSupported;
-  auto kernel = block_sparse_attn_sm90_kernel<T, kD, kFp8>;
+  auto kernel = block_sparse_attn_sm90_kernel<T, kD, kPrec>;
   // Per call: the attribute belongs to the current device's context (a host-side call, no sync).
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
   if (e != cudaSuccess) return e;

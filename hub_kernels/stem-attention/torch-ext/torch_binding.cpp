@@ -10,6 +10,7 @@
 #include <limits>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "block_sparse_attn.h"
 #include "supported.h"
@@ -228,32 +229,42 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fp8_fwd(
     TORCH_CHECK(t->is_cuda() && t->device() == q8.device(), kFPrefix, "every tensor must be on q8's CUDA device");
     TORCH_CHECK(t->is_contiguous(), kFPrefix, "every tensor must be contiguous");
   }
-  for (const at::Tensor* t : {&q8, &k8, &vt8}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat8_e4m3fn && t->dim() == 4, kFPrefix,
-                "q8, k8 and vt8 must be 4-d float8_e4m3fn tensors");
-    TORCH_CHECK(reinterpret_cast<std::uintptr_t>(t->data_ptr()) % 16 == 0, kFPrefix, "q8, k8, vt8 must be 16-byte aligned");
-  }
-  for (const at::Tensor* t : {&q_scale, &k_scale, &v_scale}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3, kFPrefix, "the scales must be 3-d float32 tensors");
-  }
   TORCH_CHECK(out_dtype == stem_attn::kFloat16 || out_dtype == stem_attn::kBFloat16, kFPrefix,
               "out_dtype must be 0 (float16) or 1 (bfloat16), got ", out_dtype);
+  const auto out_type = out_dtype == stem_attn::kBFloat16 ? at::kBFloat16 : at::kHalf;
+  // q8 and k8 in the output's 16-bit type: only O += P V runs in e4m3 (their scales are unused)
+  const bool pv_only = q8.scalar_type() == out_type;
+  for (const at::Tensor* t : {&q8, &k8, &vt8}) {
+    TORCH_CHECK(t->dim() == 4 && reinterpret_cast<std::uintptr_t>(t->data_ptr()) % 16 == 0, kFPrefix,
+                "q8, k8 and vt8 must be 4-d and 16-byte aligned");
+  }
+  TORCH_CHECK(vt8.scalar_type() == at::kFloat8_e4m3fn, kFPrefix, "vt8 must be float8_e4m3fn");
+  TORCH_CHECK((q8.scalar_type() == at::kFloat8_e4m3fn || pv_only) && k8.scalar_type() == q8.scalar_type(), kFPrefix,
+              "q8 and k8 must both be float8_e4m3fn, or both in the output dtype (", out_type,
+              ": only P V in FP8); got ", q8.scalar_type(), " and ", k8.scalar_type());
+  const std::vector<const at::Tensor*> scales =
+      pv_only ? std::vector<const at::Tensor*>{&v_scale} : std::vector<const at::Tensor*>{&q_scale, &k_scale, &v_scale};
+  for (const at::Tensor* t : scales) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3, kFPrefix, "the scales must be 3-d float32 tensors");
+  }
   const int64_t B = q8.size(0), Hq = q8.size(1), Lq = q8.size(2), D = q8.size(3);
-  const int64_t Hkv = k8.size(1), Lp = k8.size(2);
+  const int64_t Hkv = k8.size(1), Lp = vt8.size(3);
   TORCH_CHECK(D == 128, kFPrefix, "the FP8 kernel is built for head dim 128, got ", D);
   TORCH_CHECK(block_size == 128 || block_size == 256, kFPrefix, "plan blocks must be 128 or 256 tokens, got ",
               block_size);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k8.size(0) == B && k8.size(3) == D, kFPrefix,
               "k8 must be (B, Hkv, Lp, 128) with Hq % Hkv == 0; got q8 ", q8.sizes(), ", k8 ", k8.sizes());
-  TORCH_CHECK(vt8.size(0) == B && vt8.size(1) == Hkv && vt8.size(2) == D && vt8.size(3) == Lp, kFPrefix,
+  TORCH_CHECK(vt8.size(0) == B && vt8.size(1) == Hkv && vt8.size(2) == D, kFPrefix,
               "vt8 must be (B, Hkv, D, Lp) = V transposed; got ", vt8.sizes());
+  TORCH_CHECK(k8.size(2) == (pv_only ? lk : Lp), kFPrefix, "k8 must hold ", pv_only ? "lk" : "Lp (vt8's)",
+              " keys; got ", k8.size(2));
   TORCH_CHECK(Lp % 128 == 0 && lk > 0 && lk <= Lp && Lp < std::numeric_limits<int32_t>::max() / 2, kFPrefix,
               "need 0 < lk <= Lp, Lp a multiple of 128 below 2^30; got lk=", lk, ", Lp=", Lp);
   TORCH_CHECK(Lq > 0 && Lq <= lk && q_offset >= 0 && q_offset + Lq <= lk, kFPrefix,
               "need 0 < Lq <= lk and q_offset in [0, lk - Lq]; got Lq=", Lq, ", lk=", lk, ", q_offset=", q_offset);
-  TORCH_CHECK(q_scale.size(0) == B && q_scale.size(1) == Hq && q_scale.size(2) == Lq, kFPrefix,
+  TORCH_CHECK(pv_only || (q_scale.size(0) == B && q_scale.size(1) == Hq && q_scale.size(2) == Lq), kFPrefix,
               "q_scale must be (B, Hq, Lq), got ", q_scale.sizes());
-  TORCH_CHECK(k_scale.size(0) == B && k_scale.size(1) == Hkv && k_scale.size(2) == Lp / 128, kFPrefix,
+  TORCH_CHECK(pv_only || (k_scale.size(0) == B && k_scale.size(1) == Hkv && k_scale.size(2) == Lp / 128), kFPrefix,
               "k_scale must be (B, Hkv, Lp / 128), got ", k_scale.sizes());
   TORCH_CHECK(v_scale.size(0) == B && v_scale.size(1) == Hkv && v_scale.size(2) == D, kFPrefix,
               "v_scale must be (B, Hkv, D), got ", v_scale.sizes());
@@ -269,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fp8_fwd(
   TORCH_CHECK(B < 65536 && Hq < 65536, kFPrefix, "batch and heads must be < 65536");
 
   const c10::cuda::CUDAGuard guard(q8.device());
-  const auto opts = q8.options().dtype(out_dtype == stem_attn::kBFloat16 ? at::kBFloat16 : at::kHalf);
+  const auto opts = q8.options().dtype(out_type);
   at::Tensor out = at::empty({B, Hq, Lq, D}, opts);
   at::Tensor lse = return_lse ? at::empty({B, Hq, Lq}, q8.options().dtype(at::kFloat))
                               : at::empty({0}, q8.options().dtype(at::kFloat));
@@ -294,13 +305,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fp8_fwd(
   p.q_offset = static_cast<int>(q_offset);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.is_bf16 = out_dtype == stem_attn::kBFloat16;
-  p.q_scale = q_scale.data_ptr<float>();
-  p.k_scale = k_scale.data_ptr<float>();
+  p.q_scale = pv_only ? nullptr : q_scale.data_ptr<float>();
+  p.k_scale = pv_only ? nullptr : k_scale.data_ptr<float>();
   p.v_scale = v_scale.data_ptr<float>();
   p.k_scale_tiles = static_cast<int>(Lp / 128);
   p.Lk_pad = static_cast<int>(Lp);
   const cudaError_t err =
-      stem_attn::block_sparse_attn_fp8_fwd_launch(p, c10::cuda::getCurrentCUDAStream(q8.get_device()).stream());
+      stem_attn::block_sparse_attn_fp8_fwd_launch(p, pv_only, c10::cuda::getCurrentCUDAStream(q8.get_device()).stream());
   TORCH_CHECK(err != cudaErrorNotSupported, kFPrefix,
               "the FP8 kernel cannot run here: it needs compute capability 9.0 and a build with sm_90a code");
   TORCH_CHECK(err == cudaSuccess, kFPrefix, "kernel launch failed: ", cudaGetErrorString(err));

@@ -3,6 +3,6 @@
 
 namespace stem_attn {
 namespace sm90 {
-template cudaError_t run<__nv_bfloat16, 256, false>(const Params&, cudaStream_t);
+template cudaError_t run<__nv_bfloat16, 256, kNative>(const Params&, cudaStream_t);
 }  // namespace sm90
 }  // namespace stem_attn

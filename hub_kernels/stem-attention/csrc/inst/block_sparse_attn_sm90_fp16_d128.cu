@@ -3,6 +3,6 @@
 
 namespace stem_attn {
 namespace sm90 {
-template cudaError_t run<__half, 128, false>(const Params&, cudaStream_t);
+template cudaError_t run<__half, 128, kNative>(const Params&, cudaStream_t);
 }  // namespace sm90
 }  // namespace stem_attn

@@ -3,6 +3,6 @@
 
 namespace stem_attn {
 namespace sm90 {
-template cudaError_t run<__half, 64, false>(const Params&, cudaStream_t);
+template cudaError_t run<__half, 64, kNative>(const Params&, cudaStream_t);
 }  // namespace sm90
 }  // namespace stem_attn

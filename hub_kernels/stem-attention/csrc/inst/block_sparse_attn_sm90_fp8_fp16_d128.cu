@@ -3,6 +3,6 @@
 
 namespace stem_attn {
 namespace sm90 {
-template cudaError_t run<__half, 128, true>(const Params&, cudaStream_t);
+template cudaError_t run<__half, 128, kFp8>(const Params&, cudaStream_t);
 }  // namespace sm90
 }  // namespace stem_attn

@@ -200,6 +200,9 @@ def block_sparse_attn_fp8_fwd(q8, k8, vt8, q_scale, k_scale, v_scale, kv_counts,
             log-sum-exp of the scores q8 k8 (before any smoothing the caller did to k).
         out_dtype: torch.bfloat16 or torch.float16.
 
+    With q8 and k8 in ``out_dtype`` itself (k8 then (B, Hkv, lk, 128)) only O += P V runs in e4m3;
+    q_scale and k_scale are then not read (pass empty float32 tensors).
+
     Returns:
         (out (B, Hq, Lq, 128) in out_dtype, lse or None). Every tensor must be contiguous.
     """
