@@ -68,6 +68,36 @@ void launch(const stem_attn::Params& p, std::pair<int, int> cc, int64_t sm, cons
   TORCH_CHECK(err == cudaSuccess, prefix, "kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// Params of a (B, H, L, D) call (not packed): pointers, strides, sizes and the plan; the caller
+// sets is_bf16 and, for FP8, the scales.
+stem_attn::Params dense_batch_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& out, const at::Tensor& lse, bool return_lse,
+                                     const at::Tensor& kv_counts, const at::Tensor& kv_indices, int64_t Lk,
+                                     int64_t nQ, int64_t block_size, int64_t q_offset, double scale) {
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2);
+  stem_attn::Params p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = out.data_ptr();
+  p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
+  p.kv_counts = kv_counts.data_ptr<int32_t>();
+  p.kv_indices = kv_indices.data_ptr<int32_t>();
+  p.q_stride_b = q.stride(0), p.q_stride_h = q.stride(1), p.q_stride_l = q.stride(2);
+  p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_l = k.stride(2);
+  p.v_stride_b = v.stride(0), p.v_stride_h = v.stride(1), p.v_stride_l = v.stride(2);
+  p.o_stride_b = out.stride(0), p.o_stride_h = out.stride(1), p.o_stride_l = out.stride(2);
+  p.lse_stride_b = Hq * Lq, p.lse_stride_h = Lq;
+  p.cu_seqlens_q = nullptr, p.cu_seqlens_k = nullptr;
+  p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(k.size(1));
+  p.Lq = static_cast<int>(Lq), p.Lk = static_cast<int>(Lk), p.D = static_cast<int>(q.size(3));
+  p.nQ = static_cast<int>(nQ), p.W = static_cast<int>(kv_indices.size(3));
+  p.block_size = static_cast<int>(block_size);
+  p.q_offset = static_cast<int>(q_offset);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  return p;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -114,26 +144,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
   at::Tensor lse = return_lse ? at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat))
                               : at::empty({0}, q.options().dtype(at::kFloat));
 
-  stem_attn::Params p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.o = out.data_ptr();
-  p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
-  p.kv_counts = kv_counts.data_ptr<int32_t>();
-  p.kv_indices = kv_indices.data_ptr<int32_t>();
-  p.q_stride_b = q.stride(0), p.q_stride_h = q.stride(1), p.q_stride_l = q.stride(2);
-  p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_l = k.stride(2);
-  p.v_stride_b = v.stride(0), p.v_stride_h = v.stride(1), p.v_stride_l = v.stride(2);
-  p.o_stride_b = out.stride(0), p.o_stride_h = out.stride(1), p.o_stride_l = out.stride(2);
-  p.lse_stride_b = Hq * Lq, p.lse_stride_h = Lq;
-  p.cu_seqlens_q = nullptr, p.cu_seqlens_k = nullptr;
-  p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
-  p.Lq = static_cast<int>(Lq), p.Lk = static_cast<int>(Lk), p.D = static_cast<int>(D);
-  p.nQ = static_cast<int>(nQ), p.W = static_cast<int>(kv_indices.size(3));
-  p.block_size = static_cast<int>(block_size);  // checked by check_supported
-  p.q_offset = static_cast<int>(q_offset);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  // block_size checked by check_supported
+  stem_attn::Params p = dense_batch_params(q, k, v, out, lse, return_lse, kv_counts, kv_indices, Lk, nQ, block_size,
+                                           q_offset, scale);
   p.is_bf16 = dtype == at::kBFloat16;
 
   launch(p, cc, sm, q, kPrefix);
@@ -284,26 +297,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fp8_fwd(
   at::Tensor out = at::empty({B, Hq, Lq, D}, opts);
   at::Tensor lse = return_lse ? at::empty({B, Hq, Lq}, q8.options().dtype(at::kFloat))
                               : at::empty({0}, q8.options().dtype(at::kFloat));
-  stem_attn::Params p{};
-  p.q = q8.data_ptr();
-  p.k = k8.data_ptr();
-  p.v = vt8.data_ptr();
-  p.o = out.data_ptr();
-  p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
-  p.kv_counts = kv_counts.data_ptr<int32_t>();
-  p.kv_indices = kv_indices.data_ptr<int32_t>();
-  p.q_stride_b = q8.stride(0), p.q_stride_h = q8.stride(1), p.q_stride_l = q8.stride(2);
-  p.k_stride_b = k8.stride(0), p.k_stride_h = k8.stride(1), p.k_stride_l = k8.stride(2);
-  p.v_stride_b = vt8.stride(0), p.v_stride_h = vt8.stride(1), p.v_stride_l = vt8.stride(2);
-  p.o_stride_b = out.stride(0), p.o_stride_h = out.stride(1), p.o_stride_l = out.stride(2);
-  p.lse_stride_b = Hq * Lq, p.lse_stride_h = Lq;
-  p.cu_seqlens_q = nullptr, p.cu_seqlens_k = nullptr;
-  p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
-  p.Lq = static_cast<int>(Lq), p.Lk = static_cast<int>(lk), p.D = static_cast<int>(D);
-  p.nQ = static_cast<int>(nQ), p.W = static_cast<int>(kv_indices.size(3));
-  p.block_size = static_cast<int>(block_size);
-  p.q_offset = static_cast<int>(q_offset);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  stem_attn::Params p = dense_batch_params(q8, k8, vt8, out, lse, return_lse, kv_counts, kv_indices, lk, nQ,
+                                           block_size, q_offset, scale);
   p.is_bf16 = out_dtype == stem_attn::kBFloat16;
   p.q_scale = pv_only ? nullptr : q_scale.data_ptr<float>();
   p.k_scale = pv_only ? nullptr : k_scale.data_ptr<float>();
