@@ -68,12 +68,12 @@ void launch(const stem_attn::Params& p, std::pair<int, int> cc, int64_t sm, cons
   TORCH_CHECK(err == cudaSuccess, prefix, "kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// Params of a (B, H, L, D) call (not packed): pointers, strides, sizes and the plan; the caller
-// sets is_bf16 and, for FP8, the scales.
-stem_attn::Params dense_batch_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const at::Tensor& out, const at::Tensor& lse, bool return_lse,
-                                     const at::Tensor& kv_counts, const at::Tensor& kv_indices, int64_t Lk,
-                                     int64_t nQ, int64_t block_size, int64_t q_offset, double scale) {
+// Params of a (B, H, L, D) call: pointers, strides, sizes and the plan; the caller sets is_bf16
+// and, for FP8, the scales; the packed (varlen) op then sets its sequences.
+stem_attn::Params batch_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                               const at::Tensor& lse, bool return_lse, const at::Tensor& kv_counts,
+                               const at::Tensor& kv_indices, int64_t Lk, int64_t nQ, int64_t block_size,
+                               int64_t q_offset, double scale) {
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2);
   stem_attn::Params p{};
   p.q = q.data_ptr();
@@ -145,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(const at::Tensor& q, co
                               : at::empty({0}, q.options().dtype(at::kFloat));
 
   // block_size checked by check_supported
-  stem_attn::Params p = dense_batch_params(q, k, v, out, lse, return_lse, kv_counts, kv_indices, Lk, nQ, block_size,
-                                           q_offset, scale);
+  stem_attn::Params p =
+      batch_params(q, k, v, out, lse, return_lse, kv_counts, kv_indices, Lk, nQ, block_size, q_offset, scale);
   p.is_bf16 = dtype == at::kBFloat16;
 
   launch(p, cc, sm, q, kPrefix);
@@ -204,27 +204,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_varlen_fwd(
   if (B == 0 || Tq == 0 || kv_counts.size(2) == 0) return {out, lse};
   const at::Tensor o4 = out.unsqueeze(0).transpose(1, 2);
 
-  stem_attn::Params p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.o = out.data_ptr();
-  p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
-  p.kv_counts = kv_counts.data_ptr<int32_t>();
-  p.kv_indices = kv_indices.data_ptr<int32_t>();
-  p.q_stride_b = 0, p.q_stride_h = q4.stride(1), p.q_stride_l = q4.stride(2);
-  p.k_stride_b = 0, p.k_stride_h = k4.stride(1), p.k_stride_l = k4.stride(2);
-  p.v_stride_b = 0, p.v_stride_h = v4.stride(1), p.v_stride_l = v4.stride(2);
-  p.o_stride_b = 0, p.o_stride_h = o4.stride(1), p.o_stride_l = o4.stride(2);
-  p.lse_stride_b = 0, p.lse_stride_h = Tq;
+  // the (1, H, T, D) views as one batch entry of totals (tensor maps); per sequence in-kernel
+  stem_attn::Params p = batch_params(q4, k4, v4, o4, lse, return_lse, kv_counts, kv_indices, Tk, kv_counts.size(2),
+                                     block_size, 0, scale);  // block_size checked by check_supported
+  p.B = static_cast<int>(B);  // sequences, located by cu_seqlens (no batch strides)
+  p.q_stride_b = 0, p.k_stride_b = 0, p.v_stride_b = 0, p.o_stride_b = 0, p.lse_stride_b = 0;
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
-  p.Lq = static_cast<int>(Tq), p.Lk = static_cast<int>(Tk), p.D = static_cast<int>(D);  // totals (tensor maps); per sequence in-kernel
-  p.nQ = static_cast<int>(kv_counts.size(2)), p.W = static_cast<int>(kv_indices.size(3));
-  p.block_size = static_cast<int>(block_size);  // checked by check_supported
-  p.q_offset = 0;
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.is_bf16 = dtype == at::kBFloat16;
 
   launch(p, cc, sm, q, kVPrefix);
@@ -297,8 +283,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fp8_fwd(
   at::Tensor out = at::empty({B, Hq, Lq, D}, opts);
   at::Tensor lse = return_lse ? at::empty({B, Hq, Lq}, q8.options().dtype(at::kFloat))
                               : at::empty({0}, q8.options().dtype(at::kFloat));
-  stem_attn::Params p = dense_batch_params(q8, k8, vt8, out, lse, return_lse, kv_counts, kv_indices, lk, nQ,
-                                           block_size, q_offset, scale);
+  stem_attn::Params p =
+      batch_params(q8, k8, vt8, out, lse, return_lse, kv_counts, kv_indices, lk, nQ, block_size, q_offset, scale);
   p.is_bf16 = out_dtype == stem_attn::kBFloat16;
   p.q_scale = pv_only ? nullptr : q_scale.data_ptr<float>();
   p.k_scale = pv_only ? nullptr : k_scale.data_ptr<float>();
