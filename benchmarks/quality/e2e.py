@@ -272,7 +272,9 @@ def plot(layers: dict | None, kl: dict | None, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    n = 2 * bool(layers) + bool(kl)  # only the panels with data
+    fig, axes = plt.subplots(1, n, figsize=(5.7 * n, 4.6), squeeze=False)
+    axes = list(axes[0])
     if layers:
         xs = [r["layer"] for r in layers["layers"]]
         for m in layers["methods"]:
@@ -290,18 +292,20 @@ def plot(layers: dict | None, kl: dict | None, path: str) -> None:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7, ncol=2)
     if kl:
+        ax = axes[-1]
         for m, r in kl["kl"].items():
-            axes[2].scatter(r["density_mean"], r["kl_mean"], s=30)
-            axes[2].annotate(m, (r["density_mean"], r["kl_mean"]), fontsize=7)
-        axes[2].set_xlabel("mean density over sparse layers")
-        axes[2].set_ylabel("next-token KL(dense || method), nats")
-        axes[2].set_yscale("log")
-        axes[2].set_title(f"whole model, last {kl.get('last')} positions")
-        axes[2].grid(alpha=0.3)
+            ax.scatter(r["density_mean"], r["kl_mean"], s=30)
+            ax.annotate(m, (r["density_mean"], r["kl_mean"]), fontsize=7)
+        ax.set_xlabel("mean density over sparse layers")
+        ax.set_ylabel("next-token KL(dense || method), nats")
+        ax.set_yscale("log")
+        ax.set_title(f"whole model, last {kl.get('last')} positions")
+        ax.grid(alpha=0.3)
     src = layers or kl
     c = src["config"]
-    fig.suptitle(f"{src['model']}, {src['length']} tokens, block {c['block_size']}, stride {c['stride']}; "
-                 f"layers >= {src['first_sparse_layer']} sparse", fontsize=10)
+    title = (f"{src['model']}, {src['length']} tokens,{' ' if n > 1 else chr(10)}block {c['block_size']}, "
+             f"stride {c['stride']}; layers >= {src['first_sparse_layer']} sparse")
+    fig.suptitle(title, fontsize=10 if n > 1 else 9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
