@@ -40,8 +40,8 @@ class StemConfig:
             sinks and window are the same whichever ranks.
         sampled_rows: query rows sampled per query block by ``ranking="sampled_mass"`` (a power
             of two, at most the block size; default 4). More rows rank closer to the true block
-            mass and cost proportionally more planning: on Qwen2.5-Coder-0.5B at 16K, 8 rows
-            halve the next-token KL of 4 (benchmarks/NOTES.md). Only with that ranking.
+            mass and cost proportionally more planning (README: quality on real models, recommended
+            settings). Only with that ranking.
     """
 
     block_size: int = 128
