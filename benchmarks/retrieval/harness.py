@@ -14,7 +14,8 @@ Methods (names accepted by :func:`run_eval`):
 - ``stem_novb``: Stem with ``value_weight=0`` (same position-decayed budgets, so the same density
   up to top-k / forced-block overlap; the measured density is reported next to Stem's).
 - ``sampled_mass``: Stem's budgets, sinks and window with the opt-in ranking
-  ``StemConfig(ranking="sampled_mass")`` (stem/ranking.py).
+  ``StemConfig(ranking="sampled_mass")`` (stem/ranking.py); ``sampled_mass_r<n>``: the same with
+  ``sampled_rows=n``.
 - ``<method>+fp8`` (e.g. ``dense+fp8``, ``stem+fp8``): the same plan executed with
   ``stem.attention(..., precision="fp8")`` (CUDA, sm89+); ``dense+fp8`` runs the dense plan
   (every causal block) through the FP8 kernel, which isolates the effect of FP8 itself.
@@ -59,6 +60,7 @@ class Method:
     alpha: float = STEM_DEFAULT_ALPHA
     ranking: str = "stem"
     precision: str = "native"
+    rows: int = 4  # StemConfig.sampled_rows (ranking="sampled_mass" only)
 
 
 def parse_method(name: str) -> Method:
@@ -66,7 +68,7 @@ def parse_method(name: str) -> Method:
         base = parse_method(name[: -len("+fp8")])
         if base.kind == "uniform":
             raise ValueError("uniform_topk+fp8 is not supported: its density target comes from the native 'stem' run")
-        return Method(name, base.kind, base.alpha, base.ranking, "fp8")
+        return Method(name, base.kind, base.alpha, base.ranking, "fp8", base.rows)
     if name == "dense":
         return Method(name, "dense")
     if name == "stem":
@@ -77,6 +79,8 @@ def parse_method(name: str) -> Method:
         return Method(name, "stem_novb")
     if name == "sampled_mass":
         return Method(name, "stem", ranking="sampled_mass")
+    if name.startswith("sampled_mass_r") and name[len("sampled_mass_r"):] in ("1", "2", "8", "16", "32"):
+        return Method(name, "stem", ranking="sampled_mass", rows=int(name[len("sampled_mass_r"):]))
     if name.startswith("stem_a"):
         try:
             alpha = float(name[len("stem_a"):])
@@ -86,7 +90,8 @@ def parse_method(name: str) -> Method:
             return Method(name, "stem", alpha)
     raise ValueError(
         f"unknown method {name!r}; use dense, stem, stem_a<alpha> (0 < alpha <= 1, e.g. stem_a0.5), "
-        f"uniform_topk, stem_novb or sampled_mass, each but uniform_topk optionally with +fp8"
+        f"uniform_topk, stem_novb, sampled_mass or sampled_mass_r<rows> (1, 2, 8, 16, 32), each but uniform_topk "
+        f"optionally with +fp8"
     )
 
 
@@ -168,7 +173,8 @@ class _Runner:
                 plan = dense_plan(q.shape[0], q.shape[1], q.shape[2], k.shape[2], cfg.block_size, q.device, cfg)
                 out = stem.attention(q, k, v, plan=plan, backend=self.backend, precision="fp8")
             elif method.kind in ("stem", "stem_novb"):
-                c = (cfg.replace(alpha=method.alpha, ranking=method.ranking) if method.kind == "stem"
+                extra = {"sampled_rows": method.rows} if method.ranking == "sampled_mass" else {}
+                c = (cfg.replace(alpha=method.alpha, ranking=method.ranking, **extra) if method.kind == "stem"
                      else cfg.replace(value_weight=0.0))
                 # Plan explicitly: stem.attention(config=...) with backend="auto" may skip planning
                 # and run dense where the budgets are too dense to be faster (a speed shortcut);

@@ -243,3 +243,30 @@ def test_fp8_method_names():
         parse_method("uniform_topk+fp8")
     with pytest.raises(ValueError, match="unknown method"):
         parse_method("stem+fp16")
+
+
+def test_sampled_rows_method_names():
+    """``sampled_mass_r<n>`` plans with ``sampled_rows=n``; other counts are refused."""
+    from benchmarks.retrieval.harness import parse_method
+
+    m = parse_method("sampled_mass_r8")
+    assert (m.kind, m.ranking, m.rows) == ("stem", "sampled_mass", 8)
+    assert parse_method("sampled_mass").rows == 4 and parse_method("sampled_mass_r8+fp8").rows == 8
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("sampled_mass_r3")
+
+
+def test_sampled_rows_reach_the_planner(tmp_path, one_thread, monkeypatch):
+    """The harness plans ``sampled_mass_r8`` with ``sampled_rows=8`` (and ``sampled_mass`` with 4)."""
+    seen = []
+    real_plan = stem.plan
+
+    def spy(q, k, v, config=None, *args, **kwargs):
+        seen.append((config.ranking, config.sampled_rows))
+        return real_plan(q, k, v, config, *args, **kwargs)
+
+    monkeypatch.setattr(stem, "plan", spy)
+    run_eval(_tiny_model(3), lengths=(1024,), depths=(0.5,), n_needles=(1,),
+             methods=("sampled_mass", "sampled_mass_r8"), samples=1, block_size=16, dense_layers=(0,),
+             progress=False, out_dir=str(tmp_path), tag="_r")
+    assert set(seen) == {("sampled_mass", 4), ("sampled_mass", 8)}
