@@ -22,6 +22,8 @@ import statistics
 import sys
 import time
 
+from .config import StemConfig
+
 __all__ = ["add_arguments", "main", "parse_shape", "random_qkv", "run_bench", "time_ms"]
 
 
@@ -35,6 +37,10 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--alpha", type=float, default=0.7, help="Stem Token Position-Decay alpha")
     p.add_argument("--block-size", type=int, default=128, help="Stem block size")
+    p.add_argument("--ranking", default="stem", choices=["stem", "sampled_mass", "qmean_lse"],
+                   help="StemConfig.ranking: the paper's metric, or an opt-in ranking")
+    p.add_argument("--sampled-rows", type=int, default=None,
+                   help="StemConfig.sampled_rows, with --ranking sampled_mass (default 4)")
     p.add_argument("--reps", type=int, default=10,
                    help="timed repetitions per measurement (median; half of them above 64K tokens, at least 3)")
     p.add_argument("--skip", nargs="*", default=[], help="methods to skip: flash cudnn flex torch_planner")
@@ -45,6 +51,12 @@ def add_arguments(p) -> None:
                    help="a matrix: one run per shape (query heads, kv heads, head dim, batch) over --lengths, "
                         "in one JSON and one PNG; overrides --heads/--kv-heads/--head-dim/--batch (default: one "
                         "shape from those options)")
+
+
+def bench_config(args) -> StemConfig:
+    """The StemConfig of ``stem bench``'s options; ValueError (naming the option) if they disagree."""
+    extra = {} if args.sampled_rows is None else {"sampled_rows": args.sampled_rows}
+    return StemConfig(block_size=args.block_size, alpha=args.alpha, ranking=args.ranking, **extra)
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -221,14 +233,13 @@ def _bench_one(L, args, cfg, flex, sparse_execs) -> dict:
 def run_bench(args, progress=True) -> dict:
     import torch
 
-    import stem
     from stem.dispatch import executor_status
 
     if not torch.cuda.is_available():
         raise RuntimeError("stem bench needs a CUDA GPU (torch.cuda.is_available() is False)")
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(0)
-    cfg = stem.StemConfig(block_size=args.block_size, alpha=args.alpha)
+    cfg = bench_config(args)
     B, Hq, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
     sparse_execs = [
         r.name for r in executor_status(dev) if r.usable and r.name not in ("sdpa", "reference")

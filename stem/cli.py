@@ -126,6 +126,12 @@ def _check_bench(p: argparse.ArgumentParser, args) -> None:
         p.error(f"argument --block-size: must be a power of two in [16, 256], got {bs}")
     if not (0.0 < args.alpha <= 1.0):
         p.error(f"argument --alpha: must be in (0, 1], got {args.alpha}")
+    from stem.bench import bench_config
+
+    try:
+        bench_config(args)
+    except ValueError as e:  # e.g. --sampled-rows without --ranking sampled_mass
+        p.error(f"arguments --ranking / --sampled-rows: {e}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU, and torch.cuda.is_available() is False here; `stem info` says what this machine "
                 "has")

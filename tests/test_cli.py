@@ -86,6 +86,10 @@ BAD_ARGS = [
     (["bench", "--shapes", "32:8"], "argument --shapes: shape '32:8': expected HQ:HKV:D or HQ:HKV:D:B"),
     (["bench", "--shapes", "32:8:x"], "argument --shapes: shape '32:8:x': expected HQ:HKV:D"),
     (["bench", "--shapes", "30:8:128"], "shape '30:8:128': query heads (30) must be a multiple of kv heads (8)"),
+    (["bench", "--sampled-rows", "8"], "arguments --ranking / --sampled-rows: StemConfig.sampled_rows=8 applies to "
+                                       "ranking='sampled_mass' only"),
+    (["bench", "--ranking", "sampled_mass", "--sampled-rows", "3"], "sampled_rows must be a power of two"),
+    (["bench", "--ranking", "oracle"], "argument --ranking: invalid choice: 'oracle'"),
     ([], "a command is required: info, demo or bench"),
     (["frob"], "invalid choice: 'frob'"),
 ]
