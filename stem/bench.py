@@ -59,6 +59,12 @@ def bench_config(args) -> StemConfig:
     return StemConfig(block_size=args.block_size, alpha=args.alpha, ranking=args.ranking, **extra)
 
 
+def _config_label(config: dict) -> str:
+    """"default config", or the fields that differ from it (for plot titles)."""
+    changed = [f"{k}={v}" for k, v in config.items() if StemConfig().to_dict().get(k) != v]
+    return "config " + ", ".join(changed) if changed else "default config"
+
+
 def parse_shape(text: str) -> tuple[int, int, int, int]:
     """``"HQ:HKV:D[:B]"`` -> (B, Hq, Hkv, D); ValueError naming the problem otherwise."""
     parts = text.split(":")
@@ -311,7 +317,8 @@ def _plot(res: dict, path: str) -> None:
     ax[0].set_ylabel("ms (median)")
     ax[0].legend(fontsize=8)
     sh = res["shape"]
-    ax[0].set_title(f"{res['card']}: B={sh['B']} Hq={sh['Hq']} Hkv={sh['Hkv']} D={sh['D']} {sh['dtype']}")
+    fig.suptitle(f"{res['card']}: B={sh['B']} Hq={sh['Hq']} Hkv={sh['Hkv']} D={sh['D']} {sh['dtype']}; "
+                 f"{_config_label(res['config'])}", fontsize=10)
     for key in [k for k in keys if k.startswith(("exec_", "flex", "e2e"))]:
         xs = [r["L"] for r in rows if key in r and "dense_cudnn_ms" in r]
         ax[1].plot(xs, [r["dense_cudnn_ms"] / r[key] for r in rows if key in r and "dense_cudnn_ms" in r],
@@ -364,7 +371,7 @@ def _plot_matrix(res: dict, path: str) -> None:
         a.set_xscale("log", base=2)
         a.set_xlabel("sequence length")
         a.legend(fontsize=7)
-    fig.suptitle(f"{res['card']}, {res['dtype']}, default config", fontsize=10)
+    fig.suptitle(f"{res['card']}, {res['dtype']}, {_config_label(res['config'])}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
