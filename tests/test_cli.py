@@ -230,3 +230,16 @@ def test_bench_shape_parsing():
     assert parse_shape("32:8:128:4") == (4, 32, 8, 128)
     with pytest.raises(ValueError, match="integers >= 1"):
         parse_shape("32:8:0")
+
+
+def test_bench_plot_names_the_config(tmp_path):
+    """``stem bench``'s plot title names the config fields that differ from the default."""
+    from stem.bench import _config_label, _plot
+
+    assert _config_label(stem.StemConfig().to_dict()) == "default config"
+    cfg = stem.StemConfig(ranking="sampled_mass", sampled_rows=8, alpha=1.0)
+    assert _config_label(cfg.to_dict()) == "config alpha=1.0, ranking=sampled_mass, sampled_rows=8"
+    res = {"card": "X", "config": cfg.to_dict(), "shape": {"B": 1, "Hq": 4, "Hkv": 2, "D": 64, "dtype": "bfloat16"},
+           "rows": [{"L": 1024, "dense_cudnn_ms": 2.0, "exec_hub_ms": 1.0}, {"L": 2048, "dense_cudnn_ms": 8.0}]}
+    _plot(res, str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
