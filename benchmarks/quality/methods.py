@@ -27,6 +27,11 @@ the first two layers dense). Methods:
 - ``s1_mass`` / ``s4_mass`` / ``s8_mass`` / ``s16_mass``: ``sampled_mass`` with 1, 4, 8 or 16
   sampled query rows per block (``StemConfig(sampled_rows=n)``); ``s4_mass`` is ``sampled_mass``;
   ``s8_mass_a1.0``: 8 rows with alpha 1.0.
+- ``s8_cand<f>`` (experiment, not in the library: a two-level ranking that would score fewer
+  keys): per row, the ``f`` x budget blocks with the highest Stem logits (and the sinks and
+  window) are candidates; the 8 sampled rows' exact softmax, normalised over the candidate keys
+  only, ranks them; Stem's budgets pick from them. ``s8_cand_all`` (every causal block a
+  candidate) is the control: ``s8_mass`` through the same code.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ METHODS = ("dense", "stem", "stem_a1.0", "stem_a0.85", "stem_a0.5", "stem_novb",
            "qmean_lse",
            "uniform_topk",
            "sinks_window", "xattention", "oracle", "qmean_lse_vnorm", "s1_mass", "s4_mass", "s8_mass", "s16_mass",
-           "s8_mass_a1.0")
+           "s8_mass_a1.0", "s8_cand_all", "s8_cand2", "s8_cand1.5")
 
 
 def _mask_plan(mask: torch.Tensor, L: int, cfg: stem.StemConfig) -> stem.BlockPlan:
@@ -154,9 +159,43 @@ def method_plan(name: str, q, k, v, cfg: stem.StemConfig, *, chunk: int = 256) -
     if name == "oracle":
         mass = block_mass(q[0], k[0], cfg.block_size, chunk=chunk)
         return _mask_plan(fill_mask(_query_block_mass(mass, cfg.block_size), counts, forced, causal), L, cfg)
+    if name.startswith("s8_cand"):
+        f = name[len("s8_cand"):]
+        cand = causal.expand(Hq, nQ, nK) if f == "_all" else fill_mask(
+            block_logits(q, k, v, cfg)[0], (counts.float() * float(f)).ceil().long(), forced, causal)
+        scores = candidate_sampled_mass(q[0], k[0], cfg.block_size, 8, cand)
+        return _mask_plan(fill_mask(scores, counts, forced, causal), L, cfg)
     if name == "xattention":
         if L % cfg.block_size:
             raise ValueError(f"xattention here needs a length that is a multiple of the block size, got {L}")
         scores = xattention_block_scores(q[0], k[0], cfg.block_size, cfg.stride)
         return _mask_plan(_calibrated_threshold_mask(scores, int(stem_mask.sum())), L, cfg)
     raise ValueError(f"unknown method {name!r}; known: {METHODS}")
+
+
+def candidate_sampled_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, n: int,
+                           cand: torch.Tensor) -> torch.Tensor:
+    """(Hq, nQ, nK) float32: for each query block, the mean over its ``n`` sampled rows
+    (``stem.ranking.sampled_rows``) of each candidate key block's softmax mass, the softmax taken
+    over the keys of the candidate blocks ``cand`` (bool (Hq, nQ, nK)) only; -inf elsewhere.
+    q (Hq, L, D), k (Hkv, L, D), prefill."""
+    from stem.ranking import sampled_rows
+
+    Hq, L, D = q.shape
+    G = Hq // k.shape[0]
+    nQ, nK = cand.shape[-2:]
+    bs = block_size
+    rows = sampled_rows(L, 0, bs, n)  # (nQ, n)
+    keys = torch.arange(nK * bs)
+    out = torch.full((Hq, nQ, nK), float("-inf"))
+    for h in range(Hq):
+        kh = torch.nn.functional.pad(k[h // G].float(), (0, 0, 0, nK * bs - L))
+        for i0 in range(0, nQ, 16):
+            i1 = min(nQ, i0 + 16)
+            r = rows[i0:i1].reshape(-1)
+            s = (q[h, r].float() @ kh.T) * D ** -0.5  # (rows, keys)
+            ok = cand[h, i0:i1].repeat_interleave(bs, -1).repeat_interleave(n, 0) & (keys[None, :] <= r[:, None])
+            p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1)
+            mass = p.view(i1 - i0, n, nK, bs).sum(-1).mean(1)
+            out[h, i0:i1] = mass.masked_fill(~cand[h, i0:i1], float("-inf"))
+    return out

@@ -282,6 +282,37 @@ def test_methods_give_valid_plans_at_matched_density(tiny):
         assert abs(plans[m].density - stem_d) < 0.02, (m, plans[m].density, stem_d)
     assert plans["stem_a0.5"].density < stem_d < plans["stem_a1.0"].density
     assert torch.equal(plans["oracle"].kv_counts, plans["stem"].kv_counts)
+    for m in ("s8_cand_all", "s8_cand2", "s8_cand1.5"):  # Stem's budgets, like the oracle
+        assert torch.equal(plans[m].kv_counts, plans["stem"].kv_counts), m
+
+
+def test_candidate_sampled_mass_against_the_library_and_a_literal_row():
+    """With every causal block a candidate, the two-level experiment's scores are the library's
+    ``sampled_mass`` scores; with fewer, one row's masses are its softmax over the candidate keys."""
+    from benchmarks.quality.methods import candidate_sampled_mass
+    from stem.ranking import sampled_mass_scores, sampled_rows
+
+    g = torch.Generator().manual_seed(3)
+    Hq, Hkv, n, bs, D = 4, 2, 512, 32, 16
+    q, k = torch.randn(Hq, n, D, generator=g), torch.randn(Hkv, n, D, generator=g)
+    nQ = n // bs
+    forced, causal = forced_and_causal(nQ, nQ, stem.StemConfig(block_size=bs))
+    full = candidate_sampled_mass(q, k, bs, 8, causal.expand(Hq, nQ, nQ))
+    ref = sampled_mass_scores(q[None], k[None], bs, 0, n=8)[0]
+    assert torch.equal(torch.isfinite(full), torch.isfinite(ref))
+    assert torch.allclose(full[torch.isfinite(ref)], ref[torch.isfinite(ref)], atol=1e-6)
+    cand = forced.expand(Hq, nQ, nQ).clone()
+    cand[:, :, 5] = causal[:, 5]
+    got = candidate_sampled_mass(q, k, bs, 8, cand)
+    h, i = 3, 11  # one query block: the mean over its sampled rows of the candidate-only softmax mass
+    keys = cand[h, i].repeat_interleave(bs)
+    want = torch.zeros(nQ, dtype=torch.float64)
+    for r in sampled_rows(n, 0, bs, 8)[i].tolist():
+        s = (q[h, r].double() @ k[h // 2].double().T) / D ** 0.5
+        s[(~keys) | (torch.arange(n) > r)] = float("-inf")
+        want += torch.softmax(s, -1).view(nQ, bs).sum(-1) / 8
+    assert torch.equal(torch.isfinite(got[h, i]), cand[h, i])
+    assert torch.allclose(got[h, i][cand[h, i]].double(), want[cand[h, i]], atol=1e-6)
 
 
 def test_threshold_mask_literal():
