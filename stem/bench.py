@@ -61,7 +61,8 @@ def bench_config(args) -> StemConfig:
 
 def _config_label(config: dict) -> str:
     """"default config", or the fields that differ from it (for plot titles)."""
-    changed = [f"{k}={v}" for k, v in config.items() if StemConfig().to_dict().get(k) != v]
+    default = StemConfig().to_dict()
+    changed = [f"{k}={v}" for k, v in config.items() if default.get(k) != v]
     return "config " + ", ".join(changed) if changed else "default config"
 
 

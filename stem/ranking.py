@@ -14,16 +14,17 @@ each sampled row at absolute position ``p``, its exact causal softmax over all k
 softmax mass that falls on block ``j``. Non-causal blocks get ``-inf``. It is the oracle ranking
 (true block mass, summed over the rows of the query block) estimated from n rows instead of all.
 
-Measured on SmolLM2-135M at 8K tokens, block 32, density 0.35 (benchmarks/NOTES.md): next-token
-KL to the dense model 0.012 nats against Stem's 0.019 and the oracle's 0.004 (about halfway),
-top-1 agreement 0.951 against 0.935, perplexity x1.010 against x1.023. Cost: exact ``q . k`` of 4
-rows per query block against every causal key, ``4 / block_size`` of dense ``Q K^T`` (1/32 at
-block 128), plus one exponential per (sampled row, key); n rows cost n / 4 times that. Torch path on any device; a fused
-Triton kernel on CUDA (``stem_backends.triton.ranking``, one pass over the keys): the whole
-``stem.plan`` takes 1.3 ms at 32K and 6.5 ms at 128K on an H200 (Hq 32 / Hkv 8 / D 128,
-block 128; benchmarks/NOTES.md), with float32 scratch of about ``4 * 4 * G * nQ * nK / 2``
-bytes per (batch entry, kv head) (G = Hq / Hkv) beside the (B, Hq, nQ, nK) float32 scores: 34 MB per kv head at
-128K, at most 512 MB in flight (``stem_backends.triton.ranking.SCRATCH_BYTES``).
+Measured with 4 rows on SmolLM2-135M at 8K tokens, block 32, density 0.35 (benchmarks/NOTES.md):
+next-token KL to the dense model 0.012 nats against Stem's 0.019 and the oracle's 0.004 (about halfway),
+top-1 agreement 0.951 against 0.935, perplexity x1.010 against x1.023. Cost: exact ``q . k`` of n
+rows per query block against every causal key, ``n / block_size`` of dense ``Q K^T`` (1/32 at
+block 128 with 4 rows), plus one exponential per (sampled row, key). Torch path on any device; a
+fused Triton kernel on CUDA (``stem_backends.triton.ranking``, one pass over the keys): with 4
+rows the whole ``stem.plan`` takes 1.3 ms at 32K and 6.5 ms at 128K on an H200 (Hq 32 / Hkv 8 /
+D 128, block 128; benchmarks/NOTES.md), with float32 scratch of about ``4 * n * G * nQ * nK / 2``
+bytes per (batch entry, kv head) (G = Hq / Hkv) beside the (B, Hq, nQ, nK) float32 scores: 34 MB
+per kv head at 128K with 4 rows, at most 512 MB in flight
+(``stem_backends.triton.ranking.SCRATCH_BYTES``).
 
 ``qmean_lse``
 -------------

@@ -66,6 +66,10 @@ def _register() -> None:
     AttentionInterface.register(ATTN_NAME, method_attention)
 
 
+# --backend values that run the plan with stem.attention(precision=backend); the reference stays exact
+FP8_BACKENDS = ("fp8", "fp8_pv")
+
+
 def run_plan(q, k, v, plan: stem.BlockPlan, scale: float | None, backend: str) -> torch.Tensor:
     """Attention of q (1, Hq, L, D), k, v (1, Hkv, L, D) restricted to ``plan`` (prefill).
 
@@ -75,7 +79,7 @@ def run_plan(q, k, v, plan: stem.BlockPlan, scale: float | None, backend: str) -
     their rounding to the selection's error. ``backend="fp8"`` / ``"fp8_pv"``: ``stem.attention(...,
     precision=backend)`` on bfloat16 copies (CUDA), the output cast back to q's dtype: the plan's
     error plus FP8's. Anything else: ``stem.attention(backend=backend)``."""
-    if backend in ("fp8", "fp8_pv"):
+    if backend in FP8_BACKENDS:
         out = stem.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan=plan, scale=scale, precision=backend)
         return out.to(q.dtype)
     if backend != "masked":
@@ -341,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instructed: the prompt opens with a sentence saying a pass key is hidden in the text")
     p.add_argument("--backend", default="auto",
                    help="executor for the plans (stem.attention's backend), or 'masked': exact masked attention in "
-                        "float32, one head at a time (for GPU runs, whose kernels compute in bf16), or 'fp8': "
-                        "stem.attention(precision='fp8') on bf16 copies (CUDA)")
+                        "float32, one head at a time (for GPU runs, whose kernels compute in bf16), or 'fp8' / "
+                        "'fp8_pv': stem.attention(precision=...) on bf16 copies (CUDA)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32 on it)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--first-sparse", type=int, default=FIRST_SPARSE,
@@ -396,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 if d:
                     ids, _ = document(offset)
                 # the reference is exact: with --backend fp8 it runs as masked float32 attention
-                ref_backend = "masked" if args.backend in ("fp8", "fp8_pv") else args.backend
+                ref_backend = "masked" if args.backend in FP8_BACKENDS else args.backend
                 dense, _ = forward_logits(model, ids, "dense", cfg, args.last, ref_backend, args.first_sparse)
                 targets = ids[0, -args.last + 1:]
                 doc = {"doc_offset": offset, "kl": {}}

@@ -79,8 +79,9 @@ def parse_method(name: str) -> Method:
         return Method(name, "stem_novb")
     if name == "sampled_mass":
         return Method(name, "stem", ranking="sampled_mass")
-    if name.startswith("sampled_mass_r") and name[len("sampled_mass_r"):] in ("1", "2", "8", "16", "32"):
-        return Method(name, "stem", ranking="sampled_mass", rows=int(name[len("sampled_mass_r"):]))
+    rows = name.removeprefix("sampled_mass_r")
+    if name.startswith("sampled_mass_r") and rows in ("1", "2", "8", "16", "32"):
+        return Method(name, "stem", ranking="sampled_mass", rows=int(rows))
     if name.startswith("stem_a"):
         try:
             alpha = float(name[len("stem_a"):])

@@ -321,8 +321,7 @@ def stem_attention_forward(
     if pad is not None:
         if mcfg.precision != "native":
             raise ValueError(f"StemModelConfig.precision={mcfg.precision!r} does not run padded (variable-length) "
-                             "batches: pass "
-                             "unpadded inputs (batch size 1 or equal lengths) or precision='native'")
+                             "batches: pass unpadded inputs (batch size 1 or equal lengths) or precision='native'")
         _note("stem:padded")
         return _padded_forward(query, key, value, pad, cfg, scaling, mcfg.backend), None
     _note("stem" if query.shape[2] == key.shape[2] else "stem:chunked")
