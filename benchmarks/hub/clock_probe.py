@@ -1,7 +1,7 @@
 """SM clock and board power while the Hub kernel and dense cuDNN run back to back for a few seconds.
 
     python -m benchmarks.hub.clock_probe --lengths 32768 131072 --seconds 3 --json out.json
-        [--methods hub hub_fp8 cudnn]
+        [--methods hub hub_fp8 hub_fp8_pv cudnn]
 
 Why: the TFLOP/s of a long kernel at boost clock falls when the board reaches its power limit, for
 any kernel. This tool runs each method in a loop for ``--seconds`` while ``nvidia-smi`` samples
@@ -9,7 +9,7 @@ the SM clock and power every 50 ms, and reports per (method, length) the median 
 power and the TFLOP/s (causal pairs: the plan's selected pairs for the Hub kernel, the causal
 triangle for cuDNN). B=1 Hq32 Hkv8 D128 bf16, default StemConfig plan; the kernel is loaded as in
 bench_hub.py. ``hub_fp8``: ``stem.attention(..., precision="fp8", backend="hub")`` on the same plan
-(its quantisation launches included).
+(its quantisation launches included); ``hub_fp8_pv`` likewise with ``precision="fp8_pv"``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--methods", nargs="+", default=["hub", "cudnn"], choices=["hub", "hub_fp8", "cudnn"])
+    ap.add_argument("--methods", nargs="+", default=["hub", "cudnn"], choices=["hub", "hub_fp8", "hub_fp8_pv", "cudnn"])
     args = ap.parse_args(argv)
     import kernels
 
@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         def run_hub_fp8(q=q, k=k, v=v, plan=plan):
             return stem.attention(q, k, v, plan=plan, precision="fp8", backend="hub")
 
+        def run_hub_fp8_pv(q=q, k=k, v=v, plan=plan):
+            return stem.attention(q, k, v, plan=plan, precision="fp8_pv", backend="hub")
+
         methods = {"hub": (run_hub, sparse_flop), "hub_fp8": (run_hub_fp8, sparse_flop),
+                   "hub_fp8_pv": (run_hub_fp8_pv, sparse_flop),
                    "cudnn": (run_cudnn, dense_flop)}
         methods = {m: methods[m] for m in args.methods}
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -5,7 +5,8 @@
 
 B=1 bf16 random data (stem.bench.random_qkv), the default StemConfig plan, planned once; then
 ``--calls`` launches of the Hub kernel on that plan (kernels.get_kernel, LOCAL_KERNELS as in
-bench_hub.py).
+bench_hub.py). ``--precision fp8`` / ``fp8_pv``: ``stem.attention(..., precision=..., backend="hub")``
+on the same plan instead (its quantisation launches are separate kernels; the regex above skips them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--shape", default="32:8:128", help="Hq:Hkv:D")
     ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--precision", default="native", choices=["native", "fp8", "fp8_pv"])
     args = ap.parse_args(argv)
     hq, hkv, d = (int(x) for x in args.shape.split(":"))
     import kernels
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     q, k, v = random_qkv(1, hq, hkv, args.length, d, dtype=torch.bfloat16, device="cuda", seed=args.length)
     plan = stem.plan(q, k, v)
     for _ in range(args.calls):
+        if args.precision != "native":
+            stem.attention(q, k, v, plan=plan, precision=args.precision, backend="hub")
+            continue
         hub.block_sparse_attn_fwd(q, k, v, plan.kv_counts, plan.kv_indices, plan.block_size, plan.q_offset,
                                   d ** -0.5, False)
     torch.cuda.synchronize()

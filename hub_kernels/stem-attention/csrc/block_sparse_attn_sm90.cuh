@@ -6,16 +6,18 @@
 // of scores pre-scaled by scale * log2(e)).
 //
 // Warp specialisation (384 threads, one CTA per SM):
-//   warpgroup 0  producer: one thread issues the TMA loads (Q once, then K and V tiles into two
-//                rings of shared-memory stages, one for K and one for V); it gives up registers
-//                (setmaxnreg 24).
+//   warpgroup 0  producer: one thread walks the plan and issues the TMA loads (Q once, then K
+//                and V tiles into two rings of shared-memory stages, one for K and one for V),
+//                publishing each K stage's first key (and FP8 scale) beside it, then -1 in the
+//                next stage once the walk ends; it gives up registers (setmaxnreg 24).
 //   warpgroups 1, 2  consumers: rows [0, 64) and [64, 128) of the query tile (240 registers each).
 //                S = Q K^T with wgmma (A and B from shared memory), masking and softmax in
 //                registers, O += P V with wgmma (P from registers, V from shared memory,
 //                transposed). Each consumer thread arrives on a K stage's "empty" barrier once
 //                S has retired and on a V stage's once O += P V has, which lets the producer
 //                refill the stage. The softmax of tile j runs while O += P V of tile j - 1 is on
-//                the tensor cores (two P register buffers).
+//                the tensor cores (two P register buffers). 16-bit kernels: the two warpgroups
+//                take turns issuing (ping-pong, Cfg::kPingPong).
 // Shared memory tiles are TMA boxes of 128 (Q) or kBlockN (K, V) rows x 64 elements (128 bytes)
 // with the 128-byte swizzle, the layout wgmma reads directly (K-major for Q and K, MN-major for V).
 // TMA zero-fills rows outside the tensor (negative query rows of an unaligned q_offset, keys past
@@ -78,6 +80,10 @@ struct Cfg {
   static constexpr int kStagesK = kQK8 ? 4 : kD == 256 ? 2 : 3;
   static constexpr int kStagesV = kPV8 ? 4 : 3;
   static constexpr int kThreads = 384;
+  // Ping-pong: the consumer warpgroups take turns issuing their wgmmas (named barriers), so one's
+  // softmax runs under the other's products. Measured (benchmarks/NOTES.md): 1% faster in 16-bit,
+  // 2% slower in FP8, whose shorter products leave less to hide.
+  static constexpr bool kPingPong = kPrec == kNative;
   static constexpr int kBoxCols = 128 / kElemBytes;    // elements in one 128-byte swizzled row
   static constexpr int kChunks = kD / kBoxCols;        // TMA boxes per Q or K tile
   static constexpr int kBoxBytesQ = kBlockM * 128;     // kBlockM rows x 128 bytes
@@ -89,7 +95,7 @@ struct Cfg {
   // wgmma k-steps (32 bytes of the reduction axis each): of S = Q K^T, and of O += P V.
   static constexpr int kSSteps = kD * kElemBytes / 32;
   static constexpr int kPSteps = kBlockN * kVBytes / 32;
-  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStagesK + 2 * kStagesV);
+  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStagesK + 2 * kStagesV) + 8 * kStagesK;
   // 1024 bytes of slack to align the tiles to the 1024-byte swizzle period.
   static constexpr int kSmemBytes =
       1024 + kTileBytesQ + kStagesK * kTileBytesK + kStagesV * kTileBytesV + kBarrierBytes;
@@ -128,6 +134,14 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       "[%6];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
       : "memory");
+}
+// Named barriers 1 and 2 (0 is __syncthreads): the consumer warpgroups' turns at the tensor cores.
+// `count` threads take part: the 128 that wait and the 128 that arrive.
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -251,6 +265,11 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t bar_kempty = bar_kfull + 8 * kStagesK;
   const uint32_t bar_vfull = bar_kempty + 8 * kStagesK;
   const uint32_t bar_vempty = bar_vfull + 8 * kStagesV;
+  // Per K stage: the first key of its tile (-1: the walk has ended) and the tile's K scale (FP8),
+  // written by the producer before it arms the stage's full barrier. The consumers never walk the
+  // plan themselves: they read these after the barrier's wait (its acquire makes them visible).
+  int* s_kpos = reinterpret_cast<int*>(smem_raw + (bar_vempty + 8 * kStagesV - smem_u32(smem_raw)));
+  float* s_ksc = reinterpret_cast<float*>(s_kpos + kStagesK);
 
   const int tid = threadIdx.x;
   const int bs = p.block_size;
@@ -275,8 +294,6 @@ __global__ void __launch_bounds__(384, 1)
   if (qt.empty) return;  // a sub-tile of a plan block with no query rows (uniform per CTA)
   const int a0 = qt.a0;
   const int q_row0 = qt.q_row0;
-  // Producer and consumers each walk the same sequence of key tiles.
-  KeyTileWalk<kBlockN> walk(p, b, h, qi, qt.key_limit);
 
   if (tid == 0) {
     mbar_init(bar_q, 1);
@@ -300,11 +317,16 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
       for (int c = 0; c < C::kChunks; ++c) tma_load_4d(s_q + c * C::kBoxBytesQ, &tm_q, bar_q, c * C::kBoxCols,
                                                        static_cast<int>(sq.q_start) + q_row0, h, tb);
+      KeyTileWalk<kBlockN> walk(p, b, h, qi, qt.key_limit);
       int it = 0;
       for (int kcur = walk.current(); kcur >= 0; walk.next(), kcur = walk.current(), ++it) {
         const int key_row = static_cast<int>(sq.k_start) + kcur;
         const int sk = it % kStagesK;
         mbar_wait(bar_kempty + 8 * sk, ((it / kStagesK) & 1) ^ 1);
+        s_kpos[sk] = kcur;
+        if constexpr (kQK8) {
+          s_ksc[sk] = p.k_scale[static_cast<int64_t>(b * p.Hkv + hk) * p.k_scale_tiles + kcur / kBlockN];
+        }
         mbar_arrive_expect_tx(bar_kfull + 8 * sk, C::kTileBytesK);
 #pragma unroll
         for (int c = 0; c < C::kChunks; ++c) {
@@ -324,6 +346,11 @@ __global__ void __launch_bounds__(384, 1)
           }
         }
       }
+      // The end of the walk, in the next K stage: no data, a plain arrival completes its phase.
+      const int sk = it % kStagesK;
+      mbar_wait(bar_kempty + 8 * sk, ((it / kStagesK) & 1) ^ 1);
+      s_kpos[sk] = -1;
+      mbar_arrive(bar_kfull + 8 * sk);
     }
   } else {
     // ------------------------------- consumers ------------------------------
@@ -345,16 +372,14 @@ __global__ void __launch_bounds__(384, 1)
     float l_run[2] = {0.f, 0.f};              // this thread's partial row sums
     const uint32_t q_base = s_q + cw * 64 * 128;  // this warpgroup's 64 rows, in every box
     // log2-domain factor of this thread's two rows' scores; e4m3 Q and K (kQK8) multiply in the
-    // row's Q scale here and the K tile's scale per tile (tile_scale).
+    // row's Q scale here and the K tile's scale per tile (tile_scale; the producer reads it).
     float row_sc[2] = {p.scale_log2, p.scale_log2};
-    const float* k_scales = nullptr;
     if constexpr (kQK8) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = q_row0 + row_in_tile + 8 * r;
         row_sc[r] *= (row >= 0 && row < sq.Lq) ? p.q_scale[(static_cast<int64_t>(b) * p.Hq + h) * p.Lq + row] : 1.f;
       }
-      k_scales = p.k_scale + static_cast<int64_t>(b * p.Hkv + hk) * p.k_scale_tiles;
     }
 
     // After a wait: the wgmma that read pf (registers) and wrote acc_o has retired; until here the
@@ -414,10 +439,10 @@ __global__ void __launch_bounds__(384, 1)
                                               sq.Lk);
       }
     };
-    // The K tile's scale (FP8), read before the wait for S so that the load is in flight meanwhile.
-    auto tile_scale = [&](int kcur) -> float {
+    // The scale of the K tile in stage sk (FP8; 1 otherwise), published by the producer.
+    auto tile_scale = [&](int sk) -> float {
       if constexpr (kQK8) {
-        return k_scales[kcur / kBlockN];
+        return s_ksc[sk];
       } else {
         return 1.f;
       }
@@ -425,6 +450,14 @@ __global__ void __launch_bounds__(384, 1)
     auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
       for (int e = 0; e < kD / 2; ++e) acc_o[e] *= alpha[(e / 2) % 2];
+    };
+    // Ping-pong turns (C::kPingPong): warpgroup cw waits on barrier 1 + cw before issuing and then
+    // arrives on the other's. Both see the same tiles, so the turns pair up.
+    auto take_turn = [&] {
+      if constexpr (C::kPingPong) named_bar_sync(1 + cw, 256);
+    };
+    auto pass_turn = [&] {
+      if constexpr (C::kPingPong) named_bar_arrive(2 - cw, 256);
     };
     mbar_wait(bar_q, 0);
     int it = 0;
@@ -439,12 +472,13 @@ __global__ void __launch_bounds__(384, 1)
     // One steady-state step: S_j and PV_{j-1} in flight together, softmax of S_j under PV_{j-1}.
     auto step = [&](int kcur, uint32_t (&p_in)[kPSteps][4], uint32_t (&p_out)[kPSteps][4]) {
       const int sk = it % kStagesK;
-      const float tsc = tile_scale(kcur);
+      const float tsc = tile_scale(sk);
       uint64_t dv[kPSteps];
       v_descs(prev, dv);
-      mbar_wait(bar_kfull + 8 * sk, (it / kStagesK) & 1);
+      take_turn();
       issue_s(sk);
       issue_pv(p_in, dv);
+      pass_turn();
       asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
       fence_regs(acc_s);
       mbar_arrive(bar_kempty + 8 * sk);  // this thread's reads of that K stage have retired
@@ -452,12 +486,19 @@ __global__ void __launch_bounds__(384, 1)
       wgmma_wait_all();
       fence_pv(p_in);
       mbar_arrive(bar_vempty + 8 * prev);  // likewise for the V stage of tile j - 1
-      rescale_o(alpha);
+      // Once the running max settles, most tiles leave it unchanged (alpha exactly 1): skip the
+      // multiplies then (a warp-uniform branch; no wgmma is in flight here).
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) rescale_o(alpha);
       const int sv = it % kStagesV;
       mbar_wait(bar_vfull + 8 * sv, (it / kStagesV) & 1);  // V of tile j, for the next step
       prev = sv;
-      walk.next();
       ++it;
+    };
+    // Waits for the next K stage; returns the first key of its tile, or -1 past the last.
+    auto next_key = [&]() -> int {
+      const int sk = it % kStagesK;
+      mbar_wait(bar_kfull + 8 * sk, (it / kStagesK) & 1);
+      return *reinterpret_cast<volatile int*>(s_kpos + sk);
     };
     auto last_pv = [&](uint32_t (&p_in)[kPSteps][4]) {
       uint64_t dv[kPSteps];
@@ -468,26 +509,27 @@ __global__ void __launch_bounds__(384, 1)
       mbar_arrive(bar_vempty + 8 * prev);
     };
     // Prologue: S and P of the first tile.
-    int kcur = walk.current();
+    if (C::kPingPong && cw == 1) named_bar_arrive(1, 256);  // warpgroup 0 takes the first turn
+    int kcur = next_key();
     if (kcur >= 0) {
-      const float tsc = tile_scale(kcur);
-      mbar_wait(bar_kfull, 0);
+      const float tsc = tile_scale(0);
+      take_turn();
       issue_s(0);
+      pass_turn();
       wgmma_wait_all();
       fence_regs(acc_s);
       mbar_arrive(bar_kempty);
       softmax(kcur, pf, alpha, tsc);  // alpha multiplies an all-zero O: not needed
       mbar_wait(bar_vfull, 0);
-      walk.next();
       ++it;
       while (true) {
-        kcur = walk.current();
+        kcur = next_key();
         if (kcur < 0) {
           last_pv(pf);
           break;
         }
         step(kcur, pf, pf2);
-        kcur = walk.current();
+        kcur = next_key();
         if (kcur < 0) {
           last_pv(pf2);
           break;
@@ -495,6 +537,9 @@ __global__ void __launch_bounds__(384, 1)
         step(kcur, pf2, pf);
       }
     }
+    // Both warpgroups took the same number of turns; warpgroup 0 consumes the one arrival left
+    // (its first turn's), so every named barrier ends balanced.
+    if (C::kPingPong && cw == 0) named_bar_sync(1, 256);
 
     // ---- epilogue: normalise and store (rows outside [0, Lq) are never stored) ----
     float inv[2];
