@@ -1,5 +1,6 @@
 // What one query tile of a stem BlockPlan covers and which key tiles it visits; shared by the sm80
-// and sm90 kernels (each thread that needs the sequence walks it itself: no shared state).
+// and sm90 kernels. In the sm80 kernel every thread walks the sequence itself; in the sm90 kernel
+// only the producer does, and publishes each tile's first key in shared memory.
 #pragma once
 
 #include "block_sparse_attn.h"
