@@ -66,8 +66,10 @@ def _register() -> None:
     AttentionInterface.register(ATTN_NAME, method_attention)
 
 
-# --backend values that run the plan with stem.attention(precision=backend); the reference stays exact
+# --backend values that run the plan with stem.attention(precision=backend), or its roundings
+# emulated in float32 on any device (fp8_error.emulate); the reference stays exact
 FP8_BACKENDS = ("fp8", "fp8_pv")
+EMULATED_BACKENDS = ("fp8_emulated", "fp8_pv_emulated")
 
 
 def run_plan(q, k, v, plan: stem.BlockPlan, scale: float | None, backend: str) -> torch.Tensor:
@@ -78,17 +80,28 @@ def run_plan(q, k, v, plan: stem.BlockPlan, scale: float | None, backend: str) -
     The quality study uses it on a GPU, where the sparse kernels compute in bf16/fp16 and would add
     their rounding to the selection's error. ``backend="fp8"`` / ``"fp8_pv"``: ``stem.attention(...,
     precision=backend)`` on bfloat16 copies (CUDA), the output cast back to q's dtype: the plan's
-    error plus FP8's. Anything else: ``stem.attention(backend=backend)``."""
+    error plus FP8's. ``"fp8_emulated"`` / ``"fp8_pv_emulated"``: the same roundings emulated
+    (``fp8_error.emulate``) around masked float32 attention, on any device and any head dim.
+    Anything else: ``stem.attention(backend=backend)``."""
     if backend in FP8_BACKENDS:
         out = stem.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan=plan, scale=scale, precision=backend)
         return out.to(q.dtype)
-    if backend != "masked":
+    if backend != "masked" and backend not in EMULATED_BACKENDS:
         return stem.attention(q, k, v, plan=plan, scale=scale, backend=backend)
     L, G = q.shape[2], q.shape[1] // k.shape[1]
     blocks = plan.to_dense_mask()[0]  # (Hq, nQ, nK)
     pos = torch.arange(L, device=q.device)
-    causal = pos[None, :] <= pos[:, None]
     cell = pos // plan.block_size
+    if backend in EMULATED_BACKENDS:
+        from .fp8_error import emulate
+
+        def allowed(h, r0, r1):
+            return blocks[h][cell[r0:r1]][:, cell[:r1]]
+
+        s = scale if scale is not None else q.shape[-1] ** -0.5
+        out = emulate(q[0], k[0], v[0], s, backend.removesuffix("_emulated"), allowed)
+        return out.unsqueeze(0).to(q.dtype)
+    causal = pos[None, :] <= pos[:, None]
     out = torch.empty_like(q)
     for h in range(q.shape[1]):
         mask = blocks[h][cell][:, cell] & causal
@@ -346,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto",
                    help="executor for the plans (stem.attention's backend), or 'masked': exact masked attention in "
                         "float32, one head at a time (for GPU runs, whose kernels compute in bf16), or 'fp8' / "
-                        "'fp8_pv': stem.attention(precision=...) on bf16 copies (CUDA)")
+                        "'fp8_pv': stem.attention(precision=...) on bf16 copies (CUDA), or 'fp8_emulated' / "
+                        "'fp8_pv_emulated': their roundings emulated around masked float32 attention (any device)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32 on it)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--first-sparse", type=int, default=FIRST_SPARSE,
@@ -399,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                 offset = args.doc_offset + d * args.length
                 if d:
                     ids, _ = document(offset)
-                # the reference is exact: with --backend fp8 it runs as masked float32 attention
-                ref_backend = "masked" if args.backend in FP8_BACKENDS else args.backend
+                # the reference is exact: with an FP8 backend it runs as masked float32 attention
+                ref_backend = "masked" if args.backend in FP8_BACKENDS + EMULATED_BACKENDS else args.backend
                 dense, _ = forward_logits(model, ids, "dense", cfg, args.last, ref_backend, args.first_sparse)
                 targets = ids[0, -args.last + 1:]
                 doc = {"doc_offset": offset, "kl": {}}

@@ -78,19 +78,23 @@ def round_v(v):  # (H, L, D): one scale per channel
     return _scaled(v, v.abs().amax(1, keepdim=True))
 
 
-def attention(q, k, v, scale: float, p_round=None, rows: int = 1024) -> torch.Tensor:
+def attention(q, k, v, scale: float, p_round=None, rows: int = 1024, allowed=None) -> torch.Tensor:
     """Causal attention of q (Hq, L, D) against k, v (Hkv, L, D) in their dtype, chunked over rows;
-    ``p_round`` rounds the row-max-relative probabilities before P V (normaliser unrounded)."""
+    ``p_round`` rounds the row-max-relative probabilities before P V (normaliser unrounded).
+    ``allowed(h, r0, r1)``: optional (r1 - r0, r1) bool mask of the keys head h's rows r0..r1 - 1
+    may see besides causality (a sparse plan's blocks); every row must keep one key."""
     Hq, L, _ = q.shape
     G = Hq // k.shape[0]
     out = torch.empty_like(q)
-    pos = torch.arange(L)
+    pos = torch.arange(L, device=q.device)
     for h in range(Hq):
         kh, vh = k[h // G], v[h // G]
         for r0 in range(0, L, rows):
             r1 = min(L, r0 + rows)
             s = (q[h, r0:r1] @ kh[:r1].T) * scale
             s.masked_fill_(pos[None, :r1] > pos[r0:r1, None], float("-inf"))
+            if allowed is not None:
+                s.masked_fill_(~allowed(h, r0, r1), float("-inf"))
             p = torch.exp(s - s.amax(-1, keepdim=True))
             den = p.sum(-1, keepdim=True)
             if p_round is not None:
@@ -99,14 +103,39 @@ def attention(q, k, v, scale: float, p_round=None, rows: int = 1024) -> torch.Te
     return out
 
 
+def p_e4m3(p: torch.Tensor) -> torch.Tensor:
+    """The kernels' e4m3 probabilities: e4m3(p * 256) / 256 (p relative to the row max)."""
+    return e4m3(p * 256.0) / 256.0
+
+
+def bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+def emulate(q, k, v, scale: float, precision: str, allowed=None) -> torch.Tensor:
+    """Attention of q (Hq, L, D), k, v (Hkv, L, D) with the operands rounded as
+    ``stem.attention(precision=precision)`` rounds them on the Hub kernel (``"fp8"``: Q, K, V and P
+    in e4m3; ``"fp8_pv"``: Q and K in bfloat16, V and P in e4m3), the rest in float32. One
+    difference from the kernels: P is rounded relative to the row's final max, the kernels' to
+    its running max (the same relative rounding, except in e4m3's subnormal range)."""
+    q, k, v = q.double(), k.double(), v.double()
+    if precision == "fp8":
+        q, k = round_q(q), round_k(k)
+    elif precision == "fp8_pv":
+        q, k = bf16(q), bf16(k)
+    else:
+        raise ValueError(f"precision {precision!r}: expected 'fp8' or 'fp8_pv'")
+    return attention(q.float(), k.float(), round_v(v).float(), scale, p_e4m3, allowed=allowed)
+
+
 def layer_errors(q, k, v, scale: float) -> dict[str, float]:
     """Relative L2 error of each variant's output for one layer (q (Hq, L, D), k, v (Hkv, L, D))."""
     q, k, v = q.double(), k.double(), v.double()
     f = lambda x: x.float()  # noqa: E731
     exact = attention(f(q), f(k), f(v), scale).double()
     norm = exact.norm()
-    bf = lambda x: x.to(torch.bfloat16).float()  # noqa: E731
-    p8 = lambda p: e4m3(p * 256.0) / 256.0  # noqa: E731
+    bf = lambda x: bf16(x).float()  # noqa: E731
+    p8 = p_e4m3
     rq, rk, rv = f(round_q(q)), f(round_k(k)), f(round_v(v))
     H = hadamard(q.shape[-1])
     hq, hk = f(round_q(q @ H)), f(round_k(k @ H))

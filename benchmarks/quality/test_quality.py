@@ -444,6 +444,40 @@ def test_masked_backend_is_masked_attention_float64(tiny):
     torch.testing.assert_close(run_plan(q, k, v, plan, None, "reference"), out, atol=2e-5, rtol=2e-5)
 
 
+def test_emulated_fp8_pv_backend_matches_a_literal_float64_rounding(tiny):
+    """``--backend fp8_pv_emulated``: Q and K in bfloat16, V in e4m3 with one scale per channel,
+    the plan's masked, row-max-relative probabilities as e4m3 of p * 256 with an unrounded
+    normaliser; written out here in float64 with torch's own float8 cast. ``fp8_emulated`` rounds
+    Q and K as well, so it lands further from exact attention."""
+    from benchmarks.quality.e2e import run_plan
+
+    q, k, v = tiny[2][1]
+    plan = stem.plan(q, k, v, CFG)
+    assert not plan.dense
+    n, G = q.shape[2], q.shape[1] // k.shape[1]
+
+    def cast8(x):
+        return x.to(torch.float8_e4m3fn).double()
+
+    blocks = plan.to_dense_mask()[0]
+    tok = blocks.repeat_interleave(BS, 1).repeat_interleave(BS, 2)[:, :n, :n]
+    tok &= torch.ones(n, n, dtype=torch.bool).tril()
+    q16, k16 = q[0].bfloat16().double(), k[0].bfloat16().double()
+    s = (q16 @ k16.repeat_interleave(G, 0).transpose(-1, -2)) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~tok, float("-inf"))
+    pr = torch.exp(s - s.amax(-1, keepdim=True))
+    vd = v[0].double()
+    vs = vd.abs().amax(1, keepdim=True) / 448.0  # one scale per (head, channel)
+    v8 = (cast8(vd / vs) * vs).repeat_interleave(G, 0)
+    ref = (cast8(pr * 256.0) / 256.0) @ v8 / pr.sum(-1, keepdim=True)
+    out = run_plan(q, k, v, plan, None, "fp8_pv_emulated")[0].double()
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-3)
+    exact = run_plan(q, k, v, plan, None, "masked")[0].double()
+    e_pv = float((out - exact).norm() / exact.norm())
+    e_all = float((run_plan(q, k, v, plan, None, "fp8_emulated")[0].double() - exact).norm() / exact.norm())
+    assert 1e-3 < e_pv < e_all < 0.2, (e_pv, e_all)
+
+
 def test_mean_over_docs():
     from benchmarks.quality.e2e import mean_over_docs
 
