@@ -17,7 +17,7 @@
 //                S has retired and on a V stage's once O += P V has, which lets the producer
 //                refill the stage. The softmax of tile j runs while O += P V of tile j - 1 is on
 //                the tensor cores (two P register buffers). 16-bit kernels: the two warpgroups
-//                take turns issuing (ping-pong, Cfg::kPingPong).
+//                take turns issuing (ping-pong, Cfg::kPingPong; not at head dim 256).
 // Shared memory tiles are TMA boxes of 128 (Q) or kBlockN (K, V) rows x 64 elements (128 bytes)
 // with the 128-byte swizzle, the layout wgmma reads directly (K-major for Q and K, MN-major for V).
 // TMA zero-fills rows outside the tensor (negative query rows of an unaligned q_offset, keys past
@@ -81,9 +81,10 @@ struct Cfg {
   static constexpr int kStagesV = kPV8 ? 4 : 3;
   static constexpr int kThreads = 384;
   // Ping-pong: the consumer warpgroups take turns issuing their wgmmas (named barriers), so one's
-  // softmax runs under the other's products. Measured (benchmarks/NOTES.md): 1% faster in 16-bit,
-  // 2% slower in FP8, whose shorter products leave less to hide.
-  static constexpr bool kPingPong = kPrec == kNative;
+  // softmax runs under the other's products. Measured (benchmarks/NOTES.md): 1% faster in 16-bit
+  // at head dim 128, 2% slower in FP8, whose shorter products leave less to hide. Not at head dim
+  // 256, where its bookkeeping makes ptxas spill.
+  static constexpr bool kPingPong = kPrec == kNative && kD != 256;
   static constexpr int kBoxCols = 128 / kElemBytes;    // elements in one 128-byte swizzled row
   static constexpr int kChunks = kD / kBoxCols;        // TMA boxes per Q or K tile
   static constexpr int kBoxBytesQ = kBlockM * 128;     // kBlockM rows x 128 bytes
