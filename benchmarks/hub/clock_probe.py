@@ -87,15 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         def run_cudnn(q=q, k=k, v=v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-        def run_hub_fp8(q=q, k=k, v=v, plan=plan):
-            return stem.attention(q, k, v, plan=plan, precision="fp8", backend="hub")
+        def run_hub_precision(precision, q=q, k=k, v=v, plan=plan):
+            return lambda: stem.attention(q, k, v, plan=plan, precision=precision, backend="hub")
 
-        def run_hub_fp8_pv(q=q, k=k, v=v, plan=plan):
-            return stem.attention(q, k, v, plan=plan, precision="fp8_pv", backend="hub")
-
-        methods = {"hub": (run_hub, sparse_flop), "hub_fp8": (run_hub_fp8, sparse_flop),
-                   "hub_fp8_pv": (run_hub_fp8_pv, sparse_flop),
-                   "cudnn": (run_cudnn, dense_flop)}
+        methods = {"hub": (run_hub, sparse_flop), "hub_fp8": (run_hub_precision("fp8"), sparse_flop),
+                   "hub_fp8_pv": (run_hub_precision("fp8_pv"), sparse_flop), "cudnn": (run_cudnn, dense_flop)}
         methods = {m: methods[m] for m in args.methods}
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

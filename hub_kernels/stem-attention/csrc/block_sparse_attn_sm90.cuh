@@ -96,10 +96,11 @@ struct Cfg {
   // wgmma k-steps (32 bytes of the reduction axis each): of S = Q K^T, and of O += P V.
   static constexpr int kSSteps = kD * kElemBytes / 32;
   static constexpr int kPSteps = kBlockN * kVBytes / 32;
-  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStagesK + 2 * kStagesV) + 8 * kStagesK;
+  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStagesK + 2 * kStagesV);
+  static constexpr int kStageInfoBytes = 8 * kStagesK;  // per K stage: its first key and K scale
   // 1024 bytes of slack to align the tiles to the 1024-byte swizzle period.
-  static constexpr int kSmemBytes =
-      1024 + kTileBytesQ + kStagesK * kTileBytesK + kStagesV * kTileBytesV + kBarrierBytes;
+  static constexpr int kSmemBytes = 1024 + kTileBytesQ + kStagesK * kTileBytesK + kStagesV * kTileBytesV +
+                                    kBarrierBytes + kStageInfoBytes;
   static_assert(kD % kBoxCols == 0, "head dim must be a multiple of 64");
   static_assert(!kPV8 || (kD == 128 && kBlockN == 128), "the FP8 paths are built for head dim 128 only");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA exceeds the 227 KB of an sm90 SM");
@@ -269,7 +270,8 @@ __global__ void __launch_bounds__(384, 1)
   // Per K stage: the first key of its tile (-1: the walk has ended) and the tile's K scale (FP8),
   // written by the producer before it arms the stage's full barrier. The consumers never walk the
   // plan themselves: they read these after the barrier's wait (its acquire makes them visible).
-  int* s_kpos = reinterpret_cast<int*>(smem_raw + (bar_vempty + 8 * kStagesV - smem_u32(smem_raw)));
+  const uint32_t s_info = bar_vempty + 8 * kStagesV;
+  int* s_kpos = reinterpret_cast<int*>(smem_raw + (s_info - smem_u32(smem_raw)));
   float* s_ksc = reinterpret_cast<float*>(s_kpos + kStagesK);
 
   const int tid = threadIdx.x;
