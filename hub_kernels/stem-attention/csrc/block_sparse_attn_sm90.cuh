@@ -35,7 +35,7 @@
 // at k-positions 4c..4c+3 of a 32-key step are keys 2c, 2c+1, 2c+8, 2c+9 (and 16 more for the
 // second register pair). Rather than exchange registers, V's keys are stored in that order within
 // every 32-key group (quantize_kv(..., permute32=True)), which leaves the contraction unchanged.
-// The probabilities are cast to e4m3 as p * 256 (exact; keeps them out of the subnormal range),
+// The probabilities are cast to e4m3 as p * 2^kPShift (exact; keeps them out of the subnormal range),
 // the output is (sum p v8) / (sum p) * v_scale per channel, written in the 16-bit output type T.
 // kFp8PV: Q and K stay in T (S = Q K^T as in the native kernel), only O += P V runs in e4m3 with
 // the V layout and scales above: under a third of the error of kFp8 on real models (emulated on
@@ -85,6 +85,9 @@ struct Cfg {
   // at head dim 128, 2% slower in FP8, whose shorter products leave less to hide. Not at head dim
   // 256, where its bookkeeping makes ptxas spill.
   static constexpr bool kPingPong = kPrec == kNative && kD != 256;
+  // Speculative exponentials against the running max (softmax_tile): not at head dim 64, where
+  // ptxas spills with them (its 16-bit P buffers for 128-key tiles are as large as at 128).
+  static constexpr bool kSpeculate = kD != 64;
   static constexpr int kBoxCols = 128 / kElemBytes;    // elements in one 128-byte swizzled row
   static constexpr int kChunks = kD / kBoxCols;        // TMA boxes per Q or K tile
   static constexpr int kBoxBytesQ = kBlockM * 128;     // kBlockM rows x 128 bytes
@@ -174,20 +177,37 @@ __device__ __forceinline__ uint32_t pack_e4m3x4(float a, float b, float c, float
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
+// e4m3 probabilities (kPV8) are stored as p * 2^kPShift: a power of two, so exact, and it keeps
+// them out of e4m3's subnormal range (p >= 2^-12 stays normal). Numerator and denominator carry
+// the same factor, so it cancels in the output; only the log-sum-exp subtracts it.
+constexpr float kPShift = 6.f;
+// Lazy row max (log2 units): a tile's exponentials are computed against the running max, and the
+// max is only raised when some row of the warp sees a score more than kLazy above it. Then
+// p = exp2(s - m) < 2^kLazy: 256 for 16-bit P, and 2^2.75 * 2^kPShift = 431 < 448 (the largest
+// e4m3) for e4m3 P.
+template <bool kPV8>
+constexpr float kLazy = kPV8 ? 2.75f : 8.f;
+
 // Online-softmax step over one 64 x kN score tile of a warpgroup (this thread: 2 rows, kN / 4
 // scores). acc_s[4 j + 2 i + c] is row qpos0 + 8 i (absolute position), key key0 + 8 j + c; its
 // log2-domain score is acc_s * sc[i]. Writes the exponentiated scores as wgmma A fragments:
 // bf16/fp16 (register r of k-step kk holds keys 8 kk + 2 r (+1) of row r % 2), or e4m3 (kPV8,
-// scaled by 256: register r of k-step kk holds, for row r % 2, the pairs of column groups
+// scaled by 2^kPShift: register r of k-step kk holds, for row r % 2, the pairs of column groups
 // 4 kk + 2 (r / 2) and the next one; see the FP8 note at the top). Updates the running max (log2
-// domain) and this thread's partial sums, and returns the rescale factor of O in alpha. acc_s is
-// only read: a non-wgmma write to a wgmma accumulator while another wgmma is in flight makes ptxas
-// serialise every wgmma of the kernel. Masking (kMasked) is a select, never a branch.
+// domain) and this thread's partial sums, and returns the rescale factor of O in alpha (exactly 1
+// when the max stays). acc_s is only read: a non-wgmma write to a wgmma accumulator while another
+// wgmma is in flight makes ptxas serialise every wgmma of the kernel. Masking (kMasked) is a
+// select, never a branch.
+// `speculate`: the exponentials are first computed against the running max, independently of
+// this tile's max, so that they do not wait for its reduction and shuffles; they are kept unless
+// a row of the warp rises more than kLazy above the running max (a warp-uniform branch), which
+// once the max has settled is rare. Otherwise (and for the first tile: speculate false) the max
+// is updated and the exponentials computed against it.
 template <bool kMasked, typename T, int kN, bool kPV8 = false>
 __device__ __forceinline__ void softmax_tile(const float (&acc_s)[kN / 2],
                                              uint32_t (&pout)[kN / (kPV8 ? 32 : 16)][4], float (&m_run)[2],
                                              float (&l_run)[2], float (&alpha)[2], const float (&sc)[2], int key0,
-                                             int qpos0, int Lk) {
+                                             int qpos0, int Lk, bool speculate) {
   auto score = [&](int e) -> float {
     if constexpr (kMasked) {
       const int key = key0 + (e / 4) * 8 + (e & 1);
@@ -197,47 +217,69 @@ __device__ __forceinline__ void softmax_tile(const float (&acc_s)[kN / 2],
       return acc_s[e];
     }
   };
+  // P fragments and this thread's partial row sums against the log2-domain reference mu.
+  auto exponentials = [&](const float (&mu)[2], float (&sum)[2]) {
+    sum[0] = sum[1] = 0.f;
+    if constexpr (kPV8) {
+      const float nmu[2] = {kPShift - mu[0], kPShift - mu[1]};
+#pragma unroll
+      for (int kk = 0; kk < kN / 32; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int i = r % 2, e0 = 4 * (4 * kk + 2 * (r / 2)) + 2 * i, e1 = e0 + 4;
+          const float p0 = fast_exp2(fmaf(score(e0), sc[i], nmu[i]));
+          const float p1 = fast_exp2(fmaf(score(e0 + 1), sc[i], nmu[i]));
+          const float p2 = fast_exp2(fmaf(score(e1), sc[i], nmu[i]));
+          const float p3 = fast_exp2(fmaf(score(e1 + 1), sc[i], nmu[i]));
+          sum[i] += (p0 + p1) + (p2 + p3);
+          pout[kk][r] = pack_e4m3x4(p0, p1, p2, p3);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < kN / 16; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float p0 = fast_exp2(fmaf(score(8 * kk + 2 * r), sc[r % 2], -mu[r % 2]));
+          const float p1 = fast_exp2(fmaf(score(8 * kk + 2 * r + 1), sc[r % 2], -mu[r % 2]));
+          sum[r % 2] += p0 + p1;
+          pout[kk][r] = Mma<T>::pack(p0, p1);
+        }
+      }
+    }
+  };
+  float sum[2];
+  if (speculate) {
+    const float mu0[2] = {m_run[0] == -INFINITY ? 0.f : m_run[0], m_run[1] == -INFINITY ? 0.f : m_run[1]};
+    exponentials(mu0, sum);
+  }
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int e = 0; e < kN / 2; ++e) mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], score(e));
-  float mu[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    const float m_new = fmaxf(m_run[r], mx[r] * sc[r]);
-    mu[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
-    alpha[r] = fast_exp2(m_run[r] - mu[r]);
-    m_run[r] = m_new;
-    l_run[r] *= alpha[r];
+    mx[r] *= sc[r];
   }
-  if constexpr (kPV8) {
-    const float nmu[2] = {8.f - mu[0], 8.f - mu[1]};  // p * 256
+  // m_run = -inf (nothing visible yet) rises for any finite score.
+  const bool rise = mx[0] > m_run[0] + kLazy<kPV8> || mx[1] > m_run[1] + kLazy<kPV8>;
+  if (!speculate || __any_sync(0xffffffffu, rise)) {
+    float mu[2];
 #pragma unroll
-    for (int kk = 0; kk < kN / 32; ++kk) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int i = r % 2, e0 = 4 * (4 * kk + 2 * (r / 2)) + 2 * i, e1 = e0 + 4;
-        const float p0 = fast_exp2(fmaf(score(e0), sc[i], nmu[i]));
-        const float p1 = fast_exp2(fmaf(score(e0 + 1), sc[i], nmu[i]));
-        const float p2 = fast_exp2(fmaf(score(e1), sc[i], nmu[i]));
-        const float p3 = fast_exp2(fmaf(score(e1 + 1), sc[i], nmu[i]));
-        l_run[i] += (p0 + p1) + (p2 + p3);
-        pout[kk][r] = pack_e4m3x4(p0, p1, p2, p3);
-      }
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(m_run[r], mx[r]);
+      mu[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
+      alpha[r] = fast_exp2(m_run[r] - mu[r]);
+      m_run[r] = m_new;
+      l_run[r] *= alpha[r];
     }
+    exponentials(mu, sum);
   } else {
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const float p0 = fast_exp2(fmaf(score(8 * kk + 2 * r), sc[r % 2], -mu[r % 2]));
-        const float p1 = fast_exp2(fmaf(score(8 * kk + 2 * r + 1), sc[r % 2], -mu[r % 2]));
-        l_run[r % 2] += p0 + p1;
-        pout[kk][r] = Mma<T>::pack(p0, p1);
-      }
-    }
+    alpha[0] = alpha[1] = 1.f;
   }
+  l_run[0] += sum[0];
+  l_run[1] += sum[1];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -431,15 +473,16 @@ __global__ void __launch_bounds__(384, 1)
     };
     // Masked (where the tile holds keys past Lk or after one of this warpgroup's queries: diagonal
     // tiles), exponentiated scores of acc_s packed into P fragments `pout`; see softmax_tile.
-    auto softmax = [&](int kcur, uint32_t (&pout)[kPSteps][4], float (&alpha)[2], float tile_scale) {
+    auto softmax = [&](int kcur, uint32_t (&pout)[kPSteps][4], float (&alpha)[2], float tile_scale,
+                       bool speculate) {
       const int qpos0 = a0 + row_in_tile;
       const float sc[2] = {row_sc[0] * tile_scale, row_sc[1] * tile_scale};
       if ((kcur + kBlockN - 1 > first_row_pos) || (kcur + kBlockN > sq.Lk)) {
         softmax_tile<true, T, kBlockN, kPV8>(acc_s, pout, m_run, l_run, alpha, sc, kcur + 2 * (lane % 4), qpos0,
-                                             sq.Lk);
+                                             sq.Lk, speculate);
       } else {
         softmax_tile<false, T, kBlockN, kPV8>(acc_s, pout, m_run, l_run, alpha, sc, kcur + 2 * (lane % 4), qpos0,
-                                              sq.Lk);
+                                              sq.Lk, speculate);
       }
     };
     // The scale of the K tile in stage sk (FP8; 1 otherwise), published by the producer.
@@ -485,7 +528,7 @@ __global__ void __launch_bounds__(384, 1)
       asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
       fence_regs(acc_s);
       mbar_arrive(bar_kempty + 8 * sk);  // this thread's reads of that K stage have retired
-      softmax(kcur, p_out, alpha, tsc);
+      softmax(kcur, p_out, alpha, tsc, C::kSpeculate);
       wgmma_wait_all();
       fence_pv(p_in);
       mbar_arrive(bar_vempty + 8 * prev);  // likewise for the V stage of tile j - 1
@@ -522,7 +565,7 @@ __global__ void __launch_bounds__(384, 1)
       wgmma_wait_all();
       fence_regs(acc_s);
       mbar_arrive(bar_kempty);
-      softmax(kcur, pf, alpha, tsc);  // alpha multiplies an all-zero O: not needed
+      softmax(kcur, pf, alpha, tsc, false);  // alpha multiplies an all-zero O: not needed
       mbar_wait(bar_vfull, 0);
       ++it;
       while (true) {
@@ -555,7 +598,7 @@ __global__ void __launch_bounds__(384, 1)
     T* og = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h + sq.q_start * p.o_stride_l;
     // FP8: per-channel V scales of this thread's channels 8 j + 2 (lane % 4) (+1)
     const float* vsc = kPV8 ? p.v_scale + static_cast<int64_t>(b * p.Hkv + hk) * kD + 2 * (lane % 4) : nullptr;
-    constexpr float kLseShift = kPV8 ? 8.f : 0.f;  // e4m3 P: the sums are of p * 256
+    constexpr float kLseShift = kPV8 ? kPShift : 0.f;  // e4m3 P: the sums are of p * 2^kPShift
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = q_row0 + row_in_tile + 8 * r;
