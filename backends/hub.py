@@ -247,7 +247,8 @@ class HubExecutor(Executor):
             qs = ks = torch.empty(0, 0, 0, dtype=torch.float32, device=q.device)
         else:
             q8, qs = quantize_rows(q)
-        # the kernel divides by the sum of the same (p * 256) it multiplies V by: v ~ v8 * (vs * 256)
+        # the kernel divides by the sum of the same scaled p it multiplies V by, so the P scale the
+        # quantiser folded into vs (for the Triton kernel) is taken back out: v ~ v8 * (vs * P_SCALE)
         return q8, qs, k8, ks, vt8, vs * P_SCALE, kmean
 
     @classmethod

@@ -14,7 +14,8 @@ the layer's output, then the mean and the largest over layers):
   keys; ``k_no_smoothing``: the same without the mean subtraction.
 - ``v``: V in e4m3, one scale per channel.
 - ``p``: the probabilities as e4m3 of ``p * 256`` (p relative to the row max; the normaliser is
-  the sum of the unrounded p, as in the kernels).
+  the sum of the unrounded p, as in the kernels; the Triton FP8 kernel's scale, the Hub kernel's
+  is 64, which differs only in e4m3's subnormal range: see ``emulate``).
 - ``fp8``: all of the above together (the Hub kernel's scheme); ``bf16``: q, k, v and p rounded
   to bfloat16 instead (what the native kernels round).
 - ``qk_hadamard`` / ``fp8_hadamard``: Q and K both multiplied by the same orthonormal Hadamard
@@ -103,9 +104,14 @@ def attention(q, k, v, scale: float, p_round=None, rows: int = 1024, allowed=Non
     return out
 
 
-def p_e4m3(p: torch.Tensor) -> torch.Tensor:
-    """The kernels' e4m3 probabilities: e4m3(p * 256) / 256 (p relative to the row max)."""
-    return e4m3(p * 256.0) / 256.0
+# The Hub kernel stores e4m3 probabilities as p * 64 (kPShift in its block_sparse_attn_sm90.cuh),
+# the Triton FP8 kernel as p * 256.
+HUB_P_SCALE = 64.0
+
+
+def p_e4m3(p: torch.Tensor, p_scale: float = 256.0) -> torch.Tensor:
+    """The kernels' e4m3 probabilities: e4m3(p * p_scale) / p_scale (p relative to the row max)."""
+    return e4m3(p * p_scale) / p_scale
 
 
 def bf16(x: torch.Tensor) -> torch.Tensor:
@@ -115,9 +121,10 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
 def emulate(q, k, v, scale: float, precision: str, allowed=None) -> torch.Tensor:
     """Attention of q (Hq, L, D), k, v (Hkv, L, D) with the operands rounded as
     ``stem.attention(precision=precision)`` rounds them on the Hub kernel (``"fp8"``: Q, K, V and P
-    in e4m3; ``"fp8_pv"``: Q and K in bfloat16, V and P in e4m3), the rest in float32. One
-    difference from the kernels: P is rounded relative to the row's final max, the kernels' to
-    its running max (the same relative rounding, except in e4m3's subnormal range)."""
+    in e4m3; ``"fp8_pv"``: Q and K in bfloat16, V and P in e4m3 as p * ``HUB_P_SCALE``), the rest
+    in float32. One difference from the kernel: P is rounded relative to the row's final max, the
+    kernel's to its running max, which it raises lazily (at most 2^2.75 below the final max: the
+    same relative rounding, except in e4m3's subnormal range)."""
     q, k, v = q.double(), k.double(), v.double()
     if precision == "fp8":
         q, k = round_q(q), round_k(k)
@@ -125,7 +132,8 @@ def emulate(q, k, v, scale: float, precision: str, allowed=None) -> torch.Tensor
         q, k = bf16(q), bf16(k)
     else:
         raise ValueError(f"precision {precision!r}: expected 'fp8' or 'fp8_pv'")
-    return attention(q.float(), k.float(), round_v(v).float(), scale, p_e4m3, allowed=allowed)
+    return attention(q.float(), k.float(), round_v(v).float(), scale, lambda p: p_e4m3(p, HUB_P_SCALE),
+                     allowed=allowed)
 
 
 def layer_errors(q, k, v, scale: float) -> dict[str, float]:
