@@ -269,6 +269,30 @@ def test_varlen_matches_each_sequence(hubmod, gen, kernel, D, bs):
         a_q, a_k = a_q + lq, a_k + lk
 
 
+def rising_scores(D, dtype, gen, L=1024):
+    """q, k, v (1, 2, L, D) on the GPU whose scores rise late: every query has a common +1
+    component, so a key with +a in every channel scores about a * sqrt(D). Keys [256, 384) score
+    about 1.2: 1 to 2.5 log2 units above every earlier score of a row, under the sm90 kernel's
+    margins (8, and 2.75 for e4m3 P), so it keeps exponentials above 1 against the stale row max;
+    dropping their sums would be a 7% error. Key 700 scores about 12, more than 10 log2 units
+    above that: the max must be raised, and O and the sums rescaled."""
+    q = torch.randn(1, 2, L, D, generator=gen) * 0.3 + 1.0
+    k = torch.randn(1, 2, L, D, generator=gen) * 0.3
+    k[:, :, 256:384] += 1.2 / math.sqrt(D)
+    k[:, :, 700] += 12.0 / math.sqrt(D)
+    v = torch.randn(1, 2, L, D, generator=gen)
+    return (t.to(dtype).cuda() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("kernel", ["auto", "sm80"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_row_max_rising_late(hubmod, gen, kernel, D, dtype):
+    """Scores that rise after the first key tile, a little and then a lot (rising_scores)."""
+    q, k, v = rising_scores(D, dtype, gen)
+    run_and_check(hubmod, q, k, v, random_plan(1, 2, q.shape[2], q.shape[2], 128, 0, 1.1, gen), kernel=kernel)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("D", [128, 256])
 def test_long_walk_wraps_the_pipeline(hubmod, gen, kernel, D):
@@ -611,6 +635,29 @@ def test_fp8_pv_only_matches_reference(hubmod, gen, dtype, Lq, Lk, bs):
     assert out.dtype == dtype and torch.isfinite(out).all()
     rel = float((out.float() - ref).norm() / ref.norm())
     assert rel < 0.035, f"relative error {rel:.4f} against V dequantised"
+    assert float((lse - ref_lse).abs().max()) < 2e-3
+
+
+@needs_fp8
+@pytest.mark.parametrize("pv_only", [False, True], ids=["fp8", "fp8_pv"])
+def test_fp8_row_max_rising_late(hubmod, gen, pv_only):
+    """rising_scores through the FP8 op (margin 2.75 for e4m3 P, stored as p * 64 under e4m3's
+    largest value, 448)."""
+    dtype, L = torch.bfloat16, 1024
+    q, k, v = rising_scores(128, dtype, gen, L)
+    plan = random_plan(1, 2, L, L, 128, 0, 1.1, gen)
+    args, (qd, kd, vd) = quantize_fp8(q, k, v)
+    if pv_only:
+        none = torch.empty(0, 0, 0, device="cuda")
+        args = (q, k, args[2], none, none, args[5])
+        qd, kd = q.double(), k.double()
+    poison_allocator(((1, 2, L, 128), dtype), ((1, 2, L), torch.float32))
+    out, lse = hubmod.block_sparse_attn_fp8_fwd(*args, plan.kv_counts, plan.kv_indices, 128, 0, L, 128 ** -0.5,
+                                                True, out_dtype=dtype)
+    ref, ref_lse = reference(qd, kd, vd, plan, 128 ** -0.5)
+    assert torch.isfinite(out).all()
+    rel = float((out.float() - ref).norm() / ref.norm())
+    assert rel < 0.04, f"relative error {rel:.4f} against the dequantised inputs"
     assert float((lse - ref_lse).abs().max()) < 2e-3
 
 
