@@ -16,7 +16,7 @@ the layer's output, then the mean and the largest over layers):
 - ``p``: the probabilities as e4m3 of ``p * 256`` (p relative to the row max; the normaliser is
   the sum of the unrounded p, as in the kernels; the Triton FP8 kernel's scale, the Hub kernel's
   is 64, which differs only in e4m3's subnormal range: see ``emulate``).
-- ``fp8``: all of the above together (the Hub kernel's scheme); ``bf16``: q, k, v and p rounded
+- ``fp8``: all of the above together (the Hub kernel's scheme, up to the P scale); ``bf16``: q, k, v and p rounded
   to bfloat16 instead (what the native kernels round).
 - ``qk_hadamard`` / ``fp8_hadamard``: Q and K both multiplied by the same orthonormal Hadamard
   matrix H before they are rounded (``(q H)(k H)^T = q k^T``: the scores are unchanged, but a dot
