@@ -36,11 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     hub = kernels.get_kernel(REPO_ID, version=1)
     q, k, v = random_qkv(1, hq, hkv, args.length, d, dtype=torch.bfloat16, device="cuda", seed=args.length)
     plan = stem.plan(q, k, v)
-    def call():
-        if args.precision != "native":
+    if args.precision == "native":
+        def call():
+            return hub.block_sparse_attn_fwd(q, k, v, plan.kv_counts, plan.kv_indices, plan.block_size,
+                                             plan.q_offset, d ** -0.5, False)
+    else:
+        def call():
             return stem.attention(q, k, v, plan=plan, precision=args.precision, backend="hub")
-        return hub.block_sparse_attn_fwd(q, k, v, plan.kv_counts, plan.kv_indices, plan.block_size, plan.q_offset,
-                                         d ** -0.5, False)
 
     for _ in range(args.calls):
         call()
